@@ -1,0 +1,37 @@
+# ngc-trl: every target runs the local checkout.
+PYTHON ?= python
+MODEL ?= outputs/tiny-ngc
+TASK ?= countdown
+POLICIES ?= full,ngc,keydiff,snapkv,tova,h2o,streaming_llm,knorm,random
+RATES ?= 0.25,0.5,0.75
+N ?= 256
+OUT ?= outputs/eval
+
+.PHONY: install test slow_test quality style bench eval testbed
+
+install:
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest tests -m "not slow" -q
+
+slow_test:
+	$(PYTHON) -m pytest tests -m slow -q
+
+quality:
+	ruff check ngc_trl tests bench
+
+style:
+	ruff check --fix ngc_trl tests bench
+	ruff format ngc_trl tests bench
+
+bench:
+	$(PYTHON) bench/decode.py --out outputs/bench/decode.json
+	$(PYTHON) bench/train_step.py --out outputs/bench/train_step.json
+
+eval:
+	$(PYTHON) -m ngc_trl.eval --model $(MODEL) --task $(TASK) --policies $(POLICIES) --rates $(RATES) \
+		--num_problems $(N) --output_dir $(OUT)
+
+testbed:
+	$(PYTHON) -m ngc_trl.testbed

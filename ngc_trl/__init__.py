@@ -1,0 +1,35 @@
+"""ngc-trl: Neural Garbage Collection on TRL — a reasoning model that learns to evict its own KV cache.
+
+Light imports (the engine) load eagerly; the TRL-dependent pieces load on first use.
+"""
+
+from ngc_trl.eviction import EvictionConfig
+from ngc_trl.generation import EvictionOutput, EvictionRecords, generate_with_eviction
+from ngc_trl.policies import POLICIES, get_policy
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "NGCConfig": "ngc_trl.config",
+    "NGCTrainer": "ngc_trl.trainer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ngc_trl' has no attribute {name!r}")
+
+
+__all__ = [
+    "POLICIES",
+    "EvictionConfig",
+    "EvictionOutput",
+    "EvictionRecords",
+    "NGCConfig",
+    "NGCTrainer",
+    "generate_with_eviction",
+    "get_policy",
+]

@@ -1,0 +1,333 @@
+"""`generate_with_eviction`: the evicting decode loop, for rollouts and evaluation alike.
+
+For a left-padded batch, prefill once, then decode one token per step. Before feeding the token at
+absolute position ``p`` (prompt included, padding excluded), a sequence runs an eviction round when ``p``
+is a multiple of ``δ`` (or right after a prompt of ``≥ δ`` tokens, see `EvictionConfig.round_positions`):
+in every layer the policy scores the live keys, blocks are kept (Gumbel-top-k when
+``sample_evictions``, else top-k) and the layer is compacted. Each decision is recorded so that the
+training forward can replay it exactly (`EvictionRecords`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ngc_trl.attention import no_mask, use_ngc_attention
+from ngc_trl.cache import NGCCache
+from ngc_trl.decision import decide, score_blocks
+from ngc_trl.eviction import EvictionConfig
+from ngc_trl.policies import LayerView, get_policy
+from ngc_trl.scoring import block_ids
+
+
+@dataclass
+class EvictionRecords:
+    """Every eviction action of a batch, as padded tensors with first dim ``B`` (so TRL's shuffle/split
+    keep them aligned with the completions). ``R`` = most rounds of any sequence, ``L`` = layers,
+    ``N`` = most blocks of any decision.
+
+    Attributes:
+        positions: ``(B, R)`` long, absolute position at which round ``r`` fired (``-1``: no round).
+        acted: ``(B, R, L)`` bool, the layer evicted at least one block (an action exists).
+        kept: ``(B, R, L, N)`` long, kept block ids: the ``n_sampled`` sampled ones first, in sampled
+            order, then the forced (protected) ones ascending; ``-1`` padding.
+        n_sampled: ``(B, R, L)`` long.
+        evicted: ``(B, R, L, N)`` long, evicted block ids ascending, ``-1`` padding.
+        n_blocks: ``(B, R, L)`` long, live blocks before the round.
+        logp: ``(B, R, L)`` fp32, log-prob of the action under the rollout policy (0 where not ``acted``).
+        eviction_rate: ``(B,)`` fp32, ε in force for each sequence.
+    Block ids index the layer's live keys in temporal order, cut into blocks of ``b`` at that round.
+    """
+
+    positions: torch.Tensor
+    acted: torch.Tensor
+    kept: torch.Tensor
+    n_sampled: torch.Tensor
+    evicted: torch.Tensor
+    n_blocks: torch.Tensor
+    logp: torch.Tensor
+    eviction_rate: torch.Tensor
+
+    def as_dict(self, prefix: str = "ngc_") -> dict[str, torch.Tensor]:
+        return {prefix + k: v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict, prefix: str = "ngc_") -> EvictionRecords:
+        return cls(**{k: d[prefix + k] for k in cls.__dataclass_fields__})
+
+    def rounds(self, i: int) -> list[dict]:
+        """Sequence ``i``'s rounds as plain lists: ``[{position, layers: [{kept, evicted, logp}]}]``."""
+        out = []
+        for r in range(self.positions.shape[1]):
+            if self.positions[i, r] < 0:
+                break
+            layers = []
+            for layer in range(self.acted.shape[2]):
+                kept, ev = self.kept[i, r, layer], self.evicted[i, r, layer]
+                layers.append({
+                    "kept": kept[kept >= 0].tolist(), "evicted": ev[ev >= 0].tolist(),
+                    "n_sampled": int(self.n_sampled[i, r, layer]), "logp": float(self.logp[i, r, layer]),
+                })
+            out.append({"position": int(self.positions[i, r]), "layers": layers})
+        return out
+
+
+@dataclass
+class CacheStats:
+    """KV-cache accounting of one `generate_with_eviction` call.
+
+    ``peak_entries (B, L)``: most live entries each layer held for each sequence; ``peak_total (B,)``: most
+    entries summed over layers at any step; ``full_entries (B,)``: entries a full cache would peak at
+    (tokens fed, per layer); ``footprint (B, L)``: live entries summed over decode steps;
+    ``peak_bytes``: most K+V bytes allocated at once for the whole batch (capacity, all layers).
+    """
+
+    peak_entries: torch.Tensor
+    peak_total: torch.Tensor
+    full_entries: torch.Tensor
+    footprint: torch.Tensor
+    peak_bytes: int
+
+    @property
+    def compression(self) -> torch.Tensor:
+        """``(B,)`` peak-cache reduction of each sequence vs a full cache on the same tokens."""
+        n_layers = self.peak_entries.shape[1]
+        return self.full_entries.double() * n_layers / self.peak_total.double().clamp(min=1)
+
+
+@dataclass
+class EvictionOutput:
+    """``sequences (B, P + T)``: prompts (as given, left-padded) + completions (``pad`` after EOS);
+    ``completion_mask (B, T)`` bool (EOS included); ``token_logprobs (B, T)`` fp32 log-probs of the sampled
+    tokens under ``logits / temperature`` (0 on padding); ``records``; ``cache_stats``; ``eviction_time``
+    seconds spent in eviction rounds."""
+
+    sequences: torch.Tensor
+    completion_mask: torch.Tensor
+    token_logprobs: torch.Tensor
+    records: EvictionRecords
+    cache_stats: CacheStats
+    eviction_time: float = 0.0
+
+    @property
+    def completion_ids(self) -> list[list[int]]:
+        t = self.completion_mask.shape[1]
+        return [row[-t:][m].tolist() for row, m in zip(self.sequences, self.completion_mask)]
+
+
+def sample_next(logits, do_sample, temperature, top_k, top_p, generator):
+    """Next token ``(B,)`` from ``logits (B, V)`` (fp32): greedy, or sampling with temperature/top-k/top-p."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, idx, drop), float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+
+class _RecordBuilder:
+    """Collects decisions round by round and pads them into `EvictionRecords`."""
+
+    def __init__(self, batch, n_layers):
+        self.events = [[] for _ in range(batch)]  # per sequence: (pos, [per-layer tuples])
+        self.n_layers = n_layers
+
+    def add(self, rows, position, per_layer):
+        for j, b in enumerate(rows.tolist()):
+            layers = []
+            for dec, blocks, keep_block in per_layer:
+                ch = dec.chosen[j][dec.chosen[j] >= 0]
+                forced = torch.nonzero(blocks.forced[j]).flatten()
+                nb = int(blocks.n_blocks[j])
+                ev = torch.nonzero(~keep_block[j][:nb]).flatten()
+                layers.append((torch.cat([ch, forced]), len(ch), ev, nb, float(dec.logp[j]), bool(dec.acted[j])))
+            self.events[b].append((int(position[j]), layers))
+
+    def build(self, eviction_rate, device) -> EvictionRecords:
+        b, n_l = len(self.events), self.n_layers
+        r = max([len(e) for e in self.events] + [0])
+        n = max([len(x[0]) + len(x[2]) for e in self.events for _, ls in e for x in ls] + [1])
+        positions = torch.full((b, r), -1, dtype=torch.long)
+        acted = torch.zeros(b, r, n_l, dtype=torch.bool)
+        kept = torch.full((b, r, n_l, n), -1, dtype=torch.long)
+        evicted = torch.full((b, r, n_l, n), -1, dtype=torch.long)
+        n_sampled = torch.zeros(b, r, n_l, dtype=torch.long)
+        n_blocks = torch.zeros(b, r, n_l, dtype=torch.long)
+        logp = torch.zeros(b, r, n_l)
+        for i, events in enumerate(self.events):
+            for ri, (pos, layers) in enumerate(events):
+                positions[i, ri] = pos
+                for li, (kp, ns, ev, nb, lp, a) in enumerate(layers):
+                    kept[i, ri, li, : len(kp)] = kp
+                    evicted[i, ri, li, : len(ev)] = ev
+                    n_sampled[i, ri, li], n_blocks[i, ri, li], logp[i, ri, li], acted[i, ri, li] = ns, nb, lp, a
+        return EvictionRecords(
+            *(t.to(device) for t in (positions, acted, kept, n_sampled, evicted, n_blocks, logp)),
+            eviction_rate.float().to(device),
+        )
+
+
+def _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample, generator):
+    """Run one round for the sequences ``rows`` (long ``(R,)``) in every layer; return per-layer decisions."""
+    per_layer = []
+    for layer in cache.layers:
+        s = layer.num_slots
+        live = layer.live
+        view = LayerView(
+            keys=layer.keys[rows, :s].transpose(1, 2), values=layer.values[rows, :s].transpose(1, 2),
+            pos=layer.pos[rows, :s], live=live[rows], bid=block_ids(live[rows], cfg.block_size),
+            queries=None if layer.queries is None else layer.queries[rows],
+            q_pos=None if layer.q_pos is None else layer.q_pos[rows],
+            q_valid=None if layer.q_valid is None else layer.q_valid[rows],
+            scale=cache.scale, prompt_len=prompt_len[rows],
+            attention_sum=None if layer.attention_sum is None else layer.attention_sum[rows, :s],
+            generator=generator,
+        )
+        blocks = score_blocks(policy, view, cfg)
+        dec = decide(blocks, eps[rows], sample, generator)
+        keep_slot = live.clone()
+        keep_slot[rows] = dec.keep_block.gather(1, view.bid.clamp(min=0)) & view.live
+        layer.keep(keep_slot)
+        per_layer.append((dec, blocks, dec.keep_block))
+    return per_layer
+
+
+@torch.no_grad()
+def generate_with_eviction(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    eviction: EvictionConfig | None = None,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    sample_evictions: bool | None = None,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    eviction_rate: torch.Tensor | None = None,
+    forced_token_id: int | None = None,
+    cache_growth: int = 16,
+) -> EvictionOutput:
+    """Decode with a cache pruned every ``δ`` tokens, independently per layer and per sequence.
+
+    Args:
+        model: a causal LM whose attention modules follow transformers' `AttentionInterface` (Qwen2,
+            Llama, ...), possibly wrapped by PEFT.
+        input_ids, attention_mask: ``(B, P)`` left-padded prompts.
+        eviction: the schedule and policy (default `EvictionConfig()`, the paper's Countdown settings).
+        max_new_tokens, do_sample, temperature, top_p, top_k: token sampling (greedy when not ``do_sample``).
+        sample_evictions: Gumbel-top-k (training rollouts) or deterministic top-k; default ``do_sample``.
+        generator: one RNG for tokens and evictions (reproducible rollouts).
+        eos_token_id, pad_token_id: default to the model's generation config.
+        eviction_rate: optional ``(B,)`` ε per sequence (curriculum / interoception), else ``eviction.eviction_rate``.
+        forced_token_id: the meta-token (paper §A.4): forced as the last token before every round.
+        cache_growth: slots added when a layer's storage is full (amortises re-allocation).
+
+    Returns:
+        `EvictionOutput`.
+    """
+    import time
+
+    cfg = eviction or EvictionConfig()
+    policy = get_policy(cfg)
+    sample_evictions = do_sample if sample_evictions is None else sample_evictions
+    device = input_ids.device
+    bsz, plen = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = attention_mask.bool()
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)
+    eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=device)
+    pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
+    pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
+    eps = (eviction_rate if eviction_rate is not None else torch.full((bsz,), cfg.eviction_rate)).to(device).float()
+    if ((eps < 0) | (eps >= 1)).any():
+        raise ValueError("eviction_rate: every per-sequence rate must be in [0, 1)")
+
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = text_cfg.num_hidden_layers
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    cache = NGCCache(n_layers, policy.query_window, policy.tracks_attention, cache_growth)
+    cache.scale = head_dim**-0.5
+    records = _RecordBuilder(bsz, n_layers)
+    prompt_len = mask.sum(1)
+    delta = cfg.eviction_interval
+    evicting = policy.evicts
+
+    peak = torch.zeros(bsz, n_layers, dtype=torch.long, device=device)
+    peak_total = torch.zeros(bsz, dtype=torch.long, device=device)
+    footprint = torch.zeros(bsz, n_layers, dtype=torch.long, device=device)
+    peak_bytes = 0
+    tokens, logps = [], []
+    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    n_fed = prompt_len.clone()  # == absolute position of the next token
+    evict_time = 0.0
+
+    def forward(ids, pos, valid):
+        nonlocal peak, peak_total, footprint, peak_bytes
+        cache.set_step(pos, valid)
+        out = model(input_ids=ids, position_ids=pos, attention_mask=no_mask(model), past_key_values=cache,
+                    use_cache=True, ngc_cache=cache, logits_to_keep=1)
+        lens = cache.lengths()
+        active = (valid.any(1))[:, None]
+        peak = torch.maximum(peak, lens)
+        peak_total = torch.maximum(peak_total, lens.sum(1))
+        footprint += lens * active
+        peak_bytes = max(peak_bytes, cache.allocated_bytes())
+        return out.logits[:, -1].float()
+
+    with use_ngc_attention(model):
+        pos0 = (mask.long().cumsum(1) - 1).clamp(min=0)
+        logits = forward(input_ids, pos0, mask)
+        for step in range(max_new_tokens):
+            tok = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+            if forced_token_id is not None and evicting:
+                # this token sits at position n_fed; force it when a round fires right after it
+                tok = torch.where((n_fed + 1) % delta == 0, torch.full_like(tok, forced_token_id), tok)
+            logp = torch.log_softmax(logits / (temperature if do_sample else 1.0), -1).gather(1, tok[:, None])[:, 0]
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            tokens.append(tok)
+            logps.append(torch.where(finished, torch.zeros_like(logp), logp))
+            if len(eos):
+                finished = finished | torch.isin(tok, eos)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            active = ~finished
+            if evicting:
+                due = active & ((n_fed % delta == 0) | ((n_fed == prompt_len) & (prompt_len >= delta)))
+                if bool(due.any()):
+                    t0 = time.perf_counter()
+                    rows = torch.nonzero(due).flatten()
+                    per_layer = _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample_evictions, generator)
+                    records.add(rows, n_fed[rows], per_layer)
+                    evict_time += time.perf_counter() - t0
+            logits = forward(tok[:, None], n_fed[:, None], active[:, None])
+            n_fed = n_fed + active.long()
+
+    gen = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(bsz, 0)
+    comp_mask = torch.ones_like(gen, dtype=torch.bool)
+    if len(eos) and gen.shape[1]:
+        is_eos = torch.isin(gen, eos)
+        after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        comp_mask = ~after
+    stats = CacheStats(peak, peak_total, n_fed, footprint, peak_bytes)
+    return EvictionOutput(
+        sequences=torch.cat([input_ids, gen], 1),
+        completion_mask=comp_mask,
+        token_logprobs=torch.stack(logps, 1) if logps else torch.zeros(bsz, 0, device=device),
+        records=records.build(eps, device),
+        cache_stats=stats,
+        eviction_time=evict_time,
+    )

@@ -1,0 +1,81 @@
+"""The eviction-policy interface: one small class with one score rule.
+
+A policy turns what a layer holds at a round (a `LayerView`) into a per-key keep score ``(B, S)``:
+higher means keep, ``+inf`` marks a key the method itself protects (StreamingLLM's sinks, SnapKV's
+window, TOVA's last token). Everything else — protections from the config, block reduction, top-k or
+Gumbel-top-k, compaction, records — is shared (`ngc_trl.cache`), so every policy runs under the same
+δ / ε / b schedule and peak cache is matched across methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ngc_trl.eviction import EvictionConfig
+from ngc_trl.scoring import window_attention
+
+
+@dataclass
+class LayerView:
+    """What one layer holds at a round, for the rows that evict now.
+
+    Attributes:
+        keys, values: ``(R, H_kv, S, D)`` post-RoPE cache (slot order is temporal among live slots).
+        pos: ``(R, S)`` long absolute positions.  live: ``(R, S)`` bool.
+        bid: ``(R, S)`` long block id of each live slot (``-1`` elsewhere).
+        queries: ``(R, H, W, D)`` post-RoPE queries of the ``W`` most recent tokens (``W`` =
+            `EvictionPolicy.query_window`), oldest first.  q_pos / q_valid: ``(R, W)``.
+        scale: ``1/√d_h``.  attention_sum: ``(R, S)`` accumulated attention (H2O) or None.
+        prompt_len: ``(R,)`` long.  generator: noise source for stochastic policies.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    pos: torch.Tensor
+    live: torch.Tensor
+    bid: torch.Tensor
+    queries: torch.Tensor | None
+    q_pos: torch.Tensor | None
+    q_valid: torch.Tensor | None
+    scale: float
+    prompt_len: torch.Tensor
+    attention_sum: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+    def window_probs(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention ``(R, H, w, S)`` (fp32) of the ``w`` most recent queries over live keys, causal,
+        and the validity ``(R, w)`` of those queries."""
+        q, qp, qv = self.queries[:, :, -w:], self.q_pos[:, -w:], self.q_valid[:, -w:]
+        visible = self.live[:, None, :] & (self.pos[:, None, :] <= qp[:, :, None]) & qv[:, :, None]
+        return window_attention(q, self.keys, visible, self.scale), qv
+
+
+class EvictionPolicy:
+    """Base class. Subclasses set `name` and implement `token_scores`.
+
+    Class attributes:
+        name: registry key.
+        evicts: False for the `full` cache (rounds are skipped).
+        tracks_attention: True if the policy needs attention summed over *every* decoding step (H2O).
+        learned: True for the policy trained by NGC (its scores carry the eviction gradient in replay).
+    """
+
+    name: ClassVar[str] = ""
+    evicts: ClassVar[bool] = True
+    tracks_attention: ClassVar[bool] = False
+    learned: ClassVar[bool] = False
+
+    def __init__(self, cfg: EvictionConfig):
+        self.cfg = cfg
+
+    @property
+    def query_window(self) -> int:
+        """How many recent queries the cache must keep for this policy (0: none)."""
+        return 0
+
+    def token_scores(self, view: LayerView) -> torch.Tensor:
+        """``(R, S)`` keep score per slot (higher keeps; ``+inf`` protects). Non-live slots are ignored."""
+        raise NotImplementedError
