@@ -50,6 +50,10 @@ class EvictionRecords:
     logp: torch.Tensor
     eviction_rate: torch.Tensor
 
+    def select(self, rows) -> EvictionRecords:
+        """The records of ``rows`` (a slice or index tensor)."""
+        return EvictionRecords(**{k: v[rows] for k, v in self.__dict__.items()})
+
     def as_dict(self, prefix: str = "ngc_") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in self.__dict__.items()}
 
@@ -81,7 +85,8 @@ class CacheStats:
     ``peak_entries (B, L)``: most live entries each layer held for each sequence; ``peak_total (B,)``: most
     entries summed over layers at any step; ``full_entries (B,)``: entries a full cache would peak at
     (tokens fed, per layer); ``footprint (B, L)``: live entries summed over decode steps;
-    ``peak_bytes``: most K+V bytes allocated at once for the whole batch (capacity, all layers).
+    ``peak_bytes``: most K+V bytes allocated at once for the whole batch (capacity, all layers);
+    ``prompt_kept (B,)``: share of prompt entries still cached at the end, averaged over layers.
     """
 
     peak_entries: torch.Tensor
@@ -89,6 +94,7 @@ class CacheStats:
     full_entries: torch.Tensor
     footprint: torch.Tensor
     peak_bytes: int
+    prompt_kept: torch.Tensor | None = None
 
     @property
     def compression(self) -> torch.Tensor:
@@ -322,7 +328,11 @@ def generate_with_eviction(
         is_eos = torch.isin(gen, eos)
         after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
         comp_mask = ~after
-    stats = CacheStats(peak, peak_total, n_fed, footprint, peak_bytes)
+    kept_prompt = torch.stack(
+        [((layer.pos[:, : layer.num_slots] < prompt_len[:, None]) & layer.live).sum(1) for layer in cache.layers], 1
+    )
+    stats = CacheStats(peak, peak_total, n_fed, footprint, peak_bytes,
+                       kept_prompt.float().mean(1) / prompt_len.clamp(min=1).float())
     return EvictionOutput(
         sequences=torch.cat([input_ids, gen], 1),
         completion_mask=comp_mask,

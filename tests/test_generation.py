@@ -17,7 +17,7 @@ def hf_greedy(model, ids, mask, n, eos):
     return out
 
 
-@pytest.mark.parametrize("policy,rate", [("full", 0.5), ("ngc", 0.0), ])
+@pytest.mark.parametrize("policy,rate", [("full", 0.5), ("ngc", 0.0), ("knorm", 0.0)])
 def test_no_eviction_is_token_identical_to_generate(model, policy, rate):
     ids, mask = left_padded([5, 11, 8, 3])
     want = hf_greedy(model, ids, mask, 40, eos=None)

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 from ngc_trl.policies.base import EvictionPolicy, LayerView
 from ngc_trl.policies.full import FullCachePolicy
+from ngc_trl.policies.h2o import H2OPolicy
+from ngc_trl.policies.keydiff import KeyDiffPolicy
+from ngc_trl.policies.knorm import KNormPolicy
 from ngc_trl.policies.ngc import NGCPolicy
+from ngc_trl.policies.random import RandomPolicy
+from ngc_trl.policies.snapkv import SnapKVPolicy
+from ngc_trl.policies.streaming_llm import StreamingLLMPolicy
+from ngc_trl.policies.tova import TOVAPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     NGCPolicy.name: NGCPolicy,
     FullCachePolicy.name: FullCachePolicy,
+    StreamingLLMPolicy.name: StreamingLLMPolicy,
+    SnapKVPolicy.name: SnapKVPolicy,
+    KNormPolicy.name: KNormPolicy,
+    KeyDiffPolicy.name: KeyDiffPolicy,
+    H2OPolicy.name: H2OPolicy,
+    TOVAPolicy.name: TOVAPolicy,
+    RandomPolicy.name: RandomPolicy,
 }
 
 
@@ -21,7 +35,9 @@ def get_policy(cfg) -> EvictionPolicy:
     try:
         cls = POLICIES[cfg.policy]
     except KeyError:
-        raise ValueError(f"unknown eviction policy {cfg.policy!r}; valid: {', '.join(sorted(POLICIES))}") from None
+        raise ValueError(
+            f"unknown eviction policy {cfg.policy!r}; valid: {', '.join(sorted(POLICIES))}"
+        ) from None
     return cls(cfg)
 
 
@@ -29,7 +45,14 @@ __all__ = [
     "POLICIES",
     "EvictionPolicy",
     "FullCachePolicy",
+    "H2OPolicy",
+    "KNormPolicy",
+    "KeyDiffPolicy",
     "LayerView",
     "NGCPolicy",
+    "RandomPolicy",
+    "SnapKVPolicy",
+    "StreamingLLMPolicy",
+    "TOVAPolicy",
     "get_policy",
 ]
