@@ -121,6 +121,14 @@ def _configs(model):
     return out
 
 
+def enable_ngc_attention(model):
+    """Switch ``model`` to the ``"ngc"`` attention for good. Without an NGC kwarg the function is plain
+    SDPA, so this is safe for every other forward; trainers need it because gradient checkpointing
+    recomputes layers during ``backward()``, after any context manager has exited."""
+    for c in _configs(model):
+        c._attn_implementation = ATTN_NAME
+
+
 @contextlib.contextmanager
 def use_ngc_attention(model):
     """Switch ``model`` to the ``"ngc"`` attention inside the block, and restore its own afterwards."""

@@ -1,0 +1,126 @@
+"""`NGCConfig`: TRL's `GRPOConfig` plus the NGC fields (and only those)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from ngc_trl.eviction import EvictionConfig
+
+
+@dataclass
+class NGCConfig(GRPOConfig):
+    r"""
+    Configuration of [`NGCTrainer`]. Defaults give Dr. GRPO (`loss_type="dr_grpo"`, `scale_rewards="none"`)
+    and the paper's Countdown schedule (δ = 256, ε = 0.5, b = 32, w = 5).
+
+    New Parameters:
+        > Eviction schedule and policy (see `EvictionConfig`)
+
+        eviction_interval (`int`, defaults to `256`): δ, tokens (prompt included) between rounds.
+        eviction_rate (`float`, defaults to `0.5`): ε, fraction of live blocks evicted per round and layer
+            (the final rate when a curriculum is set).
+        block_size (`int`, defaults to `32`): b, keys per block.
+        score_window (`int`, defaults to `5`): w, recent queries whose attention scores the cache.
+        eviction_policy (`str`, defaults to `"ngc"`): scorer used in rollouts; `"ngc"` is the learned policy.
+        protect_prompt (`bool`, defaults to `False`), num_sink (`int`, defaults to `0`), num_recent
+            (`int`, defaults to `0`): protections, off in the paper.
+        block_reduction (`str`, defaults to `"mean"`): per-key to block score (paper: mean).
+        eviction_logit_scale (`float`, defaults to `1.0`), eviction_logit_transform (`str`, defaults to
+            `"none"`): block score → Plackett–Luce logit (paper: raw mean, scale 1).
+
+        > Loss
+
+        eviction_loss_coef (`float`, defaults to `1.0`): weight of L_mem (0: token log-probs only).
+        replay_masks (`bool`, defaults to `True`): per-layer replay masks in the training forward (False:
+            "targeted KV dropout", tokens scored on the full context).
+        replay_backend (`str`, defaults to `"auto"`): `"dense"` SDPA masks, `"flex"` FlexAttention, or auto.
+        min_length_penalty (`bool`, defaults to `False`): reward 0 for rollouts that never reached a round
+            (the paper's DAPO-Math setting).
+
+        > Curriculum (Eq. 6)
+
+        curriculum_rates (`list[float]` or `None`): ε levels ε_0 ≤ … ≤ ε_K; None = constant `eviction_rate`.
+        curriculum_stage_steps (`int`, defaults to `20`): Δ, steps per stage.
+        curriculum_alpha (`float`, defaults to `0.6`): α, share of a stage spent ramping.
+
+        > Budget-aware interoception (§5.3)
+
+        interoception_rates (`list[float]` or `None`): if set, each prompt group draws one ε from this set
+            and the tag `<eviction_rate>{ε%}</eviction_rate>` is appended to its prompt.
+
+        > Meta-token (§A.4)
+
+        meta_token (`str` or `None`): a special token forced just before every round (added to the tokenizer
+            by the entry point, embedding initialised to the mean of `meta_token_init`'s tokens).
+        meta_token_init (`str`, defaults to `"tl;dr"`).
+    """
+
+    eviction_interval: int = field(default=256, metadata={"help": "δ: tokens (prompt included) between eviction rounds."})
+    eviction_rate: float = field(default=0.5, metadata={"help": "ε: fraction of live blocks evicted per round and layer."})
+    block_size: int = field(default=32, metadata={"help": "b: keys per eviction block."})
+    score_window: int = field(default=5, metadata={"help": "w: recent queries whose attention scores the cache."})
+    eviction_policy: str = field(default="ngc", metadata={"help": "Scoring rule of rollouts ('ngc' is learned)."})
+    protect_prompt: bool = field(default=False, metadata={"help": "Never evict prompt entries (not in the paper)."})
+    num_sink: int = field(default=0, metadata={"help": "Never evict the first N entries (not in the paper)."})
+    num_recent: int = field(default=0, metadata={"help": "Never evict the N newest entries (not in the paper)."})
+    block_reduction: str = field(default="mean", metadata={"help": "Key-to-block score reduction: mean|max|sum."})
+    eviction_logit_scale: float = field(default=1.0, metadata={"help": "Multiplier of block scores used as logits."})
+    eviction_logit_transform: str = field(default="none", metadata={"help": "'none' (paper) or 'log'."})
+    eviction_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the eviction policy-gradient loss."})
+    replay_masks: bool = field(default=True, metadata={"help": "Per-layer replay masks in the training forward."})
+    replay_backend: str = field(default="auto", metadata={"help": "'dense', 'flex' or 'auto'."})
+    min_length_penalty: bool = field(default=False, metadata={"help": "Reward 0 when no eviction round fired."})
+    curriculum_rates: list[float] | None = field(default=None, metadata={"help": "ε levels of the Eq. 6 staircase."})
+    curriculum_stage_steps: int = field(default=20, metadata={"help": "Δ: steps per curriculum stage."})
+    curriculum_alpha: float = field(default=0.6, metadata={"help": "α: share of a stage spent ramping."})
+    interoception_rates: list[float] | None = field(
+        default=None, metadata={"help": "Rates drawn per prompt group and written into the prompt."}
+    )
+    meta_token: str | None = field(default=None, metadata={"help": "Special token forced before every round."})
+    meta_token_init: str = field(default="tl;dr", metadata={"help": "Text whose mean embedding initialises it."})
+
+    # Dr. GRPO defaults
+    loss_type: str = field(default="dr_grpo", metadata={"help": "TRL loss type; NGC uses Dr. GRPO."})
+    scale_rewards: str = field(default="none", metadata={"help": "Dr. GRPO: no std scaling of advantages."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.eviction_config()  # validates every eviction field, naming it
+        if self.eviction_loss_coef < 0:
+            raise ValueError(f"NGCConfig.eviction_loss_coef={self.eviction_loss_coef}: must be >= 0")
+        if self.replay_backend not in ("auto", "dense", "flex"):
+            raise ValueError(f"NGCConfig.replay_backend={self.replay_backend!r}: must be auto, dense or flex")
+        for name in ("curriculum_rates", "interoception_rates"):
+            rates = getattr(self, name)
+            if rates is None:
+                continue
+            if isinstance(rates, str):  # CLI: "0.1,0.2"
+                rates = [float(x) for x in rates.split(",") if x.strip()]
+                setattr(self, name, rates)
+            if not rates or any(not 0.0 <= float(r) < 1.0 for r in rates):
+                raise ValueError(f"NGCConfig.{name}={rates}: need a non-empty list of rates in [0, 1)")
+        if self.curriculum_rates is not None:
+            if any(a > b for a, b in zip(self.curriculum_rates, self.curriculum_rates[1:])):
+                raise ValueError(f"NGCConfig.curriculum_rates={self.curriculum_rates}: must be non-decreasing")
+            if self.interoception_rates is not None:
+                raise ValueError("NGCConfig.curriculum_rates and interoception_rates cannot both be set")
+        if self.curriculum_stage_steps <= 0:
+            raise ValueError(f"NGCConfig.curriculum_stage_steps={self.curriculum_stage_steps}: must be > 0")
+        if not 0.0 < self.curriculum_alpha <= 1.0:
+            raise ValueError(f"NGCConfig.curriculum_alpha={self.curriculum_alpha}: must be in (0, 1]")
+        if self.eviction_loss_coef > 0 and self.eviction_policy != "ngc":
+            raise ValueError(
+                f"NGCConfig.eviction_policy={self.eviction_policy!r}: the eviction loss trains the 'ngc' scorer; "
+                "set eviction_loss_coef=0 to roll out with a heuristic"
+            )
+
+    def eviction_config(self) -> EvictionConfig:
+        """The `EvictionConfig` of rollouts (errors name the `EvictionConfig` field)."""
+        return EvictionConfig(
+            eviction_interval=self.eviction_interval, eviction_rate=self.eviction_rate, block_size=self.block_size,
+            score_window=self.score_window, policy=self.eviction_policy, protect_prompt=self.protect_prompt,
+            num_sink=self.num_sink, num_recent=self.num_recent, block_reduction=self.block_reduction,
+            logit_scale=self.eviction_logit_scale, logit_transform=self.eviction_logit_transform,
+        )

@@ -1,0 +1,245 @@
+"""`NGCTrainer`: TRL's `GRPOTrainer` whose rollouts evict and whose loss is on-policy for them.
+
+A thin subclass that overrides hooks only (TRL 1.16; `tests/test_trl_hooks.py` fails loudly if their
+signatures change):
+
+* `_generate`: budget-aware interoception — one eviction rate per prompt group, written into the prompt.
+* `_generate_single_turn`: rollouts through `generate_with_eviction` with Gumbel-top-k evictions at the
+  rate in force (curriculum, Eq. 6); the records are kept for the replay.
+* `_generate_and_score_completions`: adds the records to the batch as padded per-sample tensors (first
+  dim ``B``, so TRL's shuffle/split keep them aligned), and the "old" eviction log-probs when TRL computes
+  old token log-probs (``num_iterations > 1``).
+* `_get_per_token_logps_and_entropies`: the replay forward — per-layer masks, eviction log-probs with grad.
+* `_compute_loss`: ``L = L_token + eviction_loss_coef · L_mem``; ``L_mem`` is the clipped surrogate over
+  eviction actions with the same group advantages, summed over layers, averaged over each rollout's
+  rounds, then divided by Dr. GRPO's ``B · max_completion_length`` (paper Eq. 4–5, method.md §5.1).
+* `_calculate_rewards`: the optional minimum-length penalty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from trl import GRPOTrainer
+from trl.models.utils import unwrap_model_for_generation
+
+from ngc_trl.attention import enable_ngc_attention, no_mask
+from ngc_trl.config import NGCConfig
+from ngc_trl.curriculum import curriculum_rate
+from ngc_trl.generation import EvictionRecords, generate_with_eviction
+from ngc_trl.replay import ReplayContext
+
+RATE_TAG = "<eviction_rate>{pct}%</eviction_rate>"
+
+
+def rate_tag(rate: float) -> str:
+    """The interoception tag for an eviction rate, e.g. ``<eviction_rate>50%</eviction_rate>``."""
+    return RATE_TAG.format(pct=round(rate * 100))
+
+
+def add_rate_tag(prompt, rate: float):
+    """Append the tag to a plain prompt or to the last user turn of a chat prompt (a copy)."""
+    tag = rate_tag(rate)
+    if isinstance(prompt, str):
+        return f"{prompt}{tag}" if prompt.endswith("\n") else f"{prompt}\n{tag}"
+    msgs = [dict(m) for m in prompt]
+    for m in reversed(msgs):
+        if m.get("role") == "user" and isinstance(m.get("content"), str):
+            m["content"] = f"{m['content']}\n{tag}"
+            break
+    return msgs
+
+
+class NGCTrainer(GRPOTrainer):
+    """GRPO trainer for Neural Garbage Collection. Takes the same arguments as `trl.GRPOTrainer`, with
+    ``args`` an `NGCConfig`. vLLM / paged generation and multi-turn tool loops are not supported: the
+    rollouts need the evicting decode loop."""
+
+    _tag_names = ["trl", "grpo", "ngc", "kv-cache", "neural-garbage-collection"]
+    _name = "NGC"
+    _paper = {
+        "title": "Neural Garbage Collection: Learning to Forget while Learning to Reason",
+        "id": "2604.18002",
+        "citation": "@article{li2026ngc, title={Neural Garbage Collection: Learning to Forget while Learning "
+        "to Reason}, author={Li and Hamid and Fox and Goodman}, journal={arXiv:2604.18002}, year={2026}}",
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, NGCConfig):
+            raise TypeError("NGCTrainer needs args=NGCConfig(...)")
+        if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
+            raise ValueError("NGCTrainer: use_vllm / continuous batching cannot evict; set them to False")
+        self.eviction = self.args.eviction_config()
+        # for good, not in a context: checkpointed layers are recomputed in backward()
+        enable_ngc_attention(self.model)
+        if self.ref_model is not None:
+            enable_ngc_attention(self.ref_model)
+        self.num_layers = self.model.config.get_text_config().num_hidden_layers
+        self.meta_token_id = None
+        if self.args.meta_token:
+            ids = self.processing_class.convert_tokens_to_ids([self.args.meta_token])
+            if ids[0] is None or ids[0] == self.processing_class.unk_token_id:
+                raise ValueError(f"NGCConfig.meta_token={self.args.meta_token!r} is not in the tokenizer; "
+                                 "add it with ngc_trl.special_tokens.add_special_token first")
+            self.meta_token_id = ids[0]
+        self._row_rates = None  # per-rollout ε of the generation batch being built
+        self._rollout = None  # EvictionOutput of that batch
+        self._replay_records = None  # (records, prompt_len) the replay forward uses
+        self._no_grad_evict_logps = []
+        self._evict_logp = self._evict_entropy = None
+
+    # ------------------------------------------------------------------ rates
+    def rate_in_force(self, step: int | None = None) -> float:
+        """ε of the curriculum at ``step`` (default: the current global step), else the constant rate."""
+        a = self.args
+        if a.curriculum_rates is None:
+            return a.eviction_rate
+        step = self.state.global_step if step is None else step
+        return curriculum_rate(step, a.curriculum_rates, a.curriculum_stage_steps, a.curriculum_alpha)
+
+    def _group_rate(self, prompt) -> float:
+        """One rate per prompt group, the same on every rank: a hash of (step, prompt) picks it."""
+        rates = self.args.interoception_rates
+        key = f"{self.state.global_step}|{prompt}".encode()
+        return rates[int(hashlib.sha256(key).hexdigest(), 16) % len(rates)]
+
+    # ------------------------------------------------------------------ generation
+    def _generate(self, prompts: list):
+        if self.args.interoception_rates is not None:
+            rates = [self._group_rate(p) for p in prompts]
+            prompts = [add_rate_tag(p, r) for p, r in zip(prompts, rates)]
+        else:
+            rates = [self.rate_in_force()] * len(prompts)
+        self._row_rates = torch.tensor(rates, dtype=torch.float32)
+        return super()._generate(prompts)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        device = self.accelerator.device
+        pad = self.processing_class.pad_token_id
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):
+            ids[i, width - len(p):] = torch.tensor(p, device=device)
+            mask[i, width - len(p):] = 1
+        rates = self._row_rates if self._row_rates is not None else torch.full((len(prompt_ids),), self.rate_in_force())
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model,
+            torch.no_grad(),
+        ):
+            was_training = model.training
+            model.eval()
+            out = generate_with_eviction(
+                model, ids, mask, self.eviction, max_new_tokens=self.max_completion_length, do_sample=True,
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0, sample_evictions=True,
+                eos_token_id=self.eos_token_ids, pad_token_id=pad, eviction_rate=rates.to(device),
+                forced_token_id=self.meta_token_id,
+            )
+            model.train(was_training)
+        self._rollout = out
+        self._replay_records = (out.records, mask.sum(1))
+        self._log_cache_stats(out, rates)
+        return out.completion_ids, None
+
+    def _log_cache_stats(self, out, rates):
+        mode = "train" if self.model.training else "eval"
+        st = out.cache_stats
+        steps = st.full_entries.clamp(min=1).float()
+        logs = {
+            "ngc/eviction_rate": rates.float().mean(),
+            "ngc/mean_entries": (st.footprint.float().mean(1) / steps).mean(),
+            "ngc/peak_entries": st.peak_entries.float().mean(),
+            "ngc/peak_compression": st.compression.float().mean(),
+            "ngc/prompt_kept": st.prompt_kept.float().mean(),
+            "ngc/rounds": (out.records.positions >= 0).sum(1).float().mean(),
+        }
+        for k, v in logs.items():
+            self._metrics[mode][k].append(self.accelerator.gather(v.to(self.accelerator.device)).mean().item())
+
+    def _generate_and_score_completions(self, inputs):
+        self._no_grad_evict_logps = []
+        out = super()._generate_and_score_completions(inputs)
+        records, prompt_len = self._replay_records
+        out.update(records.as_dict())
+        out["ngc_prompt_len"] = prompt_len
+        if out.get("old_per_token_logps") is not None and self._no_grad_evict_logps:
+            out["ngc_old_logp"] = self._no_grad_evict_logps[0]  # the first no-grad replay is the "old" pass
+        self._replay_records = None
+        return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.args.min_length_penalty and self._rollout is not None:
+            fired = (self._rollout.records.positions[:, 0] >= 0).to(rewards.device)
+            rewards = rewards * fired[:, None].to(rewards.dtype)
+        return rewards
+
+    # ------------------------------------------------------------------ replay
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        if any(v is not None for v in multimodal.values()):
+            raise ValueError("NGCTrainer supports text-only models")
+        records, prompt_len = self._replay_records if self._replay_records is not None else (None, None)
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies, evict, evict_ent = [], [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            sl = slice(start, start + batch_size)
+            ids, am = input_ids[sl], attention_mask[sl]
+            rec = records.select(sl) if records is not None else None
+            ctx = ReplayContext(
+                am, rec, self.eviction, prompt_len=None if prompt_len is None else prompt_len[sl],
+                replay_masks=self.args.replay_masks, eviction_logps=rec is not None, backend=self.args.replay_backend,
+            )
+            labels = ids.masked_fill(am == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            with self.accelerator.autocast():
+                o = model(input_ids=ids, attention_mask=no_mask(self.model), position_ids=ctx.position_ids,
+                          labels=labels, fused_lm_head=True, ngc_replay=ctx)
+            logps.append(o.log_probs[:, -logits_to_keep:])
+            if compute_entropy:
+                entropies.append(o.entropy[:, -logits_to_keep:])
+            if ctx.records is not None:
+                evict.append(ctx.eviction_logp(self.num_layers))
+                evict_ent.append(ctx.eviction_entropy(self.num_layers))
+        if evict:
+            self._evict_logp, self._evict_entropy = torch.cat(evict), torch.cat(evict_ent)
+            if not torch.is_grad_enabled():
+                self._no_grad_evict_logps.append(self._evict_logp)
+        else:
+            self._evict_logp = self._evict_entropy = None
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    def _compute_loss(self, model, inputs):
+        records = EvictionRecords.from_dict(inputs) if "ngc_positions" in inputs else None
+        self._replay_records = (records, inputs.get("ngc_prompt_len")) if records is not None else None
+        loss = super()._compute_loss(model, inputs)
+        self._replay_records = None
+        mode = "train" if self.model.training else "eval"
+        if records is None or self._evict_logp is None:
+            return loss
+        new, acted = self._evict_logp, records.acted
+        m = acted.to(new.dtype)
+        old = inputs.get("ngc_old_logp", new.detach())
+        adv = inputs["advantages"][:, None, None]
+        ratio = torch.exp(new - old)
+        clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_action = -torch.min(ratio * adv, clipped * adv) * m  # (B, R, L)
+        # paper Eq. 4: mean over each rollout's rounds (per layer), sum over layers; then Dr. GRPO's constant
+        per_rollout = (per_action.sum(1) / m.sum(1).clamp(min=1)).sum(-1)  # (B,)
+        evict_loss = per_rollout.sum() / (new.shape[0] * self.max_completion_length)
+        if mode == "train":  # TRL's loss is already divided by GA in training (not in eval)
+            evict_loss = evict_loss / self.current_gradient_accumulation_steps
+        ent = (self._evict_entropy * m).sum() / m.sum().clamp(min=1)
+        gather = self.accelerator.gather
+        self._metrics[mode]["ngc/evict_loss"].append(gather(evict_loss.detach()).mean().item())
+        self._metrics[mode]["ngc/evict_entropy"].append(gather(ent.detach()).mean().item())
+        self._metrics[mode]["ngc/evict_logp"].append(
+            gather((new.detach() * m).sum() / m.sum().clamp(min=1)).mean().item())
+        if self.args.eviction_loss_coef == 0:
+            return loss
+        return loss + self.args.eviction_loss_coef * evict_loss

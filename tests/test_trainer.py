@@ -1,0 +1,155 @@
+"""NGCTrainer: one real training step with LoRA, old/ref eviction log-probs, curriculum, interoception,
+ablation switches and config validation."""
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import Qwen2ForCausalLM
+
+from ngc_trl import NGCConfig, NGCTrainer
+from ngc_trl.curriculum import curriculum_rate
+from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+from ngc_trl.trainer import add_rate_tag, rate_tag
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def seven_reward(completions, **kw):
+    """A reward with non-zero group variance on a random model."""
+    return [float(c.count("7") + c.count("a")) for c in completions]
+
+
+def make_trainer(tmp_path, peft=True, **overrides):
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(tiny_qwen2_config(len(tok), num_layers=2, hidden=64, initializer_range=0.2))
+    ds = Dataset.from_dict({"prompt": ["nums 3 5 7 target 9\n", "nums 1 2 target 3\n", "abc 7\n"] * 4})
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=3, num_generations=3, max_completion_length=24,
+              eviction_interval=8, block_size=2, score_window=3, learning_rate=5e-2, max_steps=1, logging_steps=1,
+              report_to="none", bf16=False, use_cpu=True, save_strategy="no", seed=0)
+    kw.update(overrides)
+    args = NGCConfig(**kw)
+    return NGCTrainer(model=model, reward_funcs=seven_reward, args=args, train_dataset=ds, processing_class=tok,
+                      peft_config=LORA if peft else None)
+
+
+def test_one_step_with_lora_updates_adapter_only_and_logs_ngc_metrics(tmp_path):
+    tr = make_trainer(tmp_path, max_steps=2)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.train()
+    logs = {k for h in tr.state.log_history for k in h}
+    for key in ("loss", "ngc/evict_loss", "ngc/evict_entropy", "ngc/peak_compression", "ngc/peak_entries",
+                "ngc/mean_entries", "ngc/prompt_kept", "ngc/eviction_rate"):
+        assert key in logs, key
+    changed = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_" in n and "q_proj" in n for n in changed)
+
+
+def test_old_eviction_logps_come_from_the_policy_not_the_reference(tmp_path):
+    """num_iterations=2 and beta>0: TRL runs an old-logp pass then a reference pass (adapter off). The old
+    eviction log-probs must equal the rollout's (same weights), not the reference's."""
+    tr = make_trainer(tmp_path, num_iterations=2, beta=0.04)
+    # perturb the adapter so that policy and reference differ
+    with torch.no_grad():
+        for n, p in tr.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    seen = {}
+    orig = NGCTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        seen.update(inputs)
+        return orig(self, model, inputs)
+
+    NGCTrainer._compute_loss = spy
+    try:
+        tr.train()
+    finally:
+        NGCTrainer._compute_loss = orig
+    acted = seen["ngc_acted"]
+    assert acted.any()
+    assert (seen["ngc_old_logp"][acted] - seen["ngc_logp"][acted]).abs().max() < 1e-4
+
+
+def test_replay_masks_switch_changes_token_logps(tmp_path):
+    tr = make_trainer(tmp_path)
+    batch = tr._generate_and_score_completions([{"prompt": "nums 3 5 7 target 9\n"}] * 3)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    from ngc_trl.generation import EvictionRecords
+
+    k = batch["completion_ids"].shape[1]
+    tr._replay_records = (EvictionRecords.from_dict(batch), batch["ngc_prompt_len"])
+    with torch.no_grad():
+        masked, _, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, am, k)
+        tr.args.replay_masks = False
+        full, _, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, am, k)
+    m = batch["completion_mask"].bool()
+    assert (masked[m] - full[m]).abs().max() > 1e-3
+
+
+def test_eviction_loss_coefficient_controls_the_gradient(tmp_path):
+    grads = {}
+    for coef in (0.0, 1.0):
+        tr = make_trainer(tmp_path, eviction_loss_coef=coef, peft=False, max_steps=1)
+        torch.manual_seed(1)
+        batch = tr._generate_and_score_completions([{"prompt": "abc 7\n"}] * 3)
+        batch["advantages"] = torch.tensor([1.0, -0.5, -0.5])  # non-zero group advantages
+        tr.model.train()
+        tr.current_gradient_accumulation_steps = 1  # set by Trainer.train() in a real run
+        loss = tr._compute_loss(tr.model, batch)
+        loss.backward()
+        grads[coef] = tr.model.model.layers[0].self_attn.k_proj.weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[1.0])
+
+
+def test_curriculum_eq6_values():
+    rates, d = [0.1, 0.2, 0.3, 0.4, 0.5], 20
+    assert curriculum_rate(0, rates, d) == pytest.approx(0.1)
+    assert curriculum_rate(7, rates, d) == pytest.approx(0.1)  # s = 0.35 < 1 - alpha: hold
+    assert curriculum_rate(14, rates, d) == pytest.approx(0.1 + (0.7 - 0.4) / 0.6 * 0.1)  # ramp
+    assert curriculum_rate(20, rates, d) == pytest.approx(0.2)
+    assert curriculum_rate(80, rates, d) == pytest.approx(0.5) and curriculum_rate(10_000, rates, d) == 0.5
+    values = [curriculum_rate(t, rates, d) for t in range(120)]
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))  # monotone staircase
+
+
+def test_trainer_rate_follows_global_step(tmp_path):
+    tr = make_trainer(tmp_path, curriculum_rates=[0.1, 0.5], curriculum_stage_steps=10)
+    tr.state.global_step = 0
+    assert tr.rate_in_force() == pytest.approx(0.1)
+    tr.state.global_step = 10  # a resumed run at step 10 continues at the same rate
+    assert tr.rate_in_force() == pytest.approx(0.5)
+
+
+def test_interoception_tags_prompts_per_group(tmp_path):
+    assert rate_tag(0.5) == "<eviction_rate>50%</eviction_rate>"
+    assert add_rate_tag("x\n", 0.25).endswith("x\n<eviction_rate>25%</eviction_rate>")
+    chat = add_rate_tag([{"role": "user", "content": "q"}], 0.75)
+    assert chat[0]["content"] == "q\n<eviction_rate>75%</eviction_rate>"
+    tr = make_trainer(tmp_path, interoception_rates=[0.25, 0.75])
+    batch = tr._generate_and_score_completions([{"prompt": "abc 7\n"}] * 3 + [{"prompt": "nums 1 2 target 3\n"}] * 3)
+    texts = tr.processing_class.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+    tags = [t[t.index("<eviction_rate>"):] for t in texts]
+    assert len(set(tags[:3])) == 1 and len(set(tags[3:])) == 1  # one rate per group
+    assert set(batch["ngc_eviction_rate"].tolist()) <= {0.25, 0.75}
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("eviction_interval", 0), ("eviction_rate", 1.5), ("eviction_loss_coef", -1.0), ("replay_backend", "x"),
+     ("curriculum_rates", [0.5, 0.2]), ("curriculum_alpha", 0.0), ("interoception_rates", [1.2]),
+     ("eviction_policy", "snapkv")],
+)
+def test_invalid_config_names_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field.replace("eviction_", "") if field.startswith("eviction_i") else field.split("_")[-1]):
+        NGCConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
+
+
+def test_defaults_are_dr_grpo_and_the_paper_schedule(tmp_path):
+    a = NGCConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    assert (a.loss_type, a.scale_rewards) == ("dr_grpo", "none")
+    assert (a.eviction_interval, a.eviction_rate, a.block_size, a.score_window) == (256, 0.5, 32, 5)
+    assert not a.protect_prompt and a.num_sink == 0 and a.eviction_logit_scale == 1.0
