@@ -1,0 +1,252 @@
+"""Evaluation helpers: pass@k, the paper's peak KV-cache reduction, the ``samples.jsonl`` store, the reports.
+
+Records are the per-sample dicts `ngc_trl.eval` writes to ``samples.jsonl`` (keys ``policy``, ``rate``,
+``problem_id``, ``sample``, ``correct``, ``peak_total``, ``peak_entries``, ``compression_same_tokens``, ...).
+
+Peak KV-cache reduction (paper §5.1): the mean over prompts of the per-prompt ratio
+``peak(p_i, c_i^full, no eviction) / peak(p_i, c_i^method)``, where each run keeps its own completion
+length and the full-cache run is the ``full`` policy on the same problem (and the same model). With
+``n > 1`` samples per problem the full-cache peak of a problem is the mean over its ``full`` samples, and
+the ratio is averaged over the method's samples, then over problems. When the evaluation has no ``full``
+run, the fallback is each sample's own "same tokens, no eviction" ratio (``CacheStats.compression``);
+``compression_source`` says which one a row uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+FULL = "full"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021) from ``n`` samples of which ``c`` are correct.
+
+    ``1 - C(n - c, k) / C(n, k)``, computed as ``1 - prod_{i = n-c+1}^{n} (1 - k / i)`` (no big binomials).
+    """
+    if not 0 <= c <= n or k < 1:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and k >= 1, got n={n}, c={c}, k={k}")
+    if k > n:
+        raise ValueError(f"pass_at_k: k={k} needs at least k samples per problem, got n={n}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def mean(xs: Iterable[float]) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def standard_error(xs: Sequence[float]) -> float | None:
+    """Standard error of the mean (sample std with ``ddof=1`` over ``sqrt(n)``); 0 for one value."""
+    n = len(xs)
+    if n == 0:
+        return None
+    if n == 1:
+        return 0.0
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
+def run_key(policy: str, rate: float | None) -> tuple[str, float | None]:
+    """``(policy, rate)`` of a run; the ``full`` run has no rate."""
+    return (policy, None if policy == FULL or rate is None else round(float(rate), 6))
+
+
+def _by_problem(records: Iterable[dict]) -> dict[str, list[dict]]:
+    out = defaultdict(list)
+    for r in records:
+        out[r["problem_id"]].append(r)
+    return out
+
+
+def summarize(records: Iterable[dict], runs: Sequence[tuple[str, float | None]], ks: Sequence[int]) -> list[dict]:
+    """One row of metrics per run ``(policy, rate)``, in the order of ``runs``.
+
+    Args:
+        records: per-sample records (any order; those of runs not in ``runs`` are ignored).
+        runs: ``(policy, rate)`` pairs (``rate`` None for ``full``).
+        ks: the k of pass@k; a k larger than the fewest samples of a problem is skipped (``None``).
+    """
+    groups = defaultdict(list)
+    for r in records:
+        groups[run_key(r["policy"], r["rate"])].append(r)
+    full_peak = {pid: mean(x["peak_total"] for x in rs) for pid, rs in _by_problem(groups.get((FULL, None), [])).items()}
+    rows = []
+    for policy, rate in runs:
+        recs = groups.get(run_key(policy, rate), [])
+        probs = _by_problem(recs)
+        row = {"policy": policy, "rate": None if policy == FULL else rate, "num_problems": len(probs),
+               "num_completions": len(recs)}
+        if not recs:
+            rows.append(row)
+            continue
+        n_min = min(len(rs) for rs in probs.values())
+        per_problem = [sum(bool(x["correct"]) for x in rs) / len(rs) for rs in probs.values()]
+        row["pass@1"] = mean(per_problem)
+        row["pass@1_se"] = standard_error(per_problem)
+        for k in ks:
+            if k == 1:
+                continue
+            row[f"pass@{k}"] = (mean(pass_at_k(len(rs), sum(bool(x["correct"]) for x in rs), k) for rs in probs.values())
+                                if k <= n_min else None)
+        # the paper's peak reduction: per problem, full-cache peak / this method's peak (mean of ratios)
+        paired = [pid for pid in probs if pid in full_peak]
+        if full_peak and len(paired) == len(probs):
+            ratios = [mean(full_peak[pid] / max(1, x["peak_total"]) for x in probs[pid]) for pid in paired]
+            row["peak_compression"], row["compression_source"] = mean(ratios), "full_run"
+        else:
+            row["peak_compression"] = mean(x["compression_same_tokens"] for x in recs)
+            row["compression_source"] = "same_tokens"
+        row["compression_same_tokens"] = mean(x["compression_same_tokens"] for x in recs)
+        row["mean_peak_entries_per_layer"] = mean(mean(x["peak_entries"]) for x in recs)
+        row["max_peak_entries_per_layer"] = max(max(x["peak_entries"]) for x in recs)
+        row["mean_peak_total"] = mean(x["peak_total"] for x in recs)
+        row["mean_entries_per_layer"] = mean(x["mean_entries"] for x in recs)
+        row["mean_footprint"] = mean(x["footprint"] for x in recs)
+        row["mean_peak_kv_bytes"] = mean(x.get("peak_kv_bytes", 0) for x in recs)
+        row["mean_completion_tokens"] = mean(x["completion_tokens"] for x in recs)
+        row["mean_prompt_tokens"] = mean(x["prompt_tokens"] for x in recs)
+        row["mean_rounds"] = mean(x["rounds"] for x in recs)
+        row["truncated"] = mean(float(not x["finished"]) for x in recs)
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- samples.jsonl
+def record_key(r: dict) -> tuple:
+    return (*run_key(r["policy"], r["rate"]), str(r["problem_id"]), int(r["sample"]))
+
+
+def read_records(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """Valid records of a JSONL file, skipping blank, truncated or corrupt lines. With ``repair``, rewrite
+    the file with only those lines (atomically) so that appending to it stays valid JSONL."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records, lines = [], []
+    for line in raw.splitlines():
+        try:
+            rec = json.loads(line)
+            record_key(rec)
+        except (ValueError, KeyError, TypeError):
+            continue
+        records.append(rec)
+        lines.append(line)
+    clean = b"".join(x + b"\n" for x in lines)
+    if repair and clean != raw:
+        dropped = sum(bool(x.strip()) for x in raw.splitlines()) - len(lines)
+        if dropped:
+            warnings.warn(f"{path}: dropped {dropped} unreadable line(s) (a run killed mid-write)", stacklevel=2)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(clean)
+        os.replace(tmp, path)
+    return records
+
+
+def read_all_records(output_dir: str | os.PathLike) -> dict[tuple, dict]:
+    """Every record under ``output_dir`` (``samples.jsonl`` and any per-rank files), first one per key."""
+    done = {}
+    for path in [Path(output_dir) / "samples.jsonl", *sorted(Path(output_dir).glob("samples.rank*.jsonl"))]:
+        for rec in read_records(path):
+            done.setdefault(record_key(rec), rec)
+    return done
+
+
+def merge_records(output_dir: str | os.PathLike) -> list[dict]:
+    """Every record under ``output_dir``; per-rank files are folded into ``samples.jsonl`` (atomically) and
+    removed."""
+    output_dir = Path(output_dir)
+    records = list(read_all_records(output_dir).values())
+    rank_files = sorted(output_dir.glob("samples.rank*.jsonl"))
+    if rank_files:
+        tmp = output_dir / "samples.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, output_dir / "samples.jsonl")
+        for f in rank_files:
+            f.unlink()
+    return records
+
+
+# ----------------------------------------------------------------------------- reports
+def _fmt(x, spec=".1f", scale=1.0, none="—"):
+    return none if x is None else format(x * scale, spec)
+
+
+def markdown_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
+    """The results as a Markdown table (accuracies in %)."""
+    extra_k = [k for k in ks if k != 1]
+    head = ["policy", "rate", "peak compression", "pass@1 (%)"] + [f"pass@{k} (%)" for k in extra_k] + [
+        "mean peak entries / layer", "max peak entries / layer", "mean entries / layer", "completion tokens",
+        "truncated (%)", "problems", "completions"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "pass@1" not in r:
+            cells = [r["policy"], _fmt(r["rate"], ".2f"), "—", "—"] + ["—"] * len(extra_k) + ["—"] * 5 + ["0", "0"]
+        else:
+            comp = _fmt(r["peak_compression"], ".2f") + "×" + ("" if r["compression_source"] == "full_run" else "*")
+            cells = [r["policy"], _fmt(r["rate"], ".2f"), comp,
+                     f"{_fmt(r['pass@1'], scale=100)} ± {_fmt(r['pass@1_se'], scale=100)}"]
+            cells += [_fmt(r.get(f"pass@{k}"), scale=100) for k in extra_k]
+            cells += [_fmt(r["mean_peak_entries_per_layer"]), str(r["max_peak_entries_per_layer"]),
+                      _fmt(r["mean_entries_per_layer"]), _fmt(r["mean_completion_tokens"]),
+                      _fmt(r["truncated"], scale=100), str(r["num_problems"]), str(r["num_completions"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("\nPeak compression: mean over problems of (full-cache peak / method peak), each run with its own "
+            "completion length. `*`: no `full` run, so the ratio is against a full cache on the same tokens. "
+            "`±`: standard error of pass@1 across problems.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def plot_pareto(rows: Sequence[dict], path: str, title: str = "") -> None:
+    """pass@1 against peak compression, one line per policy, ``full`` as a dashed horizontal line (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    done = [r for r in rows if "pass@1" in r]
+    by_policy = defaultdict(list)
+    for r in done:
+        by_policy[r["policy"]].append(r)
+    for r in by_policy.pop(FULL, []):
+        ax.axhline(100 * r["pass@1"], color="k", linestyle="--", label="full cache")
+    for policy, rs in by_policy.items():
+        rs = sorted(rs, key=lambda r: r["peak_compression"])
+        ax.errorbar([r["peak_compression"] for r in rs], [100 * r["pass@1"] for r in rs],
+                    yerr=[100 * (r["pass@1_se"] or 0.0) for r in rs], marker="o", capsize=3, label=policy)
+    top = min(100.0, 1.1 * max([5.0, *(100 * (r["pass@1"] + (r["pass@1_se"] or 0)) for r in done)]))
+    ax.set_ylim(-0.03 * top, top)
+    ax.set_xlim(0.95, 1.05 * max([1.0, *(r["peak_compression"] for r in done)]) + 0.05)
+    ax.set_xlabel("peak KV-cache compression (×)")
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_reports(output_dir: str | os.PathLike, summary: dict, title: str = "") -> None:
+    """``summary.json``, ``results.md`` and ``pareto.png`` from `ngc_trl.eval.evaluate`'s summary."""
+    output_dir, s = Path(output_dir), summary["settings"]
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ev = s["eviction"]
+    sampling = f"T={s['temperature']}, top_p={s['top_p']}, top_k={s['top_k']}" if s["do_sample"] else "greedy"
+    head = (f"# {s['task']}: accuracy vs peak KV-cache compression\n\nmodel `{s.get('model', '?')}`, "
+            f"{s['num_problems']} problems × {s['num_samples']} samples, δ={ev['eviction_interval']}, "
+            f"b={ev['block_size']}, w={ev['score_window']}, max_new_tokens={s['max_new_tokens']}, {sampling}\n\n")
+    (output_dir / "results.md").write_text(head + markdown_table(summary["results"], s["k"]))
+    plot_pareto(summary["results"], str(output_dir / "pareto.png"), title=title)

@@ -1,0 +1,257 @@
+"""`ngc_trl.eval` / `ngc_trl.metrics`: pass@k, the paper's peak reduction, resume, reports, CLI validation."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_qwen2
+
+import ngc_trl.eval as ev
+from ngc_trl.eviction import EvictionConfig
+from ngc_trl.metrics import pass_at_k, summarize
+from ngc_trl.tiny import char_tokenizer
+
+SMALL = EvictionConfig(eviction_interval=8, block_size=4, score_window=3)  # prompts (~30 tokens) cross δ
+
+
+MATH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matmuls on a shared 2-core box: intra-op threads cost 1000x more than they save
+    from accelerate import PartialState
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    PartialState._reset_state()  # evaluate() made one; leave none behind for other test modules
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lm(tok):
+    return tiny_qwen2(vocab=len(tok))
+
+
+@pytest.fixture(scope="module")
+def problems(tok):
+    return ev.load_problems("countdown", tok, num_problems=4, seed=0, prompt_format="plain")
+
+
+class CountingGenerate:
+    """Wraps `generate_with_eviction`: counts calls and rows, optionally dies before call ``kill_at``."""
+
+    def __init__(self, kill_at=None):
+        self.calls, self.rows, self.kill_at = 0, 0, kill_at
+
+    def __call__(self, model, input_ids, *args, **kwargs):
+        if self.kill_at is not None and self.calls + 1 >= self.kill_at:
+            raise KeyboardInterrupt("killed")
+        self.calls += 1
+        self.rows += input_ids.shape[0]
+        return GENERATE(model, input_ids, *args, **kwargs)
+
+
+GENERATE = ev.generate_with_eviction
+
+
+def _lines(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- metrics
+@pytest.mark.parametrize("n", range(1, 8))
+def test_pass_at_k_matches_enumeration(n):
+    for c in range(n + 1):
+        outcomes = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(range(n), k))
+            direct = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+            assert pass_at_k(n, c, k) == pytest.approx(direct, abs=1e-12)
+    with pytest.raises(ValueError, match="k="):
+        pass_at_k(n, 0, n + 1)
+
+
+def test_pass_at_k_large_n_is_stable():
+    assert 0.0 < pass_at_k(1000, 1, 32) < 1.0
+    assert pass_at_k(1000, 1, 32) == pytest.approx(32 / 1000)
+
+
+def _rec(policy, rate, pid, peak, correct=True, sample=0, same=2.0):
+    return {"policy": policy, "rate": rate, "problem_id": pid, "sample": sample, "correct": correct,
+            "peak_total": peak, "peak_entries": [peak // 2, peak - peak // 2], "compression_same_tokens": same,
+            "mean_entries": 1.0, "footprint": 10, "completion_tokens": 5, "prompt_tokens": 3, "rounds": 1,
+            "finished": True}
+
+
+def test_peak_compression_is_a_mean_of_per_prompt_ratios():
+    recs = [_rec("full", None, "a", 100), _rec("full", None, "b", 200),
+            _rec("ngc", 0.5, "a", 50, correct=False), _rec("ngc", 0.5, "b", 25)]
+    full, ngc = summarize(recs, [("full", None), ("ngc", 0.5)], [1])
+    assert full["peak_compression"] == 1.0 and full["compression_source"] == "full_run"
+    assert ngc["peak_compression"] == pytest.approx((2 + 8) / 2)  # not 300 / 75 = 4
+    assert ngc["compression_source"] == "full_run"
+    assert ngc["pass@1"] == 0.5 and ngc["pass@1_se"] == pytest.approx(0.5)
+    # no full-cache run: fall back to the same-tokens ratio, and say so
+    (row,) = summarize(recs[2:], [("ngc", 0.5)], [1])
+    assert row["compression_source"] == "same_tokens" and row["peak_compression"] == 2.0
+
+
+# ----------------------------------------------------------------------------- evaluate(): reports, resume
+def test_reports_for_two_policies_two_rates(lm, tok, problems, tmp_path):
+    out = tmp_path / "eval"
+    summary = ev.evaluate(lm, tok, problems, "countdown", "full,keydiff", "0.25,0.5", eviction=SMALL,
+                          max_new_tokens=16, batch_size=3, output_dir=out, progress=False)
+    rows = {(r["policy"], r["rate"]): r for r in summary["results"]}
+    assert set(rows) == {("full", None), ("keydiff", 0.25), ("keydiff", 0.5)}
+    assert rows[("full", None)]["peak_compression"] == 1.0
+    for rate in (0.25, 0.5):
+        r = rows[("keydiff", rate)]
+        assert r["compression_source"] == "full_run" and r["peak_compression"] > 1.0
+        assert r["num_problems"] == 4 and r["mean_rounds"] >= 1
+        assert r["mean_peak_entries_per_layer"] < rows[("full", None)]["mean_peak_entries_per_layer"]
+        assert 0.0 <= r["pass@1"] <= 1.0
+    assert rows[("keydiff", 0.5)]["mean_entries_per_layer"] < rows[("keydiff", 0.25)]["mean_entries_per_layer"]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["results"] == summary["results"]
+    assert saved["settings"]["eviction"]["eviction_interval"] == 8 and saved["settings"]["rates"] == [0.25, 0.5]
+    assert saved["compression_reference"] == "full_run"
+    table = (out / "results.md").read_text()
+    assert "| keydiff | 0.25 |" in table and "| keydiff | 0.50 |" in table and "| full | — | 1.00× |" in table
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    recs = _lines(out / "samples.jsonl")
+    assert len(recs) == 3 * 4
+    r = recs[-1]
+    assert r["policy"] == "keydiff" and len(r["peak_entries"]) == lm.config.num_hidden_layers
+    assert r["full_entries"] == r["prompt_tokens"] + r["completion_tokens"] - 1
+    assert isinstance(r["completion"], str) and r["reward"] in (0.0, 1.0)
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(lm, tok, problems, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    kw = dict(eviction=SMALL, max_new_tokens=12, batch_size=3, num_samples=2, temperature=0.8, top_p=0.95,
+              output_dir=out, progress=False)
+    args = (lm, tok, problems, "countdown", "ngc,keydiff", "0.25,0.5")
+    expected = {(p, r, q["id"], j) for p in ("ngc", "keydiff") for r in (0.25, 0.5) for q in problems for j in (0, 1)}
+
+    killer = CountingGenerate(kill_at=5)  # 4 batches land (3 + 3 + 2 + 3 rows), the 5th call dies
+    monkeypatch.setattr(ev, "generate_with_eviction", killer)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(*args, **kw)
+    path = out / "samples.jsonl"
+    first = _lines(path)
+    assert len(first) == 11
+    # the kill also tore the last line in half
+    text = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(text[:-1]) + text[-1][: len(text[-1]) // 2])
+    kept = first[:-1]
+
+    counter = CountingGenerate()
+    monkeypatch.setattr(ev, "generate_with_eviction", counter)
+    with pytest.warns(UserWarning, match="unreadable"):
+        summary = ev.evaluate(*args, **kw)
+    assert counter.rows == len(expected) - len(kept)  # only the missing samples were generated
+    final = _lines(path)
+    keys = [(r["policy"], r["rate"], r["problem_id"], r["sample"]) for r in final]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert final[: len(kept)] == kept  # finished samples untouched
+    assert all(r["num_completions"] == 8 and r["pass@2"] is not None for r in summary["results"])
+    assert {r["compression_source"] for r in summary["results"]} == {"same_tokens"}  # no full run
+
+    again = CountingGenerate()
+    monkeypatch.setattr(ev, "generate_with_eviction", again)
+    assert ev.evaluate(*args, **kw)["results"] == summary["results"] and again.calls == 0
+    with pytest.raises(ValueError, match="different settings"):  # a resumed run must not mix settings
+        ev.evaluate(*args, **{**kw, "max_new_tokens": 13})
+
+
+def test_prompts_chat_prefill_and_rate_tag(tok):
+    from ngc_trl.tasks.countdown import PREFILL, build_prompt
+
+    text = ev.render_prompt(build_prompt([1, 2, 3], 6, prefill=True), tok)
+    assert text.endswith(PREFILL) and tok.eos_token not in text  # the assistant turn is continued
+    tagged = ev.render_prompt(build_prompt([1, 2, 3], 6, prefill=True), tok, rate=0.5)
+    assert "<eviction_rate>50%</eviction_rate>" in tagged and tagged.endswith(PREFILL)
+
+
+@pytest.mark.skipif(not MATH_DIR.is_dir(), reason="no shared math data")
+def test_math_set_is_graded(lm, tok, monkeypatch):
+    monkeypatch.setenv("NGC_MATH_DATA", str(MATH_DIR))
+    probs = ev.load_problems("amc23", tok, num_problems=2)
+    assert {"id", "prompt", "answer"} <= set(probs[0])
+    s = ev.evaluate(lm, tok, probs, "amc23", "full", "0.5", eviction=SMALL, max_new_tokens=4, temperature=0.6,
+                    top_p=0.95, progress=False)
+    (row,) = s["results"]
+    assert row["num_completions"] == 2 and row["pass@1"] == 0.0 and s["settings"]["do_sample"]
+
+
+# ----------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def model_dir(lm, tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-ngc")
+    lm.save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / ev.SETTINGS_FILE).write_text(json.dumps(SMALL.to_dict()))
+    return d
+
+
+def _no_work(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("work started before validation")
+
+    monkeypatch.setattr(ev, "generate_with_eviction", boom)
+    return boom
+
+
+def test_cli_bad_arguments_fail_before_any_work(model_dir, tmp_path, monkeypatch):
+    boom = _no_work(monkeypatch)
+    base = ["--task", "countdown", "--num_problems", "2", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"--model .*missing.*no such folder"):
+        ev.main(["--model", str(tmp_path / "missing"), *base])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"--model .*could not load"):
+        ev.main(["--model", str(tmp_path / "empty"), *base])
+    monkeypatch.setattr(ev, "load_model", boom)
+    with pytest.raises(SystemExit, match=r"--policies: unknown policy 'bogus'; valid: .*keydiff"):
+        ev.main(["--model", str(model_dir), "--policies", "full,bogus", *base])
+    with pytest.raises(SystemExit, match=r"--rates"):
+        ev.main(["--model", str(model_dir), "--rates", "0.5,1.0", *base])
+    with pytest.raises(SystemExit, match=r"block_size"):
+        ev.main(["--model", str(model_dir), "--block_size", "0", *base])
+    with pytest.raises(SystemExit, match=r"--task"):
+        ev.main(["--model", str(model_dir), "--task", "gsm8k"])
+    with pytest.raises(SystemExit, match=r"--num_samples.*--temperature"):  # countdown is greedy by default
+        ev.main(["--model", str(model_dir), "--num_samples", "4", *base])
+    with pytest.raises(SystemExit, match=r"--k"):
+        ev.main(["--model", str(model_dir), "--num_samples", "4", "--temperature", "0.7", "--k", "1,8", *base])
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_reads_model_settings_and_loads_peft_adapters(model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    argv = ["--task", "countdown", "--policies", "full,ngc", "--rates", "0.5", "--num_problems", "2",
+            "--max_new_tokens", "10", "--prompt_format", "plain", "--batch_size", "2", "--device", "cpu"]
+    s = ev.main(["--model", str(model_dir), "--output_dir", str(tmp_path / "base"), *argv])
+    assert s["settings"]["eviction"]["eviction_interval"] == 8 and s["settings"]["eviction"]["block_size"] == 4
+    assert s["settings"]["temperature"] == 0.0 and s["settings"]["k"] == [1]
+    s2 = ev.main(["--model", str(model_dir), "--output_dir", str(tmp_path / "cli"), "--block_size", "2", *argv])
+    assert s2["settings"]["eviction"]["block_size"] == 2 and s2["settings"]["eviction"]["eviction_interval"] == 8
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                          LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # B = 0: merged == base
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    (adapter / ev.SETTINGS_FILE).write_text((model_dir / ev.SETTINGS_FILE).read_text())
+    s3 = ev.main(["--model", str(adapter), "--output_dir", str(tmp_path / "adapter_eval"), *argv])
+    done = [[r["completion"] for r in _lines(tmp_path / d / "samples.jsonl")] for d in ("base", "adapter_eval")]
+    assert done[0] == done[1] and s3["results"][0]["num_completions"] == 2
