@@ -34,6 +34,8 @@ class NGCLayer(DynamicLayer):
         self.track_attention = track_attention
         self.growth = max(1, growth)
         self.lengths = self.pos = self.queries = self.q_pos = self.q_valid = self.attention_sum = None
+        # host-side upper bound of max(lengths): decoding never waits on the device to size its tensors
+        self.max_len = 0
 
     # ------------------------------------------------------------------ transformers API
     def lazy_initialization(self, key_states, value_states):
@@ -57,7 +59,7 @@ class NGCLayer(DynamicLayer):
         return self.keys[:, :s].transpose(1, 2), self.values[:, :s].transpose(1, 2)
 
     def get_seq_length(self) -> int:
-        return 0 if self.lengths is None else int(self.lengths.max())
+        return self.max_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -65,8 +67,9 @@ class NGCLayer(DynamicLayer):
     # ------------------------------------------------------------------ storage
     @property
     def num_slots(self) -> int:
-        """``max(lengths)``: the slots any row uses."""
-        return int(self.lengths.max()) if self.lengths.numel() else 0
+        """Slots any row may use: ``max(lengths)`` after prefill and eviction, then ``+1`` per decode step
+        (an upper bound kept on the host; rows whose token was padding leave a scratch slot, masked)."""
+        return self.max_len
 
     @property
     def live(self) -> torch.Tensor:
@@ -83,7 +86,7 @@ class NGCLayer(DynamicLayer):
         # stable sort puts each row's valid tokens first, in order
         order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
         self.lengths = valid.sum(1)
-        s = int(self.lengths.max())
+        s = self.max_len = int(self.lengths.max())
         idx = order[:, :s]
         self.keys = _gather_slots(k.transpose(1, 2), idx).contiguous()
         self.values = _gather_slots(v.transpose(1, 2), idx).contiguous()
@@ -105,7 +108,7 @@ class NGCLayer(DynamicLayer):
             self.attention_sum = torch.cat([self.attention_sum, self.attention_sum.new_zeros(b, extra)], 1)
 
     def _append(self, k, v, pos, valid):
-        self._reserve(int(self.lengths.max()) + 1)
+        self._reserve(self.max_len + 1)
         rows = torch.arange(k.shape[0], device=k.device)
         slot = self.lengths
         self.keys[rows, slot] = k
@@ -114,6 +117,7 @@ class NGCLayer(DynamicLayer):
         if self.attention_sum is not None:
             self.attention_sum[rows, slot] = 0.0
         self.lengths = self.lengths + valid.long()
+        self.max_len += 1
 
     def push_queries(self, q: torch.Tensor, q_pos: torch.Tensor, q_valid: torch.Tensor):
         """Keep the last ``query_window`` queries: ``q (B, H, n, D)``, ``q_pos``/``q_valid`` ``(B, n)``.
@@ -142,6 +146,7 @@ class NGCLayer(DynamicLayer):
         The storage is re-allocated at the new ``max(lengths)``: evicted memory is released."""
         new_len = keep_slot.sum(1)
         s = max(int(new_len.max()), 1)
+        self.max_len = int(new_len.max())
         idx = torch.sort((~keep_slot).to(torch.int8), dim=1, stable=True).indices[:, :s]
         self.keys = _gather_slots(self.keys, idx).contiguous()
         self.values = _gather_slots(self.values, idx).contiguous()

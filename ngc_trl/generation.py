@@ -139,28 +139,46 @@ def sample_next(logits, do_sample, temperature, top_k, top_p, generator):
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
+def _pack_left(x: torch.Tensor) -> torch.Tensor:
+    """Move the non-negative entries of every row of ``x (..., M)`` to the front, order kept; ``-1`` after."""
+    order = torch.sort((x < 0).to(torch.int8), dim=-1, stable=True).indices
+    return x.gather(-1, order)
+
+
 class _RecordBuilder:
-    """Collects decisions round by round and pads them into `EvictionRecords`."""
+    """Collects decisions round by round (one device-to-host copy per round, no per-row Python work on
+    device tensors) and pads them into `EvictionRecords`."""
 
     def __init__(self, batch, n_layers):
-        self.events = [[] for _ in range(batch)]  # per sequence: (pos, [per-layer tuples])
-        self.n_layers = n_layers
+        self.batch, self.n_layers = batch, n_layers
+        self.events = []  # (rows, round index per row, positions, kept, n_sampled, evicted, n_blocks, logp, acted)
+        self.count = torch.zeros(batch, dtype=torch.long)
 
     def add(self, rows, position, per_layer):
-        for j, b in enumerate(rows.tolist()):
-            layers = []
-            for dec, blocks, keep_block in per_layer:
-                ch = dec.chosen[j][dec.chosen[j] >= 0]
-                forced = torch.nonzero(blocks.forced[j]).flatten()
-                nb = int(blocks.n_blocks[j])
-                ev = torch.nonzero(~keep_block[j][:nb]).flatten()
-                layers.append((torch.cat([ch, forced]), len(ch), ev, nb, float(dec.logp[j]), bool(dec.acted[j])))
-            self.events[b].append((int(position[j]), layers))
+        kept, evicted, n_sampled, n_blocks, logp, acted = [], [], [], [], [], []
+        for dec, blocks, keep_block in per_layer:
+            n = keep_block.shape[1]
+            ids = torch.arange(n, device=keep_block.device).expand_as(keep_block)
+            forced = torch.where(blocks.forced, ids, torch.full_like(ids, -1))
+            kept.append(_pack_left(torch.cat([dec.chosen, forced], 1)))
+            evicted.append(torch.where(~keep_block & blocks.exists, ids, torch.full_like(ids, -1)))
+            n_sampled.append((dec.chosen >= 0).sum(1))
+            n_blocks.append(blocks.n_blocks)
+            logp.append(dec.logp.float())
+            acted.append(dec.acted)
+        width = max(k.shape[1] for k in kept)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)  # noqa: E731
+        ev = torch.stack([pad(_pack_left(e)) for e in evicted], 1)
+        host = [t.cpu() for t in (rows, position, torch.stack([pad(k) for k in kept], 1), torch.stack(n_sampled, 1),
+                                  ev, torch.stack(n_blocks, 1), torch.stack(logp, 1), torch.stack(acted, 1))]
+        rows_c = host[0]
+        self.events.append((rows_c, self.count[rows_c].clone(), *host[1:]))
+        self.count[rows_c] += 1
 
     def build(self, eviction_rate, device) -> EvictionRecords:
-        b, n_l = len(self.events), self.n_layers
-        r = max([len(e) for e in self.events] + [0])
-        n = max([len(x[0]) + len(x[2]) for e in self.events for _, ls in e for x in ls] + [1])
+        b, n_l = self.batch, self.n_layers
+        r = int(self.count.max()) if self.events else 0
+        n = max([max(int((e[3] >= 0).sum(-1).max()), int((e[5] >= 0).sum(-1).max())) for e in self.events] + [1])
         positions = torch.full((b, r), -1, dtype=torch.long)
         acted = torch.zeros(b, r, n_l, dtype=torch.bool)
         kept = torch.full((b, r, n_l, n), -1, dtype=torch.long)
@@ -168,13 +186,11 @@ class _RecordBuilder:
         n_sampled = torch.zeros(b, r, n_l, dtype=torch.long)
         n_blocks = torch.zeros(b, r, n_l, dtype=torch.long)
         logp = torch.zeros(b, r, n_l)
-        for i, events in enumerate(self.events):
-            for ri, (pos, layers) in enumerate(events):
-                positions[i, ri] = pos
-                for li, (kp, ns, ev, nb, lp, a) in enumerate(layers):
-                    kept[i, ri, li, : len(kp)] = kp
-                    evicted[i, ri, li, : len(ev)] = ev
-                    n_sampled[i, ri, li], n_blocks[i, ri, li], logp[i, ri, li], acted[i, ri, li] = ns, nb, lp, a
+        for rows, ri, pos, kp, ns, ev, nb, lp, a in self.events:
+            positions[rows, ri] = pos
+            kept[rows, ri] = kp[..., :n]
+            evicted[rows, ri] = ev[..., :n]
+            n_sampled[rows, ri], n_blocks[rows, ri], logp[rows, ri], acted[rows, ri] = ns, nb, lp, a
         return EvictionRecords(
             *(t.to(device) for t in (positions, acted, kept, n_sampled, evicted, n_blocks, logp)),
             eviction_rate.float().to(device),
@@ -279,6 +295,8 @@ def generate_with_eviction(
     tokens, logps = [], []
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     n_fed = prompt_len.clone()  # == absolute position of the next token
+    plen_host, fed_host = prompt_len.cpu(), prompt_len.cpu().clone()  # host mirrors: the schedule needs no sync
+    finished_host = torch.zeros(bsz, dtype=torch.bool)
     evict_time = 0.0
 
     def forward(ids, pos, valid):
@@ -308,19 +326,21 @@ def generate_with_eviction(
             logps.append(torch.where(finished, torch.zeros_like(logp), logp))
             if len(eos):
                 finished = finished | torch.isin(tok, eos)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+                finished_host = finished.cpu()  # the one device-to-host sync of a decode step
+            if step == max_new_tokens - 1 or bool(finished_host.all()):
                 break
             active = ~finished
             if evicting:
-                due = active & ((n_fed % delta == 0) | ((n_fed == prompt_len) & (prompt_len >= delta)))
+                due = ~finished_host & ((fed_host % delta == 0) | ((fed_host == plen_host) & (plen_host >= delta)))
                 if bool(due.any()):
                     t0 = time.perf_counter()
-                    rows = torch.nonzero(due).flatten()
+                    rows = torch.nonzero(due).flatten().to(device)
                     per_layer = _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample_evictions, generator)
                     records.add(rows, n_fed[rows], per_layer)
                     evict_time += time.perf_counter() - t0
             logits = forward(tok[:, None], n_fed[:, None], active[:, None])
             n_fed = n_fed + active.long()
+            fed_host = fed_host + (~finished_host).long()
 
     gen = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(bsz, 0)
     comp_mask = torch.ones_like(gen, dtype=torch.bool)

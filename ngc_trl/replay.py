@@ -42,10 +42,10 @@ def death_times(records: EvictionRecords, pos: torch.Tensor, valid: torch.Tensor
         p = records.positions[:, r]
         alive = valid[:, None] & (pos[:, None] < p[:, None, None]) & (death == NEVER) & (p >= 0)[:, None, None]
         bid = (torch.cumsum(alive.long(), -1) - 1) // block_size
-        ev = records.evicted[:, r]  # (B, L, N)
-        n = ev.shape[-1]
+        ev = records.evicted[:, r]  # (B, L, N) block ids, -1 padding
+        n = int(records.n_blocks[:, r].max()) if records.n_blocks.numel() else 0  # ids are < n
         is_ev = torch.zeros(bsz, n_layers, n + 1, dtype=torch.bool, device=pos.device)
-        is_ev.scatter_(-1, torch.where(ev >= 0, ev, n), True)
+        is_ev.scatter_(-1, torch.where(ev >= 0, ev, n), True)  # padding lands in the dump column n
         hit = alive & is_ev.gather(-1, bid.clamp(min=0, max=n))
         death = torch.where(hit, p[:, None, None].expand_as(death), death)
     return death
