@@ -7,7 +7,7 @@ RATES ?= 0.25,0.5,0.75
 N ?= 256
 OUT ?= outputs/eval
 
-.PHONY: install test slow_test quality style bench eval testbed
+.PHONY: install test slow_test quality style bench eval testbed tiny
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -35,3 +35,8 @@ eval:
 
 testbed:
 	$(PYTHON) -m ngc_trl.testbed
+
+# the offline main job: tiny base (built once) -> NGC training -> short evaluation
+tiny:
+	test -f outputs/tiny-base/config.json || $(PYTHON) -m ngc_trl.testbed --output_dir outputs/tiny-base
+	$(PYTHON) -m ngc_trl.train --config recipes/tiny/countdown_ngc.yaml
