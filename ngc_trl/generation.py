@@ -188,8 +188,9 @@ class _RecordBuilder:
         logp = torch.zeros(b, r, n_l)
         for rows, ri, pos, kp, ns, ev, nb, lp, a in self.events:
             positions[rows, ri] = pos
-            kept[rows, ri] = kp[..., :n]
-            evicted[rows, ri] = ev[..., :n]
+            fit = lambda t: torch.nn.functional.pad(t, (0, max(0, n - t.shape[-1])), value=-1)[..., :n]  # noqa: E731
+            kept[rows, ri] = fit(kp)
+            evicted[rows, ri] = fit(ev)
             n_sampled[rows, ri], n_blocks[rows, ri], logp[rows, ri], acted[rows, ri] = ns, nb, lp, a
         return EvictionRecords(
             *(t.to(device) for t in (positions, acted, kept, n_sampled, evicted, n_blocks, logp)),

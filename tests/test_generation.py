@@ -61,11 +61,11 @@ def simulate_lengths(prompt_len, n_fed, rounds, block_size):
     return peaks, finals
 
 
-@pytest.mark.parametrize("rate", [0.5, 0.75])
-def test_every_round_keeps_the_scheduled_blocks_and_peak_matches(model, rate):
+@pytest.mark.parametrize("rate,n_new", [(0.5, 40), (0.75, 40), (0.5, 160)])
+def test_every_round_keeps_the_scheduled_blocks_and_peak_matches(model, rate, n_new):
     cfg = EvictionConfig(policy="ngc", eviction_rate=rate, **SMALL)
     ids, mask = left_padded([5, 12, 9], seed=1)
-    out = generate_with_eviction(model, ids, mask, cfg, max_new_tokens=40, eos_token_id=[],
+    out = generate_with_eviction(model, ids, mask, cfg, max_new_tokens=n_new, eos_token_id=[],
                                  do_sample=True, generator=torch.Generator().manual_seed(0))
     rec, stats = out.records, out.cache_stats
     # K = ceil((1 - eps) N) kept in every (round, layer)
@@ -75,7 +75,7 @@ def test_every_round_keeps_the_scheduled_blocks_and_peak_matches(model, rate):
     assert torch.equal(n_kept[valid], k[valid])
     for i, p in enumerate(mask.sum(1).tolist()):
         rounds = rec.rounds(i)
-        assert [r["position"] for r in rounds] == cfg.round_positions(p, p + 40)
+        assert [r["position"] for r in rounds] == cfg.round_positions(p, p + n_new)
         peaks, _ = simulate_lengths(p, int(stats.full_entries[i]), rounds, cfg.block_size)
         assert stats.peak_entries[i].tolist() == peaks
         # bound: before a round the cache holds at most (kept after last round) + delta entries

@@ -1,0 +1,277 @@
+"""Train a reasoning model to evict its own KV cache (Neural Garbage Collection) with `NGCTrainer`.
+
+Usage::
+
+    accelerate launch --config_file recipes/accelerate_configs/zero2.yaml -m ngc_trl.train \\
+        --config recipes/countdown.yaml
+    python -m ngc_trl.train --config recipes/tiny/countdown_ngc.yaml --max_steps 5   # CPU, offline
+    ngc-train --config recipes/countdown.yaml --eviction_rate 0.6 --output_dir outputs/ngc-0.6
+
+Every field of `ScriptArguments`, `NGCConfig` and `trl.ModelConfig` can be set in the YAML recipe or
+overridden on the command line after ``--config``. Unknown YAML keys and invalid values fail while
+parsing, before any data or model is loaded.
+
+Outputs in ``output_dir``: the model (or LoRA adapter) and tokenizer, ``ngc_settings.json`` (the eviction
+schedule, read by ``ngc-eval`` and `ngc_trl.hub.load_ngc_settings`), ``ngc_training.json`` (curriculum,
+loss switches, base model), a model card ``README.md`` and, with ``eval_after_train``, ``eval/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ScriptArguments as TrlScriptArguments
+
+from ngc_trl.config import NGCConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScriptArguments(TrlScriptArguments):
+    """Data and evaluation arguments of an NGC run (`trl.ScriptArguments` plus the NGC-recipe fields).
+
+    Parameters
+    ----------
+    task : str
+        ``"countdown"`` or ``"math"`` (DAPO-Math-17k for training).
+    dataset_source : str
+        ``"generated"`` (Countdown: the built-in generator; math: the default DAPO-Math-17k source), a Hub
+        dataset name or a local ``.jsonl``/``.json``/``.parquet`` file. ``dataset_name`` is used when this is
+        left at ``"generated"`` and ``dataset_name`` is set.
+    num_train_problems : int, optional
+        Keep the first N training problems (default: the loader's default / whole split).
+    prompt_format : str
+        ``"chat"`` (the tokenizer's chat template) or ``"plain"`` (a bare string; tiny char tokenizers).
+    reward_format : float
+        Countdown only: reward of a well-formatted but wrong answer (paper: 0).
+    eval_after_train, eval_num_problems, eval_policies, eval_rates, eval_data_source
+        A short `ngc_trl.eval.evaluate` on held-out problems after training, written to ``output_dir/eval``.
+    """
+
+    task: str = field(default="countdown", metadata={"help": "countdown | math"})
+    dataset_source: str = field(default="generated", metadata={
+        "help": "'generated', a Hub dataset name or a local .jsonl/.json/.parquet file."})
+    num_train_problems: int | None = field(default=None, metadata={"help": "Keep the first N training problems."})
+    prompt_format: str = field(default="chat", metadata={"help": "chat | plain"})
+    reward_format: float = field(default=0.0, metadata={"help": "Countdown: reward of a formatted wrong answer."})
+    eval_after_train: bool = field(default=False, metadata={"help": "Run a short ngc-eval after training."})
+    eval_num_problems: int = field(default=64, metadata={"help": "Held-out problems of the final evaluation."})
+    eval_policies: str = field(default="full,ngc", metadata={"help": "Comma-separated policies to evaluate."})
+    eval_rates: str = field(default="0.5", metadata={"help": "Comma-separated eviction rates to evaluate."})
+    eval_data_source: str | None = field(default=None, metadata={
+        "help": "Evaluation problems (countdown: default dataset_source's test split; math: e.g. aime25)."})
+
+    def __post_init__(self):
+        if self.task not in ("countdown", "math"):
+            raise ValueError(f"ScriptArguments.task={self.task!r}: must be countdown or math")
+        if self.prompt_format not in ("chat", "plain"):
+            raise ValueError(f"ScriptArguments.prompt_format={self.prompt_format!r}: must be chat or plain")
+        if self.num_train_problems is not None and self.num_train_problems <= 0:
+            raise ValueError(f"ScriptArguments.num_train_problems={self.num_train_problems}: must be > 0")
+        if self.eval_num_problems <= 0:
+            raise ValueError(f"ScriptArguments.eval_num_problems={self.eval_num_problems}: must be > 0")
+        from ngc_trl.eval import plan_runs
+
+        try:
+            plan_runs(self.eval_policies, self.eval_rates)
+        except ValueError as e:
+            raise ValueError(f"ScriptArguments.eval_policies/eval_rates: {e}") from None
+
+
+def make_parser() -> TrlParser:
+    """The parser of ``ngc-train``: ``(ScriptArguments, NGCConfig, ModelConfig)``."""
+    return TrlParser((ScriptArguments, NGCConfig, ModelConfig))
+
+
+def load_train_dataset(script_args: ScriptArguments, seed: int = 0) -> datasets.Dataset:
+    """The training problems with a ``prompt`` column and the reward's columns."""
+    from ngc_trl.tasks import get_task
+
+    task = get_task(script_args.task)
+    source = script_args.dataset_source
+    if source == "generated" and script_args.dataset_name:
+        source = script_args.dataset_name
+    if script_args.task == "countdown":
+        return task.load_countdown(source, n=script_args.num_train_problems, seed=seed, split="train",
+                                   prompt_format=script_args.prompt_format)
+    ds = task.load_math("dapo", source=None if source == "generated" else source, n=script_args.num_train_problems)
+    if script_args.prompt_format == "plain":
+        ds = ds.map(lambda row: {"prompt": "\n".join(m["content"] for m in row["prompt"])})
+    return ds
+
+
+def make_reward(script_args: ScriptArguments):
+    """The task's TRL reward function (Countdown with its ``reward_format``)."""
+    from ngc_trl.tasks import countdown, math
+
+    if script_args.task == "math":
+        return math.math_reward
+
+    def countdown_reward(prompts, completions, nums, target, **kwargs):
+        return countdown.countdown_reward(prompts, completions, nums, target,
+                                          format_reward=script_args.reward_format, **kwargs)
+
+    return countdown_reward
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Entry point of ``python -m ngc_trl.train`` / ``ngc-train``; returns ``{"output_dir", "eval"}``."""
+    # ------------------------------------------------------------------ parse (validates everything)
+    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+
+    # ------------------------------------------------------------------ seed
+    set_seed(training_args.seed)
+
+    # ------------------------------------------------------------------ logging
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.info(f"Model parameters {model_args}")
+    logger.info(f"Script parameters {script_args}")
+
+    # ------------------------------------------------------------------ checkpoint detection
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+        logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
+
+    # ------------------------------------------------------------------ dataset
+    train_dataset = load_train_dataset(script_args, seed=training_args.seed)
+    logger.info(f"{len(train_dataset)} training problems ({script_args.task}, {script_args.dataset_source})")
+
+    # ------------------------------------------------------------------ tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if script_args.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"prompt_format='chat' but {model_args.model_name_or_path} has no chat template; "
+                         "use --prompt_format plain")
+
+    # ------------------------------------------------------------------ model
+    # 4-bit / 8-bit (QLoRA) needs bitsandbytes and a CUDA GPU: `pip install ngc-trl[gpu]`.
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    quantization_config = get_quantization_config(model_args)
+    model_kwargs = dict(revision=model_args.model_revision, dtype=dtype,
+                        attn_implementation=model_args.attn_implementation, quantization_config=quantization_config)
+    if quantization_config is not None:
+        from accelerate import PartialState
+
+        model_kwargs["device_map"] = {"": PartialState().local_process_index}
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
+    peft_config = get_peft_config(model_args)
+
+    # ------------------------------------------------------------------ meta token (paper §A.4)
+    meta_token_id = None
+    if training_args.meta_token:
+        from ngc_trl.special_tokens import add_special_token
+
+        meta_token_id = add_special_token(model, tokenizer, training_args.meta_token, training_args.meta_token_init)
+        # Under LoRA the new row stays at its init (PEFT's trainable_token_indices wraps the tied lm_head,
+        # which TRL's fused logits head cannot read); PEFT saves the resized embeddings with the adapter.
+        logger.info(f"Meta token {training_args.meta_token!r} -> id {meta_token_id}")
+
+    # ------------------------------------------------------------------ rewards
+    reward_funcs = [make_reward(script_args)]
+
+    # ------------------------------------------------------------------ trainer
+    from ngc_trl.hub import write_model_card, write_ngc_settings
+    from ngc_trl.trainer import NGCTrainer
+
+    trainer = NGCTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train_dataset,
+                         processing_class=tokenizer, peft_config=peft_config)
+    eviction = training_args.eviction_config()
+    curriculum = None
+    if training_args.curriculum_rates is not None:
+        curriculum = {"rates": list(training_args.curriculum_rates),
+                      "stage_steps": training_args.curriculum_stage_steps, "alpha": training_args.curriculum_alpha}
+    card_kwargs = dict(curriculum=curriculum, interoception_rates=training_args.interoception_rates,
+                       meta_token=training_args.meta_token, task=script_args.task, is_adapter=peft_config is not None,
+                       repo_id=training_args.hub_model_id if training_args.push_to_hub else None)
+    trl_create_model_card = trainer.create_model_card
+    source = script_args.dataset_source
+    hub_dataset = source if source != "generated" and not os.path.exists(source) else None
+    card_args = dict(model_name=(training_args.hub_model_id or training_args.output_dir).rstrip("/").split("/")[-1],
+                     dataset_name=hub_dataset, tags=["ngc"])
+
+    def create_model_card(*args, **kwargs):  # TRL's card (also rewritten by push_to_hub) + the NGC section
+        trl_create_model_card(*args, **kwargs)
+        if trainer.accelerator.is_main_process:
+            write_model_card(training_args.output_dir, eviction, model_args.model_name_or_path, **card_kwargs)
+
+    trainer.create_model_card = create_model_card
+
+    # ------------------------------------------------------------------ train
+    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = train_result.metrics
+    metrics["train_samples"] = len(train_dataset)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    # ------------------------------------------------------------------ save model, settings, model card
+    logger.info("*** Save model ***")
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        extra = {"interoception_rates": training_args.interoception_rates, "meta_token": training_args.meta_token,
+                 "meta_token_id": meta_token_id, "meta_token_init": training_args.meta_token_init if meta_token_id
+                 is not None else None, "curriculum": curriculum, "base_model": model_args.model_name_or_path,
+                 "task": script_args.task, "dataset_source": script_args.dataset_source,
+                 "prompt_format": script_args.prompt_format, "eviction_loss_coef": training_args.eviction_loss_coef,
+                 "replay_masks": training_args.replay_masks, "min_length_penalty": training_args.min_length_penalty,
+                 "loss_type": training_args.loss_type, "use_peft": peft_config is not None}
+        write_ngc_settings(training_args.output_dir, eviction, extra)
+        trainer.create_model_card(**card_args)
+        trainer.model.config.use_cache = True
+        trainer.model.config.save_pretrained(training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ evaluate
+    summary = None
+    if script_args.eval_after_train:
+        from ngc_trl.eval import evaluate, load_problems
+
+        logger.info("*** Evaluate ***")
+        data_source = script_args.eval_data_source
+        if data_source is None and script_args.task == "countdown":
+            data_source = script_args.dataset_source
+        problems = load_problems(script_args.task, tokenizer, script_args.eval_num_problems, training_args.seed,
+                                 data_source, prompt_format=script_args.prompt_format)
+        net = trainer.accelerator.unwrap_model(trainer.model).eval()
+        with torch.no_grad():
+            summary = evaluate(net, tokenizer, problems, script_args.task, script_args.eval_policies,
+                               script_args.eval_rates, eviction=eviction,
+                               max_new_tokens=training_args.max_completion_length,
+                               output_dir=os.path.join(training_args.output_dir, "eval"),
+                               interoception=training_args.interoception_rates is not None,
+                               forced_token_id=meta_token_id, settings={"model": training_args.output_dir},
+                               batch_size=training_args.per_device_train_batch_size)
+
+    # ------------------------------------------------------------------ push
+    if training_args.push_to_hub:
+        from ngc_trl.hub import safe_push
+
+        logger.info("Pushing to hub...")
+        safe_push(trainer, commit_message="End of NGC training", **card_args)
+    return {"output_dir": training_args.output_dir, "eval": summary}
+
+
+if __name__ == "__main__":
+    main()
