@@ -1,0 +1,231 @@
+"""The offline tiny testbed: SFT a tiny GQA Qwen2 on Countdown search traces, then measure its accuracy.
+
+What: builds the character tokenizer (:func:`ngc_trl.tiny.char_tokenizer`) and a tiny Qwen2 with
+grouped-query attention, generates SFT examples ``build_plain_prompt(nums, target)`` (prompt) +
+``search_trace(...) + <eos>`` (completion) from the ``split="train"`` half of the generator, trains with
+TRL's ``SFTTrainer`` (completion-only loss, CPU, wall-clock cap), saves a plain HF folder (model +
+tokenizer) to ``--output_dir`` and evaluates greedy full-cache accuracy on held-out ``split="test"``
+problems with our own decode loop (:func:`ngc_trl.generation.generate_with_eviction`, ``policy="full"``).
+The result goes to ``output_dir/testbed.json``.
+
+Why: a base model that already searches, but whose traces are several eviction intervals long, lets the
+NGC pipeline (rollouts with eviction, GRPO) be exercised end to end offline on a laptop CPU.
+
+Restricted distribution (documented in ``testbed.json["settings"]``): to learn in ~15 CPU minutes the
+testbed uses small numbers (``num_range=(1, 20)``), targets in ``[10, 50]`` and 3-4 numbers, and shorter
+traces (``explore_chars=(200, 350)``: ~300-570 characters, median ~430). The paper's proportions are
+kept: with 1 character = 1 token, a completion is ~3-4x the tiny recipes' eviction interval
+(δ = 128, max_completion_length 512), and the prompt (< 40 characters) is shorter than δ.
+
+Usage: ``ngc-testbed --output_dir outputs/tiny-base --max_minutes 15`` (``--eval_only`` re-evaluates a
+saved folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Qwen2ForCausalLM,
+    TrainerCallback,
+)
+
+from ngc_trl.tasks.countdown import build_plain_prompt, generate_problems, score, search_trace
+from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+
+
+@dataclass
+class TestbedArgs:
+    """Command-line settings of the testbed (``HfArgumentParser``)."""
+
+    output_dir: str = field(default="outputs/tiny-base", metadata={"help": "where the HF folder goes"})
+    num_train: int = field(default=30000, metadata={"help": "SFT examples (one epoch at most; time usually stops first)"})
+    num_test: int = field(default=384, metadata={"help": "held-out split='test' problems"})
+    max_minutes: float = field(default=15.0, metadata={"help": "wall-clock cap on SFT"})
+    seed: int = 0
+    eval_only: bool = False
+    # model size
+    num_layers: int = 4
+    hidden: int = 160
+    heads: int = 4
+    kv_heads: int = 2
+    # problem distribution and trace shape
+    count_min: int = 3
+    count_max: int = 4
+    num_min: int = 1
+    num_max: int = 20
+    target_min: int = 10
+    target_max: int = 50
+    explore_min: int = 200
+    explore_max: int = 350
+    # optimisation
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    warmup_ratio: float = 0.03  # of the wall-clock budget
+    max_length: int = 700
+    max_steps: int = -1
+    logging_steps: int = 20
+    # evaluation
+    max_new_tokens: int = 640
+    eval_batch_size: int = 128
+    num_threads: int = 2
+
+
+def problem_kwargs(a: TestbedArgs) -> dict:
+    """The generator ranges of the (restricted) testbed distribution."""
+    return dict(count_range=(a.count_min, a.count_max), num_range=(a.num_min, a.num_max),
+                target_range=(a.target_min, a.target_max))
+
+
+def sft_examples(a: TestbedArgs, eos: str) -> list[dict]:
+    """Prompt/completion pairs: plain prompt, then a search trace that ends in a verifying answer and EOS."""
+    rng = random.Random(a.seed + 1)
+    out = []
+    for p in generate_problems(a.num_train, a.seed, split="train", **problem_kwargs(a)):
+        trace = search_trace(p["nums"], p["target"], rng, explore_chars=(a.explore_min, a.explore_max))
+        out.append({"prompt": build_plain_prompt(p["nums"], p["target"]), "completion": trace + eos,
+                    "nums": p["nums"], "target": p["target"]})
+    return out
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training once ``max_minutes`` of wall clock have passed since ``on_train_begin``.
+
+    ``fraction()`` (elapsed / budget) drives :func:`time_cosine`, so the learning rate completes its
+    warmup + cosine within the wall-clock budget whatever the throughput (the CPUs are shared).
+    """
+
+    def __init__(self, max_minutes: float):
+        self.max_s, self.t0, self.stopped_early = max_minutes * 60, None, False
+
+    def fraction(self) -> float:
+        return 0.0 if self.t0 is None else min((time.perf_counter() - self.t0) / self.max_s, 1.0)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.fraction() >= 1.0:
+            control.should_training_stop = self.stopped_early = True
+        return control
+
+
+def time_cosine(limit: TimeLimit, warmup: float, floor: float = 0.05):
+    """LR multiplier: linear warmup over the first ``warmup`` of the time budget, then cosine to ``floor``."""
+    def factor(_step: int) -> float:
+        f = limit.fraction()
+        if f < warmup:
+            return max(f / warmup, 0.01)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (f - warmup) / (1 - warmup)))
+    return factor
+
+
+def train(a: TestbedArgs) -> dict:
+    """SFT a fresh tiny model and save it (and the tokenizer) to ``a.output_dir``; returns training stats."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(a.seed)
+    tok = char_tokenizer()
+    model = Qwen2ForCausalLM(tiny_qwen2_config(len(tok), a.num_layers, a.hidden, a.heads, a.kv_heads,
+                                               max_positions=1024))
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    rows = sft_examples(a, tok.eos_token)
+    ds = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    cfg = SFTConfig(
+        output_dir=os.path.join(a.output_dir, "_trainer"), use_cpu=True, bf16=False, fp16=False, packing=False,
+        completion_only_loss=True, max_length=a.max_length, per_device_train_batch_size=a.batch_size,
+        num_train_epochs=1, max_steps=a.max_steps, learning_rate=a.learning_rate,
+        logging_steps=a.logging_steps, save_strategy="no",
+        report_to=[], seed=a.seed, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    limit = TimeLimit(a.max_minutes)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.learning_rate, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, time_cosine(limit, a.warmup_ratio))
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[limit],
+                         optimizers=(opt, sched))
+    t0 = time.perf_counter()
+    trainer.train()
+    minutes = (time.perf_counter() - t0) / 60
+    steps = trainer.state.global_step
+    seen = rows[: steps * a.batch_size]  # the trainer shuffles: same count, so the token total is ≈
+    tokens = sum(len(r["prompt"]) + len(r["completion"]) - len(tok.eos_token) + 1 for r in seen)
+    losses = [(h["step"], round(h["loss"], 4)) for h in trainer.state.log_history if "loss" in h]
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)  # no checkpoints are saved; keep the folder plain
+    model.save_pretrained(a.output_dir)
+    tok.save_pretrained(a.output_dir)
+    return {"sft_minutes": round(minutes, 2), "steps": steps, "examples_seen": len(seen),
+            "tokens_seen": tokens, "train_tokens_per_s": round(tokens / max(minutes * 60, 1e-9)),
+            "stopped_by_time_limit": limit.stopped_early, "final_loss": losses[-1][1] if losses else None,
+            "loss_curve": losses[:: max(1, len(losses) // 20)],
+            "num_params": sum(p.numel() for p in model.parameters())}
+
+
+@torch.no_grad()
+def evaluate(a: TestbedArgs, model, tok) -> dict:
+    """Greedy full-cache accuracy on ``num_test`` held-out (``split="test"``) problems, batched."""
+    from ngc_trl.eviction import EvictionConfig
+    from ngc_trl.generation import generate_with_eviction
+
+    model.eval()
+    probs = generate_problems(a.num_test, a.seed + 10_000, split="test", **problem_kwargs(a))
+    correct, lengths, t0 = [], [], time.perf_counter()
+    for i in range(0, len(probs), a.eval_batch_size):
+        batch = probs[i: i + a.eval_batch_size]
+        enc = tok([build_plain_prompt(p["nums"], p["target"]) for p in batch], return_tensors="pt", padding=True,
+                  padding_side="left")
+        out = generate_with_eviction(model, enc["input_ids"], enc["attention_mask"],
+                                     eviction=EvictionConfig(policy="full"), max_new_tokens=a.max_new_tokens,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for p, ids in zip(batch, out.completion_ids):
+            correct.append(score(tok.decode(ids, skip_special_tokens=True), p["nums"], p["target"]))
+            lengths.append(len(ids))
+    n = len(correct)
+    acc = sum(correct) / n
+    return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / n), "n": n,
+            "mean_completion_tokens": sum(lengths) / n, "eval_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run(a: TestbedArgs) -> dict:
+    """Train (unless ``eval_only``), evaluate, write and return ``testbed.json``."""
+    torch.set_num_threads(a.num_threads)
+    os.makedirs(a.output_dir, exist_ok=True)
+    path = os.path.join(a.output_dir, "testbed.json")
+    result = {}
+    if a.eval_only and os.path.exists(path):
+        with open(path) as f:
+            result = {k: v for k, v in json.load(f).items() if k not in ("accuracy", "stderr", "n")}
+    if not a.eval_only:
+        result["train"] = train(a)
+    model = AutoModelForCausalLM.from_pretrained(a.output_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(a.output_dir)
+    result.update(evaluate(a, model, tok))
+    cfg = model.config
+    result["model"] = {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+                       "kv_heads": cfg.num_key_value_heads, "vocab": cfg.vocab_size,
+                       "params": sum(p.numel() for p in model.parameters())}
+    result["settings"] = asdict(a) | {"distribution": problem_kwargs(a), "eval_policy": "full", "greedy": True}
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Console entry point ``ngc-testbed``."""
+    (a,) = HfArgumentParser(TestbedArgs).parse_args_into_dataclasses(args=argv)
+    return run(a)
+
+
+if __name__ == "__main__":
+    main()
