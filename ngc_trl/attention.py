@@ -27,8 +27,6 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ngc_trl.scoring import repeat_kv
-
 ATTN_NAME = "ngc"
 
 
@@ -39,9 +37,8 @@ def masked_sdpa(query, key, value, visible, scaling):
     if visible.dim() == 3:
         visible = visible[:, None]
     visible = visible | ~visible.any(-1, keepdim=True)
-    groups = query.shape[1] // key.shape[1]
     out = F.scaled_dot_product_attention(
-        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=visible, scale=scaling
+        query, key, value, attn_mask=visible, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
     )
     return out.transpose(1, 2)
 
