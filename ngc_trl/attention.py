@@ -27,6 +27,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ngc_trl.scoring import window_attention
+
 ATTN_NAME = "ngc"
 
 
@@ -84,8 +86,6 @@ def _rollout_attention(module, query, key, value, cache, scaling):
     s = key.shape[2]
     visible = layer.live[:, None, :] & (layer.pos[:, None, :s] <= q_pos[:, :, None])
     if layer.attention_sum is not None:  # H2O: attention of every valid query, summed, heads averaged
-        from ngc_trl.scoring import window_attention
-
         probs = window_attention(query, key, visible & q_valid[:, :, None], scaling)
         layer.attention_sum[:, :s] += (probs.mean(1) * q_valid[:, :, None]).sum(1)
     return masked_sdpa(query, key, value, visible, scaling), None

@@ -10,6 +10,7 @@ training forward can replay it exactly (`EvictionRecords`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -260,8 +261,6 @@ def generate_with_eviction(
     Returns:
         `EvictionOutput`.
     """
-    import time
-
     cfg = eviction or EvictionConfig()
     policy = get_policy(cfg)
     sample_evictions = do_sample if sample_evictions is None else sample_evictions

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from ngc_trl.attention import masked_sdpa
+from ngc_trl.attention import masked_sdpa, no_mask, use_ngc_attention
 from ngc_trl.decision import score_blocks
 from ngc_trl.eviction import EvictionConfig
 from ngc_trl.generation import EvictionRecords
 from ngc_trl.policies import LayerView, get_policy
-from ngc_trl.sampling import plackett_luce_log_prob
+from ngc_trl.sampling import plackett_luce_entropy_proxy, plackett_luce_log_prob
 from ngc_trl.scoring import block_ids
 
 NEVER = torch.iinfo(torch.long).max
@@ -156,22 +156,21 @@ class ReplayContext:
             chosen = torch.where(acted[:, None], chosen, torch.full_like(chosen, -1))
             lp = plackett_luce_log_prob(blocks.logits, chosen, blocks.pool)
             logps.append(torch.where(acted, lp, torch.zeros_like(lp)))
-            from ngc_trl.sampling import plackett_luce_entropy_proxy
-
             ents.append(torch.where(acted, plackett_luce_entropy_proxy(blocks.logits.detach(), blocks.pool),
                                     torch.zeros_like(lp)))
         return torch.stack(logps, 1), torch.stack(ents, 1)
 
     def eviction_logp(self, num_layers: int) -> torch.Tensor:
         """``(B, R, L)`` eviction log-probs recorded by the last forward (zeros for layers not seen)."""
-        bsz, n_rounds = self.records.positions.shape
-        zero = torch.zeros(bsz, n_rounds, device=self.valid.device)
-        return torch.stack([self._evict_logp.get(i, zero) for i in range(num_layers)], -1)
+        return self._stack(self._evict_logp, num_layers)
 
     def eviction_entropy(self, num_layers: int) -> torch.Tensor:
-        bsz, n_rounds = self.records.positions.shape
-        zero = torch.zeros(bsz, n_rounds, device=self.valid.device)
-        return torch.stack([self._entropy.get(i, zero) for i in range(num_layers)], -1)
+        """``(B, R, L)`` entropy of each action's first draw (a logged diagnostic)."""
+        return self._stack(self._entropy, num_layers)
+
+    def _stack(self, per_layer: dict, num_layers: int) -> torch.Tensor:
+        zero = torch.zeros(self.records.positions.shape, device=self.valid.device)
+        return torch.stack([per_layer.get(i, zero) for i in range(num_layers)], -1)
 
 
 _COMPILED = None
@@ -189,8 +188,6 @@ def _compiled_flex():
 def replay_forward(model, input_ids, attention_mask, ctx: ReplayContext, temperature: float = 1.0):
     """Token log-probs ``(B, T − 1)`` of ``input_ids[:, 1:]`` under the replay masks (fp32, logits /
     temperature), for tests and tools; the trainer uses TRL's fused head instead."""
-    from ngc_trl.attention import no_mask, use_ngc_attention
-
     with use_ngc_attention(model):
         out = model(input_ids=input_ids, attention_mask=no_mask(model), position_ids=ctx.position_ids,
                     ngc_replay=ctx, use_cache=False)
