@@ -1,0 +1,454 @@
+"""LinSys: systems of linear equations with a unique integer solution, in one module.
+
+Generator, prompts, solution traces, parser and verifier live together; the RL reward
+(:func:`linsys_reward`) and evaluation both call :func:`score`, so they cannot disagree. Breadcrumbs
+Reasoning (arXiv 2510.13797) used this task but did not publish its generator; this one is ours.
+
+Instances
+---------
+* ``n`` variables, ``n`` drawn from ``num_vars`` (default 2-3, at most 6), named ``x y z w u v`` in
+  that order (:data:`VAR_NAMES`).
+* The solution is drawn uniformly from ``solution_range`` (default [-9, 9]) per variable; the ``n x n``
+  coefficient matrix uniformly from ``coef_range`` (default [-9, 9], zeros allowed), redrawn until it
+  is nonsingular (determinant by exact :class:`fractions.Fraction` elimination), so the integer
+  solution is the only solution. Right-hand sides are computed: ``|rhs| <= n * 81`` by default.
+* Instance dicts: ``{"coeffs": [[int]*n]*n, "rhs": [int]*n, "solution": [int]*n}`` (plain lists,
+  Arrow/JSON friendly). Equation ``i`` is ``sum_j coeffs[i][j] * VAR_NAMES[j] = rhs[i]``.
+* Train/test: an instance is ``"test"`` when a stable hash of its equations (as a set, so permuting
+  equations does not move it) falls in bucket 0 of 16; splits are disjoint whatever the seeds.
+
+Answer format and verifier
+--------------------------
+The answer is the content of the **last** ``<answer>...</answer>`` (at most 200 characters), e.g.
+``<answer>x=1, y=-2</answer>``: ``name=integer`` pairs separated by ``,`` ``;`` or newlines, spaces
+allowed around ``=`` and separators, ``−`` (U+2212) read as ``-``. Parsing is a regex on each piece
+(ASCII digits only, at most 12 digits, names ``[A-Za-z][A-Za-z0-9_]{0,7}``); nothing is evaluated. The
+verifier requires every variable exactly once (no missing, extra or repeated names) and checks the
+values by substituting them into **every equation** with integer arithmetic. For a generated
+(nonsingular) system this is equivalent to equality with the unique solution; for a singular system
+any exact solution would pass.
+
+Solution-trace format (SFT data for tiny models)
+------------------------------------------------
+:func:`solution_trace` writes fraction-free Gaussian elimination: each new equation is an integer
+combination of two earlier ones, divided by the gcd of its coefficients when that is above 1, so
+every printed number is an integer; then back substitution::
+
+    e1: LHS=RHS                  the given equations, compact form
+    eliminate V with eK          pivot variable V, pivot equation eK
+    eM = aeI-beK: LHS=RHS        new equation (a, b > 0 coprime; 1 omitted; "+" when b < 0)
+    eM = (aeI-beK)/g: LHS=RHS    ... divided by the gcd g > 1
+    V: eK with U=1 gives 3V=6 so V=2     back substitution (known values listed)
+    </think>
+    <answer>x=.., y=..</answer>
+
+Example (``solution_trace({"coeffs": [[2, 3], [1, -1]], "rhs": [7, 1]}, random.Random(0))``)::
+
+    e1: 2x+3y=7
+    e2: x-y=1
+    eliminate x with e2
+    e3 = (e1-2e2)/5: y=1
+    y: e3 gives y=1
+    x: e2 with y=1 gives x=2
+    </think>
+    <answer>x=2, y=1</answer>
+
+The elimination order of the variables and the pivot equations are drawn from ``rng`` (natural order
+and the first usable equation when ``rng`` is ``None``). Traces of the default instances measure
+~100-330 characters.
+
+Prompts
+-------
+* :func:`build_prompt`: chat messages in the wording of the Countdown prompt (``<think>`` tags,
+  ``<answer>`` tags with an example), equations one per line as ``2x + 3y - z = 7``.
+* :func:`build_plain_prompt`: ``"solve 2x+3y=7; x-y=1\\n<think>"`` for tiny models without a chat
+  template; ``build_plain_prompt(...) + solution_trace(...)`` is one SFT example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+from math import gcd
+from typing import Any
+
+from ngc_trl.tasks.countdown import PREFILL, completion_text
+
+VAR_NAMES = ("x", "y", "z", "w", "u", "v")
+MAX_ANSWER_CHARS = 200
+MAX_DIGITS = 12
+TEST_BUCKETS = 16  # generated instances whose hash % 16 == 0 form the test split
+TEST_ROWS = 1_024
+
+_PAIR = re.compile(rf"([A-Za-z][A-Za-z0-9_]{{0,7}})[ \t]*=[ \t]*([+-]?)[ \t]*([0-9]{{1,{MAX_DIGITS}}})")
+_SEPARATORS = re.compile(r"[,;\n]")
+
+
+# ----------------------------------------------------------------------------- formatting
+def variable_names(n: int) -> list[str]:
+    """The first ``n`` names of :data:`VAR_NAMES`; ``ValueError`` outside ``1..6``."""
+    if not 1 <= n <= len(VAR_NAMES):
+        raise ValueError(f"LinSys supports 1 to {len(VAR_NAMES)} variables, got {n}")
+    return list(VAR_NAMES[:n])
+
+
+def format_equation(row: Sequence[int], rhs: int, *, spaced: bool = True) -> str:
+    """One equation as text: ``2x + 3y - z = 7`` (``spaced``) or ``2x+3y-z=7``.
+
+    Zero coefficients are omitted and a coefficient of +-1 is written as the sign only; an equation
+    with no nonzero coefficient is written ``0 = rhs``.
+    """
+    names = variable_names(len(row))
+    plus, minus, eq = (" + ", " - ", " = ") if spaced else ("+", "-", "=")
+    out = ""
+    for c, name in zip(row, names):
+        c = int(c)
+        if c == 0:
+            continue
+        term = name if abs(c) == 1 else f"{abs(c)}{name}"
+        if not out:
+            out = ("-" if c < 0 else "") + term
+        else:
+            out += (minus if c < 0 else plus) + term
+    return (out or "0") + eq + str(int(rhs))
+
+
+# ----------------------------------------------------------------------------- exact linear algebra
+def determinant(coeffs: Sequence[Sequence[int]]) -> Fraction:
+    """Determinant of a square matrix by Gaussian elimination in exact :class:`Fraction` arithmetic."""
+    m = [[Fraction(int(x)) for x in row] for row in coeffs]
+    n = len(m)
+    if any(len(row) != n for row in m):
+        raise ValueError("determinant needs a square matrix")
+    det = Fraction(1)
+    for col in range(n):
+        pivot = next((r for r in range(col, n) if m[r][col] != 0), None)
+        if pivot is None:
+            return Fraction(0)
+        if pivot != col:
+            m[col], m[pivot] = m[pivot], m[col]
+            det = -det
+        det *= m[col][col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            if f:
+                m[r] = [a - f * b for a, b in zip(m[r], m[col])]
+    return det
+
+
+def solve(coeffs: Sequence[Sequence[int]], rhs: Sequence[int]) -> list[Fraction] | None:
+    """The unique solution (exact Fractions) of ``coeffs @ v = rhs``; ``None`` if the matrix is singular."""
+    n = len(coeffs)
+    m = [[Fraction(int(x)) for x in row] + [Fraction(int(b))] for row, b in zip(coeffs, rhs)]
+    for col in range(n):
+        pivot = next((r for r in range(col, n) if m[r][col] != 0), None)
+        if pivot is None:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(n):
+            if r != col and m[r][col]:
+                f = m[r][col] / m[col][col]
+                m[r] = [a - f * b for a, b in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- generator
+def _split_of(coeffs: Sequence[Sequence[int]], rhs: Sequence[int]) -> str:
+    """``"test"`` for 1/16 of all instances (stable hash of the sorted equations), else ``"train"``."""
+    key = repr(sorted([*map(int, row), int(b)] for row, b in zip(coeffs, rhs))).encode()
+    bucket = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % TEST_BUCKETS
+    return "test" if bucket == 0 else "train"
+
+
+def generate_problems(n: int, seed: int, *, split: str | None = None, num_vars: tuple[int, int] = (2, 3),
+                      coef_range: tuple[int, int] = (-9, 9), solution_range: tuple[int, int] = (-9, 9),
+                      max_draws: int = 100_000) -> list[dict]:
+    """Generate ``n`` systems with a unique integer solution, deterministically for a seed.
+
+    Per instance: draw the variable count from ``num_vars``, then the solution and the coefficient
+    matrix until the matrix is nonsingular (and, with ``split``, the instance is in that split). All
+    ranges are inclusive. Instance ``i`` depends only on the seed (a shorter run is a prefix).
+
+    Parameters
+    ----------
+    n, seed : int
+    split : {"train", "test"} or None
+        Keep only instances of that hash split (disjoint whatever the seeds); ``None`` keeps all.
+    num_vars, coef_range, solution_range : (int, int)
+    max_draws : int
+        Draws allowed for one instance before ``RuntimeError`` (e.g. an all-zero ``coef_range``).
+
+    Returns
+    -------
+    list of dict
+        ``{"coeffs": list[list[int]], "rhs": list[int], "solution": list[int]}``.
+    """
+    if split not in (None, "train", "test"):
+        raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
+    variable_names(num_vars[0])
+    variable_names(num_vars[1])
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(*num_vars)
+        for _ in range(max_draws):
+            solution = [rng.randint(*solution_range) for _ in range(k)]
+            coeffs = [[rng.randint(*coef_range) for _ in range(k)] for _ in range(k)]
+            rhs = [sum(a * v for a, v in zip(row, solution)) for row in coeffs]
+            if split is not None and _split_of(coeffs, rhs) != split:
+                continue
+            if determinant(coeffs) != 0:
+                out.append({"coeffs": coeffs, "rhs": rhs, "solution": solution})
+                break
+        else:
+            raise RuntimeError(f"no nonsingular system in {max_draws} draws ({k} variables, {coef_range})")
+    return out
+
+
+# ----------------------------------------------------------------------------- solution traces
+def _combination(a: int, i: int, b: int, k: int) -> str:
+    """Text of ``a*e_i - b*e_k`` with coefficient 1 omitted, e.g. ``2e1-e3`` or ``e2+3e1``."""
+    first = f"e{i}" if a == 1 else f"{a}e{i}"
+    second = f"e{k}" if abs(b) == 1 else f"{abs(b)}e{k}"
+    return first + ("-" if b > 0 else "+") + second
+
+
+def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None) -> str:
+    """Fraction-free elimination and back substitution ending in a verifying answer (module docstring).
+
+    Parameters
+    ----------
+    problem : mapping
+        ``coeffs`` and ``rhs``; the system must have a unique integer solution.
+    rng : random.Random, optional
+        Draws the elimination order of the variables and the pivot equations.
+
+    Returns
+    -------
+    str
+        The completion after a prompt ending in ``<think>``: starts with ``"\\n"``, ends with
+        ``"</think>\\n<answer>x=.., y=..</answer>"``. ``ValueError`` for a singular system or a
+        non-integer solution.
+    """
+    coeffs = [[int(x) for x in row] for row in problem["coeffs"]]
+    rhs = [int(b) for b in problem["rhs"]]
+    n = len(coeffs)
+    names = variable_names(n)
+    if any(len(row) != n for row in coeffs) or len(rhs) != n:
+        raise ValueError("solution_trace needs n equations in n variables")
+    rows = {i + 1: (coeffs[i], rhs[i]) for i in range(n)}  # label -> (coefficients, rhs)
+    lines = [f"e{i}: {format_equation(c, b, spaced=False)}" for i, (c, b) in rows.items()]
+    order = list(range(n))
+    if rng is not None:
+        rng.shuffle(order)
+    active, pivots = list(rows), []
+    for var in order:
+        candidates = [lab for lab in active if rows[lab][0][var] != 0]
+        if not candidates:
+            raise ValueError("singular system: no unique solution")
+        pivot = rng.choice(candidates) if rng is not None else candidates[0]
+        active.remove(pivot)
+        pivots.append((var, pivot))
+        if any(rows[lab][0][var] for lab in active):
+            lines.append(f"eliminate {names[var]} with e{pivot}")
+        pc, pb = rows[pivot]
+        kept = []
+        for lab in active:
+            c, b = rows[lab]
+            q = c[var]
+            if q == 0:
+                kept.append(lab)
+                continue
+            m = gcd(pc[var], q)
+            a, f = pc[var] // m, q // m
+            if a < 0:
+                a, f = -a, -f
+            new = [a * x - f * y for x, y in zip(c, pc)]
+            new_b = a * b - f * pb
+            g = gcd(*new, new_b)
+            if g > 1:
+                new, new_b = [x // g for x in new], new_b // g
+            label = len(rows) + 1
+            rows[label] = (new, new_b)
+            combo = _combination(a, lab, f, pivot)
+            lhs = f"({combo})/{g}" if g > 1 else combo
+            lines.append(f"e{label} = {lhs}: {format_equation(new, new_b, spaced=False)}")
+            kept.append(label)
+        active = kept
+    values: dict[int, int] = {}
+    for var, lab in reversed(pivots):
+        c, b = rows[lab]
+        known = [j for j in range(n) if j != var and c[j] != 0]
+        rest = b - sum(c[j] * values[j] for j in known)
+        value = Fraction(rest, c[var])
+        if value.denominator != 1:
+            raise ValueError("the system's solution is not an integer vector")
+        values[var] = int(value)
+        line = f"{names[var]}: e{lab}"
+        if known:
+            line += " with " + ", ".join(f"{names[j]}={values[j]}" for j in sorted(known))
+        term = format_equation([c[var] if j == var else 0 for j in range(n)], rest, spaced=False)
+        line += f" gives {term}" + ("" if c[var] == 1 else f" so {names[var]}={values[var]}")
+        lines.append(line)
+    answer = ", ".join(f"{names[j]}={values[j]}" for j in range(n))
+    return "\n" + "\n".join(lines) + f"\n</think>\n<answer>{answer}</answer>"
+
+
+# ----------------------------------------------------------------------------- prompts
+def build_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int], *, eviction_rate_tag: str | None = None,
+                 prefill: bool = False, system_prompt: str | None = None) -> list[dict]:
+    """The LinSys prompt as chat messages (Countdown's wording and options, see its ``build_prompt``).
+
+    Parameters
+    ----------
+    coeffs, rhs
+        The system.
+    eviction_rate_tag : str, optional
+        Appended to the user message.
+    prefill : bool
+        Append an assistant message ``PREFILL`` (as for Countdown).
+    system_prompt : str, optional
+        A system message (none by default).
+    """
+    names = variable_names(len(coeffs))
+    equations = "\n".join(format_equation(row, b) for row, b in zip(coeffs, rhs))
+    content = (f"Solve the following system of linear equations for {', '.join(names)}. The solution is "
+               f"unique and every value is an integer.\n{equations}\nShow your work in <think> </think> "
+               "tags. And return the final answer in <answer> </answer> tags, giving every variable as "
+               "name=value separated by commas, for example <answer>x=1, y=-2</answer>.")
+    if eviction_rate_tag:
+        content += " " + eviction_rate_tag
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": content})
+    if prefill:
+        messages.append({"role": "assistant", "content": PREFILL})
+    return messages
+
+
+def build_plain_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int],
+                       eviction_rate_tag: str | None = None) -> str:
+    """Compact prompt for tokenizers without a chat template, e.g. ``"solve 2x+3y=7; x-y=1\\n<think>"``.
+
+    The tag, if given, follows the equations on the first line; :func:`solution_trace` continues it.
+    """
+    line = "solve " + "; ".join(format_equation(row, b, spaced=False) for row, b in zip(coeffs, rhs))
+    if eviction_rate_tag:
+        line += " " + eviction_rate_tag
+    return line + "\n<think>"
+
+
+def format_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int], tokenizer: Any = None, *,
+                  eviction_rate_tag: str | None = None, prefill: bool = True) -> str:
+    """The prompt string fed to the model: chat template + ``PREFILL``, or :func:`build_plain_prompt`."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(build_prompt(coeffs, rhs, eviction_rate_tag=eviction_rate_tag),
+                                             tokenize=False, add_generation_prompt=True)
+        return text + (PREFILL if prefill else "")
+    return build_plain_prompt(coeffs, rhs, eviction_rate_tag=eviction_rate_tag)
+
+
+# ----------------------------------------------------------------------------- parser, verifier, reward
+def extract_answer(text: str) -> str | None:
+    """Content of the last ``<answer>...</answer>``, stripped; ``None`` if absent or over 200 characters.
+
+    Linear-time ``str.rfind`` scans only, safe on completions of any length.
+    """
+    if not isinstance(text, str):
+        return None
+    end = text.rfind("</answer>")
+    if end < 0:
+        return None
+    start = text.rfind("<answer>", max(0, end - MAX_ANSWER_CHARS - len("<answer>")), end)
+    if start < 0:
+        return None
+    return text[start + len("<answer>"):end].strip()
+
+
+def parse_assignment(answer: str) -> dict[str, int] | None:
+    """``"x=1, y=-2"`` -> ``{"x": 1, "y": -2}``; ``None`` on any malformed piece or a repeated name.
+
+    Pieces are split on ``,`` ``;`` and newlines and each must match ``name = [+-]digits`` entirely
+    (ASCII digits, at most 12). At most 200 characters; nothing is evaluated.
+    """
+    if not isinstance(answer, str) or len(answer) > MAX_ANSWER_CHARS:
+        return None
+    out: dict[str, int] = {}
+    for piece in _SEPARATORS.split(answer.replace("\u2212", "-")):
+        m = _PAIR.fullmatch(piece.strip(" \t\r"))
+        if m is None or m.group(1) in out:
+            return None
+        out[m.group(1)] = int(m.group(2) + m.group(3))
+    return out
+
+
+def verify(answer: str, problem: Mapping[str, Any]) -> bool:
+    """Whether ``answer`` (the content of the answer tags) gives every variable once and solves the system.
+
+    ``problem`` holds ``coeffs`` and ``rhs``. The values are substituted into every equation (exact
+    integers). Never evaluates the input and never raises on it.
+    """
+    values = parse_assignment(answer)
+    if values is None:
+        return False
+    coeffs, rhs = problem["coeffs"], problem["rhs"]
+    names = variable_names(len(coeffs))
+    if sorted(values) != sorted(names):
+        return False
+    vector = [values[name] for name in names]
+    return all(sum(int(a) * v for a, v in zip(row, vector)) == int(b) for row, b in zip(coeffs, rhs))
+
+
+def score(completion: str, coeffs: Sequence[Sequence[int]], rhs: Sequence[int], format_reward: float = 0.0) -> float:
+    """1.0 if the last answer verifies, ``format_reward`` if an answer is present but wrong, else 0.0."""
+    answer = extract_answer(completion)
+    if answer is None:
+        return 0.0
+    return 1.0 if verify(answer, {"coeffs": coeffs, "rhs": rhs}) else float(format_reward)
+
+
+def linsys_reward(prompts, completions, coeffs, rhs, format_reward: float = 0.0, **kwargs) -> list[float]:
+    """TRL reward function: :func:`score` of each completion (string or chat list)."""
+    return [score(completion_text(c), a, b, format_reward) for c, a, b in zip(completions, coeffs, rhs)]
+
+
+reward_func = linsys_reward
+
+
+# ----------------------------------------------------------------------------- datasets
+def load_linsys(n: int | None = None, seed: int = 0, split: str = "train", *, prompt_format: str = "chat",
+                prefill: bool = True, eviction_rate_tag: str | None = None, **ranges: Any):
+    """Generated LinSys as a ``datasets.Dataset`` with columns ``prompt``, ``coeffs``, ``rhs``.
+
+    Parameters
+    ----------
+    n : int, optional
+        Number of rows; default 10,000 (train) or 1,024 (test).
+    seed : int
+        Generator seed (the test split uses ``seed + 1``; splits are hash-disjoint anyway).
+    split : {"train", "test"}
+    prompt_format : {"chat", "plain"}
+        ``prompt`` as :func:`build_prompt` messages or a :func:`build_plain_prompt` string.
+    prefill, eviction_rate_tag
+        Passed to the prompt builders.
+    **ranges
+        ``num_vars``, ``coef_range``, ``solution_range`` for :func:`generate_problems`.
+    """
+    import datasets
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if prompt_format not in ("chat", "plain"):
+        raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
+    n = n if n is not None else (10_000 if split == "train" else TEST_ROWS)
+    rows = generate_problems(n, seed + (0 if split == "train" else 1), split=split, **ranges)
+    coeffs = [row["coeffs"] for row in rows]
+    rhs = [row["rhs"] for row in rows]
+    if prompt_format == "plain":
+        prompts = [build_plain_prompt(a, b, eviction_rate_tag) for a, b in zip(coeffs, rhs)]
+    else:
+        prompts = [build_prompt(a, b, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
+                   for a, b in zip(coeffs, rhs)]
+    return datasets.Dataset.from_dict({"prompt": prompts, "coeffs": coeffs, "rhs": rhs})

@@ -1,0 +1,365 @@
+"""StarGraph: path-star graphs (Bachmann & Nagarajan, "The Pitfalls of Next-Token Prediction"), in one module.
+
+Generator, prompts, solution traces, parser and verifier live together; the RL reward
+(:func:`stargraph_reward`) and evaluation both call :func:`score`, so they cannot disagree.
+
+Instances
+---------
+The graph ``G(d, l)`` of the paper: a source node with ``d`` arms (``degree``, default 3), each a
+directed chain, so that the path from the source to the end of any arm has ``l`` nodes including the
+source (``path_length``, default 4-5; ``d * (l - 1) + 1`` nodes in all). Node labels are distinct
+integers drawn uniformly from ``label_range`` (default [0, 99]). The goal is the last node of one arm,
+drawn uniformly. Edges point away from the source and are listed in a random order as ``a>b`` (an
+edge from ``a`` to ``b``). Instance dicts: ``{"edges": [[a, b], ...], "source": int, "goal": int}``
+(plain lists, Arrow/JSON friendly). Train/test: an instance is ``"test"`` when a stable hash of its
+sorted edges, source and goal falls in bucket 0 of 16; splits are disjoint whatever the seeds.
+
+Answer format and verifier
+--------------------------
+The answer is the content of the **last** ``<answer>...</answer>`` (at most 400 characters): node
+labels from source to goal separated by commas, e.g. ``<answer>12,5,33,40</answer>`` (spaces around
+commas allowed). Parsing is a regex (ASCII digits only, at most 12 per label); nothing is evaluated.
+The verifier checks the path **against the edge list**: it starts at the source, ends at the goal,
+visits no node twice, and every consecutive pair ``a, b`` is a listed edge ``a>b`` (direction
+matters). It does not compare with a stored answer.
+
+Solution-trace format (SFT data for tiny models)
+------------------------------------------------
+:func:`solution_trace` walks backwards from the goal along the unique incoming edges, then states
+the path::
+
+    goal G                 the node to reach
+    a>b                    the edge into the current node b; a becomes the current node
+    ...
+    start S                the walk reached the source
+    </think>
+    <answer>S,..,G</answer>
+
+Example (``solution_trace({"edges": [[7, 2], [12, 5], [33, 40], [12, 7], [5, 33]], "source": 12,
+"goal": 40})``)::
+
+    goal 40
+    33>40
+    5>33
+    12>5
+    start 12
+    </think>
+    <answer>12,5,33,40</answer>
+
+Prompts
+-------
+* :func:`build_prompt`: chat messages in the wording of the Countdown prompt (``<think>`` tags,
+  ``<answer>`` tags with an example).
+* :func:`build_plain_prompt`: ``"edges 7>2 12>5 33>40 12>7 5>33 from 12 to 40\\n<think>"`` for tiny
+  models without a chat template; ``build_plain_prompt(...) + solution_trace(...)`` is one SFT example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ngc_trl.tasks.countdown import PREFILL, completion_text
+
+MAX_ANSWER_CHARS = 400
+MAX_DIGITS = 12
+TEST_BUCKETS = 16  # generated instances whose hash % 16 == 0 form the test split
+TEST_ROWS = 1_024
+
+_PATH = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}(?:[ \t]*,[ \t]*[0-9]{{1,{MAX_DIGITS}}})*")
+
+
+# ----------------------------------------------------------------------------- graph helpers
+def _edge_list(edges: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in edges]
+
+
+def solve(edges: Sequence[Sequence[int]], source: int, goal: int) -> list[int] | None:
+    """A shortest directed path ``[source, ..., goal]`` by breadth-first search; ``None`` if unreachable."""
+    source, goal = int(source), int(goal)
+    adjacency: dict[int, list[int]] = {}
+    for a, b in _edge_list(edges):
+        adjacency.setdefault(a, []).append(b)
+    parent: dict[int, int | None] = {source: None}
+    queue = deque([source])
+    while queue:
+        node = queue.popleft()
+        if node == goal:
+            path = [node]
+            while parent[path[-1]] is not None:
+                path.append(parent[path[-1]])
+            return path[::-1]
+        for nxt in adjacency.get(node, ()):
+            if nxt not in parent:
+                parent[nxt] = node
+                queue.append(nxt)
+    return None
+
+
+def arms(edges: Sequence[Sequence[int]], source: int) -> list[list[int]]:
+    """The chains leaving ``source``, each followed while its node has exactly one outgoing edge.
+
+    For a path-star graph: ``d`` lists of ``l - 1`` nodes (source excluded), in edge-list order.
+    """
+    adjacency: dict[int, list[int]] = {}
+    for a, b in _edge_list(edges):
+        adjacency.setdefault(a, []).append(b)
+    out = []
+    for first in adjacency.get(int(source), []):
+        chain, seen = [first], {int(source), first}
+        while len(adjacency.get(chain[-1], [])) == 1 and adjacency[chain[-1]][0] not in seen:
+            chain.append(adjacency[chain[-1]][0])
+            seen.add(chain[-1])
+        out.append(chain)
+    return out
+
+
+# ----------------------------------------------------------------------------- generator
+def _split_of(edges: Sequence[Sequence[int]], source: int, goal: int) -> str:
+    """``"test"`` for 1/16 of all instances (stable hash of sorted edges, source, goal), else ``"train"``."""
+    key = f"{sorted(_edge_list(edges))}|{int(source)}|{int(goal)}".encode()
+    bucket = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % TEST_BUCKETS
+    return "test" if bucket == 0 else "train"
+
+
+def generate_problems(n: int, seed: int, *, split: str | None = None, degree: tuple[int, int] = (3, 3),
+                      path_length: tuple[int, int] = (4, 5), label_range: tuple[int, int] = (0, 99),
+                      max_draws: int = 100_000) -> list[dict]:
+    """Generate ``n`` path-star graphs, deterministically for a seed.
+
+    Per instance: draw ``d`` from ``degree`` and ``l`` from ``path_length``, then ``d * (l - 1) + 1``
+    distinct labels from ``label_range`` (the first is the source, the next ``l - 1`` the first arm,
+    ...), the goal arm, and a shuffled edge order; redrawn only to land in ``split``. All ranges are
+    inclusive. Instance ``i`` depends only on the seed (a shorter run is a prefix).
+
+    Parameters
+    ----------
+    n, seed : int
+    split : {"train", "test"} or None
+        Keep only instances of that hash split (disjoint whatever the seeds); ``None`` keeps all.
+    degree : (int, int)
+        Number of arms ``d >= 1``.
+    path_length : (int, int)
+        Nodes on a source-to-leaf path, source included, ``l >= 2``.
+    label_range : (int, int)
+        Must hold at least ``d * (l - 1) + 1`` labels.
+    max_draws : int
+        Draws allowed for one instance before ``RuntimeError``.
+
+    Returns
+    -------
+    list of dict
+        ``{"edges": list[[int, int]], "source": int, "goal": int}``.
+    """
+    if split not in (None, "train", "test"):
+        raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
+    if degree[0] < 1 or path_length[0] < 2:
+        raise ValueError(f"need degree >= 1 and path_length >= 2, got {degree}, {path_length}")
+    lo, hi = label_range
+    if hi - lo + 1 < degree[1] * (path_length[1] - 1) + 1:
+        raise ValueError(f"label_range {label_range} is too small for {degree[1]} arms of {path_length[1]} nodes")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        d, length = rng.randint(*degree), rng.randint(*path_length)
+        for _ in range(max_draws):
+            labels = rng.sample(range(lo, hi + 1), d * (length - 1) + 1)
+            source, rest = labels[0], labels[1:]
+            chains = [rest[i * (length - 1):(i + 1) * (length - 1)] for i in range(d)]
+            edges = [[a, b] for chain in chains for a, b in zip([source, *chain[:-1]], chain)]
+            rng.shuffle(edges)
+            goal = chains[rng.randrange(d)][-1]
+            if split is None or _split_of(edges, source, goal) == split:
+                out.append({"edges": edges, "source": source, "goal": goal})
+                break
+        else:
+            raise RuntimeError(f"no instance of split {split!r} in {max_draws} draws")
+    return out
+
+
+# ----------------------------------------------------------------------------- solution traces
+def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None) -> str:
+    """Walk back from the goal to the source, then answer (format: module docstring).
+
+    Parameters
+    ----------
+    problem : mapping
+        ``edges``, ``source``, ``goal``; the goal must be reachable from the source.
+    rng : random.Random, optional
+        Unused (the trace is deterministic); accepted for the same signature as the other tasks.
+
+    Returns
+    -------
+    str
+        The completion after a prompt ending in ``<think>``: starts with ``"\\n"``, ends with
+        ``"</think>\\n<answer>S,..,G</answer>"``. ``ValueError`` if the goal is unreachable.
+    """
+    source, goal = int(problem["source"]), int(problem["goal"])
+    path = solve(problem["edges"], source, goal)
+    if path is None:
+        raise ValueError(f"goal {goal} is not reachable from {source}")
+    lines = [f"goal {goal}"]
+    lines += [f"{path[i - 1]}>{path[i]}" for i in range(len(path) - 1, 0, -1)]
+    lines.append(f"start {source}")
+    return "\n" + "\n".join(lines) + "\n</think>\n<answer>" + ",".join(map(str, path)) + "</answer>"
+
+
+# ----------------------------------------------------------------------------- prompts
+def format_edges(edges: Sequence[Sequence[int]], sep: str = ", ") -> str:
+    """Edges as ``a>b`` joined by ``sep``, in the given (shuffled) order."""
+    return sep.join(f"{a}>{b}" for a, b in _edge_list(edges))
+
+
+def build_prompt(edges: Sequence[Sequence[int]], source: int, goal: int, *, eviction_rate_tag: str | None = None,
+                 prefill: bool = False, system_prompt: str | None = None) -> list[dict]:
+    """The StarGraph prompt as chat messages (Countdown's wording and options, see its ``build_prompt``).
+
+    Parameters
+    ----------
+    edges, source, goal
+        The instance.
+    eviction_rate_tag : str, optional
+        Appended to the user message.
+    prefill : bool
+        Append an assistant message ``PREFILL`` (as for Countdown).
+    system_prompt : str, optional
+        A system message (none by default).
+    """
+    content = (f"A directed graph is given by its edges, where a>b is an edge from node a to node b: "
+               f"{format_edges(edges)}. Find the path from node {int(source)} to node {int(goal)}. Show your "
+               "work in <think> </think> tags. And return the final answer in <answer> </answer> tags as the "
+               "nodes of the path in order, separated by commas, for example <answer>1,8,3,5</answer>.")
+    if eviction_rate_tag:
+        content += " " + eviction_rate_tag
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": content})
+    if prefill:
+        messages.append({"role": "assistant", "content": PREFILL})
+    return messages
+
+
+def build_plain_prompt(edges: Sequence[Sequence[int]], source: int, goal: int,
+                       eviction_rate_tag: str | None = None) -> str:
+    """Compact prompt for tokenizers without a chat template: ``"edges 7>2 12>5 from 12 to 2\\n<think>"``.
+
+    The tag, if given, follows the goal on the first line; :func:`solution_trace` continues it.
+    """
+    line = f"edges {format_edges(edges, ' ')} from {int(source)} to {int(goal)}"
+    if eviction_rate_tag:
+        line += " " + eviction_rate_tag
+    return line + "\n<think>"
+
+
+def format_prompt(edges: Sequence[Sequence[int]], source: int, goal: int, tokenizer: Any = None, *,
+                  eviction_rate_tag: str | None = None, prefill: bool = True) -> str:
+    """The prompt string fed to the model: chat template + ``PREFILL``, or :func:`build_plain_prompt`."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(build_prompt(edges, source, goal, eviction_rate_tag=eviction_rate_tag),
+                                             tokenize=False, add_generation_prompt=True)
+        return text + (PREFILL if prefill else "")
+    return build_plain_prompt(edges, source, goal, eviction_rate_tag=eviction_rate_tag)
+
+
+# ----------------------------------------------------------------------------- parser, verifier, reward
+def extract_answer(text: str) -> str | None:
+    """Content of the last ``<answer>...</answer>``, stripped; ``None`` if absent or over 400 characters.
+
+    Linear-time ``str.rfind`` scans only, safe on completions of any length.
+    """
+    if not isinstance(text, str):
+        return None
+    end = text.rfind("</answer>")
+    if end < 0:
+        return None
+    start = text.rfind("<answer>", max(0, end - MAX_ANSWER_CHARS - len("<answer>")), end)
+    if start < 0:
+        return None
+    return text[start + len("<answer>"):end].strip()
+
+
+def parse_path(answer: str) -> list[int] | None:
+    """``"12, 5,33"`` -> ``[12, 5, 33]``; ``None`` unless the whole string is comma-separated ASCII integers.
+
+    At most 400 characters and 12 digits per label; nothing is evaluated.
+    """
+    if not isinstance(answer, str) or len(answer) > MAX_ANSWER_CHARS:
+        return None
+    answer = answer.strip(" \t\r\n")
+    if not _PATH.fullmatch(answer):
+        return None
+    return [int(x) for x in answer.split(",")]
+
+
+def verify(answer: str, problem: Mapping[str, Any]) -> bool:
+    """Whether ``answer`` is a path from source to goal along the listed directed edges, no node twice.
+
+    ``problem`` holds ``edges``, ``source``, ``goal``. Never evaluates the input and never raises on it.
+    """
+    path = parse_path(answer)
+    if path is None or path[0] != int(problem["source"]) or path[-1] != int(problem["goal"]):
+        return False
+    if len(set(path)) != len(path):
+        return False
+    edges = set(_edge_list(problem["edges"]))
+    return all((a, b) in edges for a, b in zip(path, path[1:]))
+
+
+def score(completion: str, edges: Sequence[Sequence[int]], source: int, goal: int,
+          format_reward: float = 0.0) -> float:
+    """1.0 if the last answer verifies, ``format_reward`` if an answer is present but wrong, else 0.0."""
+    answer = extract_answer(completion)
+    if answer is None:
+        return 0.0
+    return 1.0 if verify(answer, {"edges": edges, "source": source, "goal": goal}) else float(format_reward)
+
+
+def stargraph_reward(prompts, completions, edges, source, goal, format_reward: float = 0.0,
+                     **kwargs) -> list[float]:
+    """TRL reward function: :func:`score` of each completion (string or chat list)."""
+    return [score(completion_text(c), e, s, g, format_reward)
+            for c, e, s, g in zip(completions, edges, source, goal)]
+
+
+reward_func = stargraph_reward
+
+
+# ----------------------------------------------------------------------------- datasets
+def load_stargraph(n: int | None = None, seed: int = 0, split: str = "train", *, prompt_format: str = "chat",
+                   prefill: bool = True, eviction_rate_tag: str | None = None, **ranges: Any):
+    """Generated StarGraph as a ``datasets.Dataset`` with columns ``prompt``, ``edges``, ``source``, ``goal``.
+
+    Parameters
+    ----------
+    n : int, optional
+        Number of rows; default 10,000 (train) or 1,024 (test).
+    seed : int
+        Generator seed (the test split uses ``seed + 1``; splits are hash-disjoint anyway).
+    split : {"train", "test"}
+    prompt_format : {"chat", "plain"}
+        ``prompt`` as :func:`build_prompt` messages or a :func:`build_plain_prompt` string.
+    prefill, eviction_rate_tag
+        Passed to the prompt builders.
+    **ranges
+        ``degree``, ``path_length``, ``label_range`` for :func:`generate_problems`.
+    """
+    import datasets
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if prompt_format not in ("chat", "plain"):
+        raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
+    n = n if n is not None else (10_000 if split == "train" else TEST_ROWS)
+    rows = generate_problems(n, seed + (0 if split == "train" else 1), split=split, **ranges)
+    edges = [row["edges"] for row in rows]
+    source = [row["source"] for row in rows]
+    goal = [row["goal"] for row in rows]
+    if prompt_format == "plain":
+        prompts = [build_plain_prompt(e, s, g, eviction_rate_tag) for e, s, g in zip(edges, source, goal)]
+    else:
+        prompts = [build_prompt(e, s, g, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
+                   for e, s, g in zip(edges, source, goal)]
+    return datasets.Dataset.from_dict({"prompt": prompts, "edges": edges, "source": source, "goal": goal})
