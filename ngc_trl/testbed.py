@@ -61,13 +61,14 @@ class TestbedArgs:
     kv_heads: int = 2
     # problem distribution and trace shape
     count_min: int = 3
-    count_max: int = 4
+    count_max: int = 3
     num_min: int = 1
-    num_max: int = 20
+    num_max: int = 12
     target_min: int = 10
-    target_max: int = 50
-    explore_min: int = 200
-    explore_max: int = 350
+    target_max: int = 60
+    test_buckets: int = 4
+    max_trace_chars: int = 640
+    shuffle_moves: bool = False
     # optimisation
     learning_rate: float = 1e-3
     batch_size: int = 16
@@ -84,15 +85,17 @@ class TestbedArgs:
 def problem_kwargs(a: TestbedArgs) -> dict:
     """The generator ranges of the (restricted) testbed distribution."""
     return dict(count_range=(a.count_min, a.count_max), num_range=(a.num_min, a.num_max),
-                target_range=(a.target_min, a.target_max))
+                target_range=(a.target_min, a.target_max), test_buckets=a.test_buckets)
 
 
 def sft_examples(a: TestbedArgs, eos: str) -> list[dict]:
     """Prompt/completion pairs: plain prompt, then a search trace that ends in a verifying answer and EOS."""
-    rng = random.Random(a.seed + 1)
+    rng = random.Random(a.seed + 1) if a.shuffle_moves else None
     out = []
     for p in generate_problems(a.num_train, a.seed, split="train", **problem_kwargs(a)):
-        trace = search_trace(p["nums"], p["target"], rng, explore_chars=(a.explore_min, a.explore_max))
+        trace = search_trace(p["nums"], p["target"], rng, max_chars=a.max_trace_chars)
+        if trace is None:
+            continue
         out.append({"prompt": build_plain_prompt(p["nums"], p["target"]), "completion": trace + eos,
                     "nums": p["nums"], "target": p["target"]})
     return out
@@ -146,7 +149,7 @@ def train(a: TestbedArgs) -> dict:
         output_dir=os.path.join(a.output_dir, "_trainer"), use_cpu=True, bf16=False, fp16=False, packing=False,
         completion_only_loss=True, max_length=a.max_length, per_device_train_batch_size=a.batch_size,
         num_train_epochs=1, max_steps=a.max_steps, learning_rate=a.learning_rate,
-        logging_steps=a.logging_steps, save_strategy="no",
+        logging_steps=a.logging_steps, save_strategy="no", train_sampling_strategy="group_by_length",
         report_to=[], seed=a.seed, dataloader_num_workers=0, disable_tqdm=True,
     )
     limit = TimeLimit(a.max_minutes)
@@ -178,7 +181,7 @@ def evaluate(a: TestbedArgs, model, tok) -> dict:
     from ngc_trl.generation import generate_with_eviction
 
     model.eval()
-    probs = generate_problems(a.num_test, a.seed + 10_000, split="test", **problem_kwargs(a))
+    probs = generate_problems(a.num_test, a.seed + 10_000, split="test", unique=True, **problem_kwargs(a))
     correct, lengths, t0 = [], [], time.perf_counter()
     for i in range(0, len(probs), a.eval_batch_size):
         batch = probs[i: i + a.eval_batch_size]

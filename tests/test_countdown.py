@@ -3,6 +3,7 @@
 import builtins
 import json
 import random
+import re
 import time
 
 import pytest
@@ -233,35 +234,71 @@ def test_solve_unsolvable_and_trivial():
 
 
 # ----------------------------------------------------------------------------- search traces
-def test_search_traces_verify_and_length():
-    rng = random.Random(0)
-    lengths4 = []
-    for p in generate_problems(300, seed=3):
-        trace = search_trace(p["nums"], p["target"], rng)
-        assert trace.startswith("\nstart ") and trace.endswith("</answer>")
+def _replay_trace(trace: str, nums: list[int], target: int) -> None:
+    """Check every line of a trace against the arithmetic and the state it claims (an honest search)."""
+    lines = trace.strip("\n").split("\n")
+    state = list(nums)
+    root_stack = [list(nums)]
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
+    step = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+    for line in lines[:-3]:
+        if line.startswith("back "):
+            state = [int(x) for x in line[5:].split()]
+            assert state in root_stack, line
+            continue
+        moves = step.findall(line)
+        for a, op, b, c in moves:
+            a, b, c = int(a), int(b), int(c)
+            assert a >= b and ops[op](a, b) == c and (op != "/" or a % b == 0), line
+        if " left " in line:
+            (a, op, b, c), = moves
+            rest = list(state)
+            rest.remove(int(a))
+            rest.remove(int(b))
+            claimed = [int(x) for x in line.split(" left ")[1].split()]
+            # the untouched numbers (as a multiset: duplicates are indistinguishable), then the result
+            assert sorted(claimed[:-1]) == sorted(rest) and claimed[-1] == int(c), line
+            state = claimed
+            root_stack.append(state)
+        else:  # a leaf: the two numbers of the state, the last result is the target iff "yes"
+            assert sorted({int(moves[0][0]), int(moves[0][2])}) == sorted(set(state)), line
+            hit = int(moves[-1][3]) == target
+            assert line.endswith(" yes") == hit and all(int(m[3]) != target for m in moves[:-1]), line
+
+
+def test_search_traces_are_honest_and_verify():
+    lengths = []
+    for p in generate_problems(300, seed=3, count_range=(3, 3), num_range=(1, 10), target_range=(10, 50)):
+        trace = search_trace(p["nums"], p["target"])
+        assert trace.startswith("\n") and trace.endswith("</answer>")
         assert "\n</think>\n<answer>" in trace and "\nfound " in trace
         assert score(trace, p["nums"], p["target"]) == 1.0
-        lines = trace.split("\n")[1:-3]
-        assert sum(line.endswith(" yes") for line in lines) == 1  # the exploration never hits the target
-        if len(p["nums"]) == 4:
-            lengths4.append(len(trace))
-            assert "back " in trace and " no" in trace
-    lengths4.sort()
-    assert 550 <= lengths4[len(lengths4) // 20] and lengths4[-len(lengths4) // 20] <= 1600
-    assert 850 <= lengths4[len(lengths4) // 2] <= 1250
+        assert sum(line.endswith(" yes") for line in trace.split("\n")) == 1
+        _replay_trace(trace, p["nums"], p["target"])
+        lengths.append(len(trace))
+    lengths.sort()
+    assert 60 <= lengths[len(lengths) // 20] and lengths[-len(lengths) // 20] <= 700
+    assert 200 <= lengths[len(lengths) // 2] <= 420
+
+
+def test_search_trace_shuffled_and_four_numbers():
+    for p in generate_problems(40, seed=5, count_range=(4, 4), num_range=(1, 10), target_range=(10, 50)):
+        trace = search_trace(p["nums"], p["target"], random.Random(0), max_chars=4000)
+        if trace is None:
+            continue
+        assert score(trace, p["nums"], p["target"]) == 1.0
+        _replay_trace(trace, p["nums"], p["target"])
 
 
 def test_search_trace_controls_and_docstring_example():
-    direct = search_trace([3, 5, 7, 8], 24, random.Random(0), max_dead_ends=0)
-    assert " no" not in direct and "back" not in direct and len(direct) < 200
-    long = search_trace([3, 5, 7, 8], 24, random.Random(0), explore_chars=(3000, 3000))
-    assert len(long) > 2000
-    example = search_trace([3, 5, 7, 8], 24, random.Random(1), max_dead_ends=2)
+    example = search_trace([4, 4, 10], 44)
     body = "\n".join("    " + line for line in example.strip("\n").split("\n"))
     assert body in countdown.__doc__  # the documented example is real output
+    assert search_trace([4, 4, 10], 44, max_chars=50) is None
     assert search_trace([3, 5, 7, 8], 24, random.Random(5)) == search_trace([3, 5, 7, 8], 24, random.Random(5))
+    assert search_trace([3, 5, 7, 8], 24, random.Random(5)) != search_trace([3, 5, 7, 8], 24)
     with pytest.raises(ValueError):
-        search_trace([1, 1, 1], 100, random.Random(0))
+        search_trace([1, 1, 1], 100)
 
 
 # ----------------------------------------------------------------------------- prompts and datasets

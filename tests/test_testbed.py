@@ -13,7 +13,7 @@ def test_sft_example_is_prompt_plus_verifying_trace():
     args = testbed.TestbedArgs(num_train=6)
     for ex in testbed.sft_examples(args, "<eos>"):
         assert ex["prompt"] == build_plain_prompt(ex["nums"], ex["target"])
-        assert ex["completion"].startswith("\nstart ") and ex["completion"].endswith("</answer><eos>")
+        assert ex["completion"].startswith("\n") and " left " in ex["completion"] and ex["completion"].endswith("</answer><eos>")
         assert score(ex["completion"], ex["nums"], ex["target"]) == 1.0
         assert len(ex["prompt"]) < 128  # shorter than the tiny recipes' eviction interval
 
@@ -31,4 +31,4 @@ def test_testbed_end_to_end(tmp_path):
     result = json.loads((out / "testbed.json").read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 8
     assert result["train"]["steps"] == 2 and not (out / "_trainer").exists()
-    assert result["settings"]["distribution"]["num_range"] == [1, 20]
+    assert result["settings"]["distribution"]["num_range"] == [1, 12]

@@ -24,41 +24,47 @@ Verifier decisions (TinyZero's ``eval`` loopholes closed)
 
 Search-trace format (SFT data for the tiny testbed)
 ---------------------------------------------------
-:func:`search_trace` writes a depth-first search over the number multiset. Each line operates on the
-state written on the line just above it, so no line needs context further back than its
-predecessor (and the target, given in the prompt and the ``start`` line)::
+:func:`search_trace` writes an *honest* depth-first search: moves are tried in a fixed order
+(canonical, or shuffled per node), every result is computed, and the trace stops at the first
+two-number state that yields the target. No line states anything the lines above it do not imply,
+so a model that imitates the trace never learns to announce a success it has not computed. Each line
+works on the state written on the line just above it (the target is only in the prompt)::
 
-    start S to T           root state S (sorted multiset) and target T
-    a<op>b=c left S'       a move: combine a >= b into c; S' is the new sorted state
-    a+b=c a*b=d ... no     two numbers left: every result checked, none is T (a dead end)
-    a+b=c a*b=T yes        ... or one is T (results listed in random order up to the hit)
-    back S                 abandon the branch, return to state S; the next move applies to S
+    a<op>b=c left S'       a move: combine a >= b into c; S' = the untouched numbers in order, then c
+    a+b=c a-b=d ... no     two numbers left: every result in the order + - * /, none is the target
+    a+b=c a-b=T yes        ... or the results up to the first that is the target
+    back S                 return to state S before its next move
     found <moves>          the moves of the solving path
     </think>
     <answer>EXPR</answer>  EXPR fully parenthesised, larger operand first
 
-Example (``search_trace([3, 5, 7, 8], 24, random.Random(1), max_dead_ends=2)``)::
+Canonical move order: number pairs ``(i, j)``, ``i < j``, by position in the state, then ``+ - * /``
+(``-`` only when ``a > b``, ``/`` only when exact). Example (``search_trace([4, 4, 10], 44)``)::
 
-    start 3 5 7 8 to 24
-    7-5=2 left 2 3 8
-    8+3=11 left 2 11
-    11*2=22 11+2=13 11-2=9 no
-    back 2 3 8
-    8*3=24 left 2 24
-    24*2=48 24+2=26 24-2=22 24/2=12 no
-    back 3 5 7 8
-    8-5=3 left 3 3 7
-    7*3=21 left 3 21
-    21+3=24 yes
-    found 8-5=3 7*3=21 21+3=24
+    4+4=8 left 10 8
+    10+8=18 10-8=2 10*8=80 no
+    back 4 4 10
+    4*4=16 left 10 16
+    16+10=26 16-10=6 16*10=160 no
+    back 4 4 10
+    4/4=1 left 10 1
+    10+1=11 10-1=9 10*1=10 10/1=10 no
+    back 4 4 10
+    10+4=14 left 4 14
+    14+4=18 14-4=10 14*4=56 no
+    back 4 4 10
+    10-4=6 left 4 6
+    6+4=10 6-4=2 6*4=24 no
+    back 4 4 10
+    10*4=40 left 4 40
+    40+4=44 yes
+    found 10*4=40 40+4=44
     </think>
-    <answer>(7*(8-5))+3</answer>
+    <answer>(10*4)+4</answer>
 
-Moves at each node are tried in a random order; a dead branch is abandoned after 1-3 tries. The
-exploration phase never reaches the target; it ends once the trace is longer than a budget drawn
-from ``explore_chars`` (or after ``max_dead_ends`` dead ends), then the search walks to a solution.
-With the defaults, 4-number traces measure 610-1510 characters (median ~1040); 3-number problems
-have smaller trees, so their traces are shorter (~250-950, median ~580).
+Lengths: 3 numbers from [1, 10], targets in [10, 50] (the testbed's distribution): 84-569 characters
+(5th-95th percentile, median ~305). With 4 numbers the exhaustive search can run to thousands of
+characters; ``max_chars`` lets a caller skip such instances.
 
 Prompts
 -------
@@ -174,21 +180,24 @@ def solve(nums: Sequence[int], target: int) -> str | None:
 
 
 # ----------------------------------------------------------------------------- generator
-def _split_of(nums: Sequence[int], target: int) -> str:
-    """``"test"`` for 1/16 of all instances (stable hash of the sorted numbers and target), else ``"train"``."""
+def _split_of(nums: Sequence[int], target: int, test_buckets: int = TEST_BUCKETS) -> str:
+    """``"test"`` for ``1/test_buckets`` of all instances (stable hash of the sorted numbers and target), else
+    ``"train"``."""
     key = f"{sorted(nums)}|{target}".encode()
-    bucket = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % TEST_BUCKETS
+    bucket = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % test_buckets
     return "test" if bucket == 0 else "train"
 
 
 def generate_problems(n: int, seed: int, *, count_range: tuple[int, int] = (3, 4),
                       num_range: tuple[int, int] = (1, 99), target_range: tuple[int, int] = (10, 100),
-                      split: str | None = None, max_draws: int = 100_000) -> list[dict]:
+                      split: str | None = None, test_buckets: int = TEST_BUCKETS, unique: bool = False,
+                      max_draws: int = 100_000) -> list[dict]:
     """Generate ``n`` solvable instances, deterministically for a seed.
 
     Per instance: draw a target from ``target_range`` and a count from ``count_range``, then draw the
     numbers uniformly from ``num_range`` until :func:`_can_reach` succeeds (the target is kept, as in
-    Stream-of-Search). All ranges are inclusive.
+    Stream-of-Search, unless 1,000 draws fail: then target and count are redrawn, which small ranges
+    need). All ranges are inclusive.
 
     Parameters
     ----------
@@ -197,6 +206,12 @@ def generate_problems(n: int, seed: int, *, count_range: tuple[int, int] = (3, 4
     split : {"train", "test"} or None
         Keep only instances of that hash split (disjoint whatever the seeds and sizes); ``None``
         keeps all.
+    test_buckets : int
+        The test split is ``1/test_buckets`` of all instances (16: a small held-out set for large
+        ranges; the tiny testbed's small range uses 4 to have >= 256 distinct test instances).
+    unique : bool
+        Never repeat an instance (same multiset of numbers and target), e.g. for a held-out set drawn
+        from a small range.
     max_draws : int
         Draws allowed for one instance before ``RuntimeError`` (ranges with no solvable instance).
 
@@ -208,123 +223,114 @@ def generate_problems(n: int, seed: int, *, count_range: tuple[int, int] = (3, 4
     if split not in (None, "train", "test"):
         raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
     rng = random.Random(seed)
-    out = []
+    out, seen = [], set()
     for _ in range(n):
         target = rng.randint(*target_range)
         count = rng.randint(*count_range)
-        for _ in range(max_draws):
+        for draw in range(1, max_draws + 1):
+            if draw % 1000 == 0:
+                target, count = rng.randint(*target_range), rng.randint(*count_range)
             nums = [rng.randint(*num_range) for _ in range(count)]
-            if split is not None and _split_of(nums, target) != split:
+            if split is not None and _split_of(nums, target, test_buckets) != split:
+                continue
+            key = (tuple(sorted(nums)), target)
+            if unique and key in seen:
                 continue
             if _can_reach(tuple(nums), target):
+                seen.add(key)
                 out.append({"nums": nums, "target": target})
                 break
         else:
-            raise RuntimeError(f"no solvable instance in {max_draws} draws for target {target}")
+            raise RuntimeError(f"no solvable instance in {max_draws} draws (last target {target})")
     return out
 
 
 # ----------------------------------------------------------------------------- search traces
+def _trace_moves(state: list[tuple[int, str]], rng: random.Random | None) -> list[tuple]:
+    """Moves ``(a, op, b, c, expr, child)`` from an ordered state of ``(value, expression)`` pairs.
+
+    Canonical order: pairs ``(i, j)``, ``i < j``, by position in the state; the larger value first;
+    operators in the order ``+ - * /`` (``-`` only when ``a > b``, ``/`` only when exact). The child
+    state keeps the untouched numbers in order and appends the result. ``rng`` shuffles the moves.
+    """
+    out = []
+    for i in range(len(state)):
+        for j in range(i + 1, len(state)):
+            (a, ea), (b, eb) = (state[i], state[j]) if state[i][0] >= state[j][0] else (state[j], state[i])
+            rest = [s for k, s in enumerate(state) if k not in (i, j)]
+            for op, c in (("+", a + b), ("-", a - b), ("*", a * b), ("/", a // b if b else 0)):
+                if (op == "-" and a <= b) or (op == "/" and (b == 0 or a % b)):
+                    continue
+                expr = f"({ea}{op}{eb})"
+                out.append((a, op, b, c, expr, [*rest, (c, expr)]))
+    if rng is not None:
+        rng.shuffle(out)
+    return out
+
+
+class _TraceTooLong(Exception):
+    pass
+
+
 class _TraceWriter:
-    def __init__(self, target: int, rng: random.Random, budget: int, max_dead_ends: int | None):
-        self.target, self.rng, self.budget, self.max_dead_ends = target, rng, budget, max_dead_ends
+    """Writes an honest depth-first search: every line follows from the lines above it."""
+
+    def __init__(self, target: int, rng: random.Random | None, max_chars: int | None):
+        self.target, self.rng, self.max_chars = target, rng, max_chars
         self.lines: list[str] = []
         self.chars = 0
-        self.dead_ends = 0
-        self.exploring = budget > 0 and max_dead_ends != 0
-        self._solvable: dict[tuple, bool] = {}
-        self._dead: dict[tuple, bool] = {}
 
     def emit(self, line: str) -> None:
         self.lines.append(line)
         self.chars += len(line) + 1
+        if self.max_chars is not None and self.chars > self.max_chars:
+            raise _TraceTooLong
 
-    def solvable(self, state: tuple[int, ...]) -> bool:
-        if state not in self._solvable:
-            self._solvable[state] = _can_reach(state, self.target)
-        return self._solvable[state]
-
-    def has_dead_end(self, state: tuple[int, ...]) -> bool:
-        """Whether exploring ``state`` can show a failed leaf (so it never starts with a bare ``back``)."""
-        if len(state) == 2:
-            return not self.solvable(state)
-        if state not in self._dead:
-            self._dead[state] = any(self.has_dead_end(m[4]) for m in _moves(state))
-        return self._dead[state]
-
-    def leaf(self, state: tuple[int, ...]) -> list[tuple] | None:
-        b, a = state
-        results = _combine(a, b)
-        self.rng.shuffle(results)
+    def leaf(self, state: list[tuple[int, str]]) -> list[tuple] | None:
         shown = []
-        for op, c in results:
+        for a, op, b, c, expr, _ in _trace_moves(state, self.rng):
             shown.append(f"{a}{op}{b}={c}")
             if c == self.target:
                 self.emit(" ".join(shown) + " yes")
-                return [(a, op, b, c, (c,))]
+                return [(a, op, b, c, expr)]
         self.emit(" ".join(shown) + " no")
-        self.dead_ends += 1
-        if self.chars >= self.budget or (self.max_dead_ends is not None and self.dead_ends >= self.max_dead_ends):
-            self.exploring = False
         return None
 
-    def explore(self, state: tuple[int, ...], is_root: bool) -> list[tuple] | None:
+    def explore(self, state: list[tuple[int, str]]) -> list[tuple] | None:
         if len(state) == 2:
             return self.leaf(state)
-        moves = _moves(state)
-        self.rng.shuffle(moves)
-        good = [m for m in moves if self.solvable(m[4])]
-        reserve = self.rng.choice(good) if is_root and good else None
-        printed, tried = False, 0
-        cap = None if is_root else self.rng.randint(1, 3)
-        if self.exploring:
-            for move in moves:
-                if not self.exploring or (cap is not None and tried >= cap):
-                    break
-                if move is reserve or not self.has_dead_end(move[4]):
-                    continue
-                path = self._enter(state, move, printed)
-                printed, tried = True, tried + 1
-                if path is not None:
-                    return path
-            if self.exploring and not is_root:
-                return None  # gave up on this branch
-            self.exploring = False  # the root ran out of moves to explore: walk to the solution
-        if not good:
-            return None
-        path = self._enter(state, reserve or self.rng.choice(good), printed)
-        assert path is not None, "steering into a solvable state must succeed"
-        return path
-
-    def _enter(self, state: tuple[int, ...], move: tuple, printed: bool) -> list[tuple] | None:
-        if printed:
-            self.emit("back " + " ".join(map(str, state)))
-        a, op, b, c, child = move
-        self.emit(f"{a}{op}{b}={c} left " + " ".join(map(str, child)))
-        path = self.explore(child, is_root=False)
-        return None if path is None else [move, *path]
+        for k, (a, op, b, c, expr, child) in enumerate(_trace_moves(state, self.rng)):
+            if k:
+                self.emit("back " + " ".join(str(v) for v, _ in state))
+            self.emit(f"{a}{op}{b}={c} left " + " ".join(str(v) for v, _ in child))
+            path = self.explore(child)
+            if path is not None:
+                return [(a, op, b, c, expr), *path]
+        return None
 
 
-def search_trace(nums: Sequence[int], target: int, rng: random.Random, *,
-                 explore_chars: tuple[int, int] = (450, 1250), max_dead_ends: int | None = None) -> str:
-    """A searching chain of thought that ends in a verifying ``<answer>`` (format: module docstring).
+def search_trace(nums: Sequence[int], target: int, rng: random.Random | None = None, *,
+                 max_chars: int | None = None) -> str | None:
+    """A depth-first search chain of thought that ends in a verifying ``<answer>`` (module docstring).
+
+    The search is honest: moves are tried in order (canonical, or shuffled per node by ``rng``), every
+    result is computed, and the trace stops at the first two-number state that yields the target, so
+    a model trained on it never sees a conclusion it could not have derived from the lines above.
 
     Parameters
     ----------
     nums : sequence of int
-        At least two numbers; the instance must be solvable with integer intermediates.
+        At least two numbers; the instance must be solvable (:func:`_can_reach`).
     target : int
-    rng : random.Random
-        Drives the move order, the give-up points and the exploration budget.
-    explore_chars : (int, int)
-        The exploration phase stops after the first dead end that brings the trace past a budget
-        drawn uniformly from this range; the path to the solution follows (~50-250 characters).
-    max_dead_ends : int or None
-        Also stop exploring after this many dead ends; ``0`` gives a direct path to a solution.
+    rng : random.Random or None
+        ``None`` tries the moves in the canonical order (deterministic traces); else shuffles them.
+    max_chars : int or None
+        Return ``None`` when the search would need more than this many characters (without the
+        answer lines): the caller skips the instance.
 
     Returns
     -------
-    str
+    str or None
         The completion text after a prompt ending in ``<think>``: starts with ``"\\n"``, ends with
         ``"</think>\\n<answer>EXPR</answer>"``.
     """
@@ -332,15 +338,18 @@ def search_trace(nums: Sequence[int], target: int, rng: random.Random, *,
     target = int(target)
     if len(nums) < 2:
         raise ValueError("search_trace needs at least two numbers")
-    root = tuple(sorted(nums))
-    writer = _TraceWriter(target, rng, rng.randint(*explore_chars), max_dead_ends)
-    if not writer.solvable(root):
+    if not _can_reach(tuple(nums), target):
         raise ValueError(f"unsolvable instance: {nums} -> {target}")
-    writer.emit(f"start {' '.join(map(str, root))} to {target}")
-    path = writer.explore(root, is_root=True)
-    writer.emit("found " + " ".join(f"{a}{op}{b}={c}" for a, op, b, c, _ in path))
-    writer.emit("</think>")
-    writer.emit(f"<answer>{_expression(nums, path)}</answer>")
+    writer = _TraceWriter(target, rng, max_chars)
+    try:
+        path = writer.explore([(x, str(x)) for x in nums])
+    except _TraceTooLong:
+        return None
+    assert path is not None, "an exhaustive search of a solvable instance finds a solution"
+    writer.lines.append("found " + " ".join(f"{a}{op}{b}={c}" for a, op, b, c, _ in path))
+    writer.lines.append("</think>")
+    expr = path[-1][4]
+    writer.lines.append(f"<answer>{expr[1:-1]}</answer>")
     return "\n" + "\n".join(writer.lines)
 
 
