@@ -7,10 +7,18 @@ in eviction rounds, and, against the ``full`` cache of the same batch and length
 targets: eviction rounds ≤ 5% of decode time, and peak KV bytes = full peak / schedule compression
 within 5% (the schedule's peak is computed analytically from `EvictionConfig`).
 
+``breadcrumbs`` (Breadcrumbs beacon decoding, `ngc_trl.beacons`) is a variant of the same table: one
+beacon every ``--compression_ratio`` generated tokens (its id: the last of the random vocabulary),
+no δ/ε/b rounds; its "eviction" time is the window drops, its tokens/s counts completion tokens only
+(beacon forwards are overhead), and its expected peak is prompt + beacons + one window (+ the beacon).
+Its window drops happen in place, so its allocated storage is that peak rounded up to the cache's growth
+step (16 slots): on short runs the bytes target can miss by that step while the entries match exactly.
+
 CPU (default; tiny model, batch 4, lengths 256,1024, δ=64; ~2 min on 2 cores)::
 
     python bench/decode.py --out outputs/bench/decode.json
     python bench/decode.py --lengths 128 --policies full,ngc,knorm --out /tmp/decode.json  # smoke run
+    python bench/decode.py --lengths 128 --policies breadcrumbs --compression_ratio 8 --out /tmp/bc.json
 
 GPU (DeepSeek-R1-Distill-Qwen-1.5B shape, bf16, δ=256)::
 
@@ -37,7 +45,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ngc_trl.eviction import EvictionConfig
 from ngc_trl.generation import generate_with_eviction
-from ngc_trl.policies import POLICIES
+from ngc_trl.policies import DECODERS, POLICIES, get_policy
+
+NAMES = [*POLICIES, *DECODERS]
 
 SHAPES = {  # name -> (Qwen2Config kwargs, default δ, default batch size)
     "tiny": (dict(num_hidden_layers=4, hidden_size=256, intermediate_size=768, num_attention_heads=8,
@@ -54,13 +64,14 @@ TOLERANCE = 0.05  # both targets: eviction share ≤ 5%, peak-bytes ratio within
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma list; `full` is always added")
+    p.add_argument("--policies", default=",".join(NAMES), help="comma list; `full` is always added")
     p.add_argument("--lengths", default="256,1024", help="generated tokens per sequence, comma list")
     p.add_argument("--batch_size", type=int, default=None, help="default: 4 (tiny), 16 (r1-1.5b)")
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--eviction_interval", type=int, default=None, help="δ; default: 64 (tiny), 256 (r1-1.5b)")
     p.add_argument("--eviction_rate", type=float, default=0.5)
     p.add_argument("--block_size", type=int, default=32)
+    p.add_argument("--compression_ratio", type=int, default=8, help="c of the breadcrumbs variant")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell (median reported)")
@@ -72,9 +83,9 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or batch
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     names = [x for x in args.policies.split(",") if x]
-    unknown = set(names) - set(POLICIES)
+    unknown = set(names) - set(NAMES)
     if unknown:
-        p.error(f"unknown policies {sorted(unknown)}; valid: {', '.join(POLICIES)}")
+        p.error(f"unknown policies {sorted(unknown)}; valid: {', '.join(NAMES)}")
     args.policies = ["full"] + [x for x in dict.fromkeys(names) if x != "full"]
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     return args
@@ -105,6 +116,21 @@ def schedule_peak(cfg: EvictionConfig, prompt_len: int, new_tokens: int) -> tupl
         n = min(n, cfg.num_kept_blocks(math.ceil(n / cfg.block_size)) * cfg.block_size)
     n += total - 1 - fed  # the last generated token is never fed
     return max(peak, n), total - 1
+
+
+def beacon_peak(c: int, prompt_len: int, new_tokens: int) -> tuple[int, int]:
+    """(peak live entries per layer under beacon decoding, entries of a full cache): the loop feeds
+    ``t_1 .. t_{n-1}``; after ``t_i`` with ``i mod c == 0`` and ``i + 1 < n`` it feeds a beacon, then drops
+    the window's ``c`` entries."""
+    live = peak = prompt_len
+    for i in range(1, new_tokens):
+        live += 1
+        if i % c == 0 and i + 1 < new_tokens:
+            live += 1
+            peak = max(peak, live)
+            live -= c
+        peak = max(peak, live)
+    return peak, prompt_len + new_tokens - 1
 
 
 def sync(device):
@@ -151,10 +177,12 @@ def machine_info(device) -> dict:
 
 
 def bench_cell(model, args, policy, length, device, warmed: set) -> dict:
-    cfg = EvictionConfig(policy=policy, eviction_interval=args.eviction_interval,
-                         eviction_rate=args.eviction_rate, block_size=args.block_size)
-    g = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
+    crumbs = policy in DECODERS
+    beacon = dict(compression_ratio=args.compression_ratio, beacon_token_id=vocab - 1) if crumbs else {}
+    cfg = EvictionConfig(policy=policy, eviction_interval=args.eviction_interval,
+                         eviction_rate=args.eviction_rate, block_size=args.block_size, **beacon)
+    g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, vocab, (args.batch_size, args.prompt_len), generator=g).to(device)
     if policy not in warmed:  # one warmup per policy (kernels, allocator), at the shortest length
         run_once(model, ids, cfg, min(args.lengths), device)
@@ -166,13 +194,18 @@ def bench_cell(model, args, policy, length, device, warmed: set) -> dict:
     wall = statistics.median(walls)
     st = out.cache_stats
     n_layers = st.peak_entries.shape[1]
-    peak, full = schedule_peak(cfg, args.prompt_len, length)
-    peak = peak if POLICIES[policy].evicts else full
+    if crumbs:
+        peak, full = beacon_peak(args.compression_ratio, args.prompt_len, length)
+    else:
+        peak, full = schedule_peak(cfg, args.prompt_len, length)
+        peak = peak if get_policy(cfg).evicts else full
     return {
         "length": length, "policy": policy, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
         "wall_s": wall, "wall_s_runs": walls, "tokens_per_s": args.batch_size * length / wall,
         "eviction_time_s": out.eviction_time, "eviction_share": out.eviction_time / wall,
         "rounds": int((out.records.positions[0] >= 0).sum()),
+        "compression_ratio": args.compression_ratio if crumbs else None,
+        "beacons": max(length - 2, 0) // args.compression_ratio if crumbs else 0,
         "peak_kv_bytes": int(st.peak_bytes),
         "peak_entries_per_layer": st.peak_entries.max(0).values.tolist(),
         "peak_entries_total": int(st.peak_total.max()),

@@ -14,7 +14,9 @@ Layout of one layer (`NGCLayer`), for a batch of ``B`` sequences:
 * ``attention_sum``: ``(B, S_cap)`` attention accumulated over every step, only for policies that track it.
 
 Eviction (`NGCCache.evict`) gathers the kept slots of every row into fresh, smaller tensors: memory is
-really freed, layers diverge, and sequences of a batch stay ragged.
+really freed, layers diverge, and sequences of a batch stay ragged. Breadcrumbs beacon decoding instead
+drops the contiguous window just before a new beacon in place (`NGCCache.drop_before_newest`): its
+cache stays small, so its storage never grows past the peak.
 """
 
 from __future__ import annotations
@@ -155,6 +157,22 @@ class NGCLayer(DynamicLayer):
             self.attention_sum = self.attention_sum.gather(1, idx)
         self.lengths = new_len
 
+    def drop_before_newest(self, rows: torch.Tensor, count: torch.Tensor, max_len: int):
+        """Evict the ``count[b]`` entries just before the newest one, for each row where ``rows (B,)`` is True
+        (Breadcrumbs: the window a beacon has just closed). ``count (B,)`` long. The newest entry moves
+        down into the freed slots: O(B·H·D), no re-allocation and no gather of the whole cache (the
+        window is contiguous, so temporal order is kept). ``max_len``: ``max(lengths)`` afterwards,
+        known on the host, so nothing waits on the device."""
+        rows_i = torch.arange(self.lengths.shape[0], device=self.lengths.device)
+        src = (self.lengths - 1).clamp(min=0)
+        dst = src - count * rows.long()
+        for name in ("keys", "values", "pos", "attention_sum"):
+            t = getattr(self, name)
+            if t is not None:
+                t[rows_i, dst] = t[rows_i, src]
+        self.lengths = self.lengths - count * rows.long()
+        self.max_len = max_len
+
 
 def _gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x (B, S, H, D)``, ``idx (B, S')`` -> ``(B, S', H, D)``."""
@@ -176,6 +194,11 @@ class NGCCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states, self.step_pos, self.step_valid)
+
+    def drop_before_newest(self, rows: torch.Tensor, count: torch.Tensor, max_len: int):
+        """`NGCLayer.drop_before_newest` in every layer (Breadcrumbs: layers never diverge)."""
+        for layer in self.layers:
+            layer.drop_before_newest(rows, count, max_len)
 
     def lengths(self) -> torch.Tensor:
         """``(B, n_layers)`` live entries per sequence and layer."""

@@ -32,7 +32,8 @@ class EvictionConfig:
             per round in every layer. ``0`` never evicts.
         block_size (`int`, defaults to 32): ``b``, keys per block; blocks are re-cut over survivors each round.
         score_window (`int`, defaults to 5): ``w``, number of most recent queries whose attention scores keys.
-        policy (`str`, defaults to ``"ngc"``): name of the scoring rule (see `ngc_trl.policies.POLICIES`).
+        policy (`str`, defaults to ``"ngc"``): name of the scoring rule (see `ngc_trl.policies.POLICIES`), or
+            ``"breadcrumbs"`` for beacon decoding (`ngc_trl.policies.DECODERS`; no δ/ε/b round fires).
         protect_prompt (`bool`, defaults to False): never evict prompt entries (not in the paper).
         num_sink (`int`, defaults to 0): never evict the first ``num_sink`` live entries (not in the paper).
         num_recent (`int`, defaults to 0): never evict the ``num_recent`` newest entries (not in the paper).
@@ -44,8 +45,11 @@ class EvictionConfig:
             the raw score (not in the paper).
         window_size (`int` or None): a policy's own observation window (SnapKV's native 64, H2O's recent
             window...). ``None`` uses each policy's documented default.
-        compression_ratio (`int`, defaults to 0): Breadcrumbs only (beacon every ``c`` generated tokens).
-        beacon_token_id (`int` or None): Breadcrumbs only.
+        compression_ratio (`int`, defaults to 0): Breadcrumbs only (``policy="breadcrumbs"``, method.md §8):
+            ``c``, one beacon is fed after every ``c`` generated tokens and the window it closes is evicted.
+            Must be ``>= 2`` with that policy; ignored by every other one.
+        beacon_token_id (`int` or None): Breadcrumbs only: the id of the beacon token (see
+            `ngc_trl.beacons.add_beacon_token`). Required with ``policy="breadcrumbs"``.
     """
 
     eviction_interval: int = 256
@@ -60,9 +64,11 @@ class EvictionConfig:
     logit_scale: float = 1.0
     logit_transform: str = "none"
     window_size: int | None = None
+    compression_ratio: int = 0
+    beacon_token_id: int | None = None
 
     def __post_init__(self):
-        from ngc_trl.policies import POLICIES  # local import: policies import this module
+        from ngc_trl.policies import DECODERS, POLICIES  # local import: policies import this module
 
         def bad(name, why):
             raise ValueError(f"EvictionConfig.{name}={getattr(self, name)!r}: {why}")
@@ -80,8 +86,8 @@ class EvictionConfig:
                 bad(name, "must be a non-negative integer")
         if self.window_size is not None and (not isinstance(self.window_size, int) or self.window_size <= 0):
             bad("window_size", "must be a positive integer or None")
-        if self.policy not in POLICIES:
-            bad("policy", f"unknown policy; valid policies: {', '.join(sorted(POLICIES))}")
+        if self.policy not in POLICIES and self.policy not in DECODERS:
+            bad("policy", f"unknown policy; valid policies: {', '.join(sorted({**POLICIES, **DECODERS}))}")
         if self.block_reduction not in BLOCK_REDUCTIONS:
             bad("block_reduction", f"must be one of {BLOCK_REDUCTIONS}")
         if self.logit_transform not in LOGIT_TRANSFORMS:
@@ -90,6 +96,14 @@ class EvictionConfig:
             bad("logit_scale", "must be a finite positive number")
         if not isinstance(self.protect_prompt, bool):
             bad("protect_prompt", "must be a boolean")
+        breadcrumbs = self.policy == "breadcrumbs"
+        c = self.compression_ratio
+        if isinstance(c, bool) or not isinstance(c, int) or c < (2 if breadcrumbs else 0):
+            bad("compression_ratio", "must be an integer >= 2 with policy 'breadcrumbs'" if breadcrumbs
+                else "must be a non-negative integer")
+        b = self.beacon_token_id
+        if (b is None and breadcrumbs) or (b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0)):
+            bad("beacon_token_id", "must be a non-negative integer" + (" with policy 'breadcrumbs'" if breadcrumbs else " or None"))
 
     # ------------------------------------------------------------------ schedule helpers
     def num_kept_blocks(self, num_blocks: int, eviction_rate: float | None = None) -> int:

@@ -6,6 +6,14 @@ is a multiple of ``δ`` (or right after a prompt of ``≥ δ`` tokens, see `Evic
 in every layer the policy scores the live keys, blocks are kept (Gumbel-top-k when
 ``sample_evictions``, else top-k) and the layer is compacted. Each decision is recorded so that the
 training forward can replay it exactly (`EvictionRecords`).
+
+``policy="breadcrumbs"`` (method.md §8) runs no round. Once ``i > 0`` generated tokens have been fed with
+``i mod c == 0`` and the next token ``t_{i+1}`` has been sampled (and will be fed: generation goes on),
+the beacon token is fed at the next position (forced; its logits are unused; it is not part of the
+completion), the ``c`` entries of the window it closes are dropped from every layer, then ``t_{i+1}``
+is fed. Rows decode in lockstep, so beacons fire at the same step in every unfinished row (per-row ``c``
+is allowed). Nothing is recorded: `ngc_trl.beacons.beacon_layout` rebuilds the beacons from the
+completion lengths alone.
 """
 
 from __future__ import annotations
@@ -85,7 +93,8 @@ class CacheStats:
 
     ``peak_entries (B, L)``: most live entries each layer held for each sequence; ``peak_total (B,)``: most
     entries summed over layers at any step; ``full_entries (B,)``: entries a full cache would peak at
-    (tokens fed, per layer); ``footprint (B, L)``: live entries summed over decode steps;
+    (prompt and generated tokens fed, per layer; Breadcrumbs beacons are not counted, so the ratio compares
+    with the same completion under ``policy="full"``); ``footprint (B, L)``: live entries summed over decode steps;
     ``peak_bytes``: most K+V bytes allocated at once for the whole batch (capacity, all layers);
     ``prompt_kept (B,)``: share of prompt entries still cached at the end, averaged over layers.
     """
@@ -109,7 +118,7 @@ class EvictionOutput:
     """``sequences (B, P + T)``: prompts (as given, left-padded) + completions (``pad`` after EOS);
     ``completion_mask (B, T)`` bool (EOS included); ``token_logprobs (B, T)`` fp32 log-probs of the sampled
     tokens under ``logits / temperature`` (0 on padding); ``records``; ``cache_stats``; ``eviction_time``
-    seconds spent in eviction rounds."""
+    seconds spent in eviction rounds (Breadcrumbs: in window drops, beacon forwards excluded)."""
 
     sequences: torch.Tensor
     completion_mask: torch.Tensor
@@ -242,6 +251,7 @@ def generate_with_eviction(
     eviction_rate: torch.Tensor | None = None,
     forced_token_id: int | None = None,
     cache_growth: int = 16,
+    compression_ratio: torch.Tensor | None = None,
 ) -> EvictionOutput:
     """Decode with a cache pruned every ``δ`` tokens, independently per layer and per sequence.
 
@@ -257,6 +267,8 @@ def generate_with_eviction(
         eviction_rate: optional ``(B,)`` ε per sequence (curriculum / interoception), else ``eviction.eviction_rate``.
         forced_token_id: the meta-token (paper §A.4): forced as the last token before every round.
         cache_growth: slots added when a layer's storage is full (amortises re-allocation).
+        compression_ratio: optional ``(B,)`` Breadcrumbs ``c`` per sequence (each ``>= 2``), else
+            ``eviction.compression_ratio``; ignored by other policies.
 
     Returns:
         `EvictionOutput`.
@@ -277,6 +289,13 @@ def generate_with_eviction(
     eps = (eviction_rate if eviction_rate is not None else torch.full((bsz,), cfg.eviction_rate)).to(device).float()
     if ((eps < 0) | (eps >= 1)).any():
         raise ValueError("eviction_rate: every per-sequence rate must be in [0, 1)")
+    c_host = None  # Breadcrumbs: (B,) compression ratio per sequence, on the host (the schedule needs no sync)
+    if policy.beacons:
+        c_host = torch.as_tensor(compression_ratio if compression_ratio is not None else cfg.compression_ratio)
+        c_host = c_host.expand(bsz).long().cpu()
+        if (c_host < 2).any():
+            raise ValueError("compression_ratio: every per-sequence ratio must be an integer >= 2")
+        c_dev = c_host.to(device)
 
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_layers = text_cfg.num_hidden_layers
@@ -298,6 +317,8 @@ def generate_with_eviction(
     plen_host, fed_host = prompt_len.cpu(), prompt_len.cpu().clone()  # host mirrors: the schedule needs no sync
     finished_host = torch.zeros(bsz, dtype=torch.bool)
     evict_time = 0.0
+    n_beacons = torch.zeros(bsz, dtype=torch.long, device=device)
+    live_host = plen_host.clone()  # Breadcrumbs: host mirror of every layer's live entries
 
     def forward(ids, pos, valid):
         nonlocal peak, peak_total, footprint, peak_bytes
@@ -338,9 +359,21 @@ def generate_with_eviction(
                     per_layer = _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample_evictions, generator)
                     records.add(rows, n_fed[rows], per_layer)
                     evict_time += time.perf_counter() - t0
+            if c_host is not None and step > 0:  # `step` generated tokens are cached; t_{step+1} comes next
+                due = ~finished_host & (step % c_host == 0)
+                if bool(due.any()):
+                    due_dev = due.to(device)
+                    forward(torch.full_like(tok, cfg.beacon_token_id)[:, None], n_fed[:, None], due_dev[:, None])
+                    n_fed, n_beacons = n_fed + due_dev.long(), n_beacons + due_dev.long()
+                    fed_host = fed_host + due.long()
+                    live_host = live_host + due.long() - c_host * due.long()
+                    t0 = time.perf_counter()
+                    cache.drop_before_newest(due_dev, c_dev, int(live_host.max()))
+                    evict_time += time.perf_counter() - t0
             logits = forward(tok[:, None], n_fed[:, None], active[:, None])
             n_fed = n_fed + active.long()
             fed_host = fed_host + (~finished_host).long()
+            live_host = live_host + (~finished_host).long()
 
     gen = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(bsz, 0)
     comp_mask = torch.ones_like(gen, dtype=torch.bool)
@@ -351,7 +384,7 @@ def generate_with_eviction(
     kept_prompt = torch.stack(
         [((layer.pos[:, : layer.num_slots] < prompt_len[:, None]) & layer.live).sum(1) for layer in cache.layers], 1
     )
-    stats = CacheStats(peak, peak_total, n_fed, footprint, peak_bytes,
+    stats = CacheStats(peak, peak_total, n_fed - n_beacons, footprint, peak_bytes,
                        kept_prompt.float().mean(1) / prompt_len.clamp(min=1).float())
     return EvictionOutput(
         sequences=torch.cat([input_ids, gen], 1),

@@ -64,10 +64,14 @@ class ReplayContext:
         eviction_logps: recompute eviction log-probs (needs ``policy.learned``-style window scores).
         backend: ``"dense"`` (SDPA + boolean masks), ``"flex"`` (FlexAttention), or ``"auto"``
             (flex on CUDA, dense elsewhere; FlexAttention has no CPU backward).
+        death: a precomputed death tensor instead of ``records``: ``(B, T)`` shared by every layer
+            (Breadcrumbs beacons, `ngc_trl.beacons`) or ``(B, L, T)``, long, in the same units as
+            `death_times` (absolute position of the first query that no longer sees the slot, `NEVER`
+            if none). With ``records`` too, it wins for the masks.
     """
 
     def __init__(self, attention_mask, records=None, eviction: EvictionConfig | None = None, prompt_len=None,
-                 replay_masks=True, eviction_logps=True, backend="auto"):
+                 replay_masks=True, eviction_logps=True, backend="auto", death=None):
         self.valid = attention_mask.bool()
         self.pos = (self.valid.long().cumsum(1) - 1).clamp(min=0)
         self.offset = self.valid.long().argmax(1)  # first valid slot = slot of position 0
@@ -80,9 +84,12 @@ class ReplayContext:
         if backend == "auto":
             backend = "flex" if self.valid.is_cuda else "dense"
         self.backend = backend
-        self.death = (
-            death_times(self.records, self.pos, self.valid, self.cfg.block_size) if self.records is not None else None
-        )
+        if death is not None:
+            self.death = death[:, None] if death.dim() == 2 else death  # (B, L or 1, T)
+        elif self.records is not None:
+            self.death = death_times(self.records, self.pos, self.valid, self.cfg.block_size)
+        else:
+            self.death = None
         self._evict_logp: dict[int, torch.Tensor] = {}
         self._entropy: dict[int, torch.Tensor] = {}
 
@@ -91,12 +98,16 @@ class ReplayContext:
         """``(B, T)`` absolute positions, as in the rollout."""
         return self.pos
 
+    def layer_death(self, layer_idx: int) -> torch.Tensor:
+        """``(B, T)`` death positions of layer ``layer_idx`` (a shared death tensor serves every layer)."""
+        return self.death[:, layer_idx if self.death.shape[1] > 1 else 0]
+
     def visible(self, layer_idx: int) -> torch.Tensor:
         """``(B, T, T)`` bool visibility of layer ``layer_idx``."""
         pos, valid = self.pos, self.valid
         vis = valid[:, None, :] & (pos[:, None, :] <= pos[:, :, None])
         if self.replay_masks and self.death is not None:
-            vis = vis & (pos[:, :, None] < self.death[:, layer_idx][:, None, :])
+            vis = vis & (pos[:, :, None] < self.layer_death(layer_idx)[:, None, :])
         return vis
 
     def attend(self, module, query, key, value, scaling):
@@ -116,7 +127,7 @@ class ReplayContext:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         pos, valid = self.pos, self.valid
-        death = self.death[:, layer] if (self.replay_masks and self.death is not None) else None
+        death = self.layer_death(layer) if (self.replay_masks and self.death is not None) else None
 
         def mask_mod(b, h, q, k):
             ok = valid[b, k] & (pos[b, k] <= pos[b, q])
@@ -144,7 +155,7 @@ class ReplayContext:
             qv = has[:, None] & (qp >= 0)
             slot = (self.offset[:, None] + qp.clamp(min=0)).clamp(max=query.shape[2] - 1)
             q_w = query.gather(2, slot[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
-            death = self.death[:, layer]
+            death = self.layer_death(layer)
             alive = self.valid & (self.pos < p[:, None]) & (death >= p[:, None]) & has[:, None]
             view = LayerView(keys=key, values=value, pos=self.pos, live=alive, bid=block_ids(alive, self.cfg.block_size),
                              queries=q_w, q_pos=qp, q_valid=qv, scale=scaling, prompt_len=self.prompt_len)

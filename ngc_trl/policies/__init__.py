@@ -2,11 +2,16 @@
 
 Add a policy: one file with one `EvictionPolicy` subclass and its `token_scores`, one line in
 `POLICIES`, one row in the score-rule tests (tests/test_policies.py) and a README bullet.
+
+`DECODERS` holds the valid ``EvictionConfig.policy`` names that are not a score rule under the δ/ε/b
+schedule (Breadcrumbs beacon decoding): they have their own settings and decode path, so the baseline
+sweeps and the score-rule tests, which iterate over `POLICIES`, leave them out.
 """
 
 from __future__ import annotations
 
 from ngc_trl.policies.base import EvictionPolicy, LayerView
+from ngc_trl.policies.breadcrumbs import BreadcrumbsPolicy
 from ngc_trl.policies.full import FullCachePolicy
 from ngc_trl.policies.h2o import H2OPolicy
 from ngc_trl.policies.keydiff import KeyDiffPolicy
@@ -28,21 +33,23 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     TOVAPolicy.name: TOVAPolicy,
     RandomPolicy.name: RandomPolicy,
 }
+DECODERS: dict[str, type[EvictionPolicy]] = {BreadcrumbsPolicy.name: BreadcrumbsPolicy}
 
 
 def get_policy(cfg) -> EvictionPolicy:
     """The policy instance for ``cfg.policy``; unknown names fail with the list of valid ones."""
-    try:
-        cls = POLICIES[cfg.policy]
-    except KeyError:
+    cls = POLICIES.get(cfg.policy) or DECODERS.get(cfg.policy)
+    if cls is None:
         raise ValueError(
-            f"unknown eviction policy {cfg.policy!r}; valid: {', '.join(sorted(POLICIES))}"
-        ) from None
+            f"unknown eviction policy {cfg.policy!r}; valid: {', '.join(sorted({**POLICIES, **DECODERS}))}"
+        )
     return cls(cfg)
 
 
 __all__ = [
+    "DECODERS",
     "POLICIES",
+    "BreadcrumbsPolicy",
     "EvictionPolicy",
     "FullCachePolicy",
     "H2OPolicy",

@@ -61,12 +61,14 @@ class EvictionPolicy:
         evicts: False for the `full` cache (rounds are skipped).
         tracks_attention: True if the policy needs attention summed over *every* decoding step (H2O).
         learned: True for the policy trained by NGC (its scores carry the eviction gradient in replay).
+        beacons: True for Breadcrumbs beacon decoding (`ngc_trl.beacons`) instead of eviction rounds.
     """
 
     name: ClassVar[str] = ""
     evicts: ClassVar[bool] = True
     tracks_attention: ClassVar[bool] = False
     learned: ClassVar[bool] = False
+    beacons: ClassVar[bool] = False
 
     def __init__(self, cfg: EvictionConfig):
         self.cfg = cfg
