@@ -5,6 +5,7 @@ TASK ?= countdown
 POLICIES ?= full,ngc,keydiff,snapkv,tova,h2o,streaming_llm,knorm,random
 RATES ?= 0.25,0.5,0.75
 N ?= 256
+DATA ?=
 OUT ?= outputs/eval
 
 .PHONY: install test slow_test quality style bench eval testbed tiny
@@ -31,7 +32,7 @@ bench:
 
 eval:
 	$(PYTHON) -m ngc_trl.eval --model $(MODEL) --task $(TASK) --policies $(POLICIES) --rates $(RATES) \
-		--num_problems $(N) --output_dir $(OUT)
+		--num_problems $(N) $(if $(DATA),--data_source $(DATA)) --output_dir $(OUT)
 
 testbed:
 	$(PYTHON) -m ngc_trl.testbed

@@ -105,8 +105,9 @@ class EvalArguments:
     device: str = field(default="auto", metadata={"help": "'auto' (this process's accelerator, else CPU), 'cpu', 'cuda:0'..."})
     dtype: str = field(default="auto", metadata={"help": "auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU)."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of aime24/aime25/amc23 .jsonl files."})
-    data_source: str | None = field(default=None, metadata={"help": "Countdown: 'generated' (default), a Hub name or "
-                                                                    "file; math: a Hub name or file (amc25, math)."})
+    data_source: str | None = field(default=None, metadata={"help": "Countdown: 'generated' (default), "
+                                                                    "'generated:testbed' (the tiny testbed's range), a Hub name "
+                                                                    "or file; math: a Hub name or file (amc25, math)."})
     prompt_format: str = field(default="auto", metadata={"help": "auto|chat|plain (auto: chat iff the tokenizer has a template)."})
     prefill: bool = field(default=True, metadata={"help": "Countdown chat prompts end with TinyZero's assistant prefill."})
     interoception: bool | None = field(default=None, metadata={"help": "Tag prompts with the rate (default: on when the "

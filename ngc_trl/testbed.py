@@ -83,6 +83,7 @@ class TestbedArgs:
 
 
 def problem_kwargs(a: TestbedArgs) -> dict:
+    # the defaults equal countdown.DISTRIBUTIONS["testbed"] (RL and eval use "generated:testbed")
     """The generator ranges of the (restricted) testbed distribution."""
     return dict(count_range=(a.count_min, a.count_max), num_range=(a.num_min, a.num_max),
                 target_range=(a.target_min, a.target_max), test_buckets=a.test_buckets)

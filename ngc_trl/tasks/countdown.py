@@ -95,6 +95,15 @@ MAX_AST_NODES = 400
 MAX_MAGNITUDE = 10**100
 TEST_BUCKETS = 16  # generated instances whose hash % 16 == 0 form the test split
 
+# named generator settings: ``load_countdown("generated:<name>")``
+DISTRIBUTIONS: dict[str, dict[str, Any]] = {
+    # Countdown-Tasks-3to4 (Stream-of-Search / TinyZero)
+    "standard": dict(count_range=(3, 4), num_range=(1, 99), target_range=(10, 100), test_buckets=TEST_BUCKETS),
+    # the offline tiny testbed (ngc_trl.testbed): learnable by a ~1M-parameter model in minutes on CPU;
+    # ~2,600 solvable instances, so a 1/4 test split keeps >= 256 distinct held-out instances
+    "testbed": dict(count_range=(3, 3), num_range=(1, 12), target_range=(10, 60), test_buckets=4),
+}
+
 _UNICODE_OPS = str.maketrans({"×": "*", "÷": "/", "−": "-"})
 _ALLOWED_CHARS = frozenset("0123456789+-*/() ")
 _BINOPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__,
@@ -513,7 +522,9 @@ def load_countdown(source: str = "generated", n: int | None = None, seed: int = 
     Parameters
     ----------
     source : str
-        ``"generated"`` (:func:`generate_problems`, hash-disjoint train/test), a Hub dataset name
+        ``"generated"`` (:func:`generate_problems`, hash-disjoint train/test, the ``"standard"``
+        distribution) or ``"generated:<name>"`` (a named entry of :data:`DISTRIBUTIONS`, e.g.
+        ``"generated:testbed"``; the test split has no repeated instance), a Hub dataset name
         (e.g. ``HUB_NAME``) or a local ``.jsonl``/``.json``/``.parquet`` file with ``nums``, ``target``.
     n : int, optional
         Number of rows (the first ``n`` of the split). Default: the whole split for Hub/local
@@ -535,11 +546,18 @@ def load_countdown(source: str = "generated", n: int | None = None, seed: int = 
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     if prompt_format not in ("chat", "plain"):
         raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
-    if source == "generated":
+    if source == "generated" or source.startswith("generated:"):
         if split == "all":
             raise ValueError("generated data has no 'all' split: use 'train' or 'test'")
+        name = source.partition(":")[2] or "standard"
+        if name not in DISTRIBUTIONS:
+            raise ValueError(f"unknown Countdown distribution {name!r} in source {source!r}; "
+                             f"valid: {', '.join('generated:' + k for k in DISTRIBUTIONS)}")
+        kwargs = {**DISTRIBUTIONS[name], **ranges}
         n = n if n is not None else (10_000 if split == "train" else TEST_ROWS)
-        rows = generate_problems(n, seed + (0 if split == "train" else 1), split=split, **ranges)
+        if split == "test" and name != "standard":
+            kwargs.setdefault("unique", True)
+        rows = generate_problems(n, seed + (0 if split == "train" else 1), split=split, **kwargs)
     else:
         ext = os.path.splitext(source)[1].lower()
         if os.path.exists(source):
