@@ -7,12 +7,19 @@ Two ratios, measured in one run:
   plain forward. This is the paper's "replay costs about one vanilla forward" claim. Target ≤ 1.15x.
 * ``step``: a whole `trainer.train()` step (rollout + scoring + update), NGC's evicting decode loop
   against TRL's `model.generate`.
+* ``breadcrumbs``: `BreadcrumbsTrainer` (full-cache GRPO teacher + beacon student distilled on the same
+  rollouts) against the vanilla step: ``loss_phase`` on the same batch (teacher loss + student forward,
+  chunked vocabulary KL and both backwards; no target: the student is a second forward/backward) and
+  ``step`` (plain ``model.generate`` rollouts in both; target ≤ 1.5x). ``--lora`` gives every trainer the
+  same LoRA config (Breadcrumbs: two adapters); without it the student is a full copy.
 
 Examples::
 
     python bench/train_step.py --out outputs/bench/train_step.json                      # CPU, tiny model
     python bench/train_step.py --model_shape r1-1.5b --device cuda --completion_len 1024 \\
         --eviction_interval 256 --out outputs/bench/train_step_r1.json                  # GPU, 1.5B shape
+    python bench/train_step.py --model_shape r1-1.5b --device cuda --completion_len 1024 --lora \\
+        --compression_ratio 8 --out outputs/bench/train_step_r1_lora.json               # Breadcrumbs as in its recipe
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from ngc_trl import NGCConfig, NGCTrainer
+from ngc_trl import BreadcrumbsConfig, BreadcrumbsTrainer, NGCConfig, NGCTrainer
 from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
 
 
@@ -62,9 +69,18 @@ def make_trainer(kind, a, tok, device, dtype):
         args = NGCConfig(**common, eviction_interval=a.eviction_interval, eviction_rate=a.eviction_rate,
                          block_size=a.block_size)
         cls = NGCTrainer
+    elif kind == "breadcrumbs":
+        args, cls = BreadcrumbsConfig(**common, compression_ratio=a.compression_ratio), BreadcrumbsTrainer
     else:
         args, cls = GRPOConfig(**common), GRPOTrainer
-    return cls(model=model, reward_funcs=never_stop_reward, args=args, train_dataset=ds, processing_class=tok)
+    peft = None
+    if a.lora:
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=64, lora_alpha=128, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"])
+    return cls(model=model, reward_funcs=never_stop_reward, args=args, train_dataset=ds, processing_class=tok,
+               peft_config=peft)
 
 
 def sync(device):
@@ -109,6 +125,8 @@ def main():
     p.add_argument("--eviction_interval", type=int, default=64)
     p.add_argument("--eviction_rate", type=float, default=0.5)
     p.add_argument("--block_size", type=int, default=16)
+    p.add_argument("--compression_ratio", type=int, default=8, help="Breadcrumbs c")
+    p.add_argument("--lora", action="store_true", help="LoRA (r 64, all linear layers) for every trainer")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--grad_ckpt", action="store_true")
@@ -118,6 +136,7 @@ def main():
     tok = char_tokenizer()
     ngc = make_trainer("ngc", a, tok, a.device, dtype)
     vanilla = make_trainer("vanilla", a, tok, a.device, dtype)
+    crumbs = make_trainer("breadcrumbs", a, char_tokenizer(), a.device, dtype)  # own tokenizer: gets the beacon
 
     # the same rollouts for both loss phases (NGC's, with their eviction records)
     torch.manual_seed(0)
@@ -125,8 +144,10 @@ def main():
     plain = {k: v for k, v in batch.items() if not k.startswith("ngc_")}
     ngc_loss, ngc_loss_mem = time_loss_phase(ngc, batch, a.device, a.repeats)
     van_loss, van_loss_mem = time_loss_phase(vanilla, plain, a.device, a.repeats)
+    bc_loss, bc_loss_mem = time_loss_phase(crumbs, plain, a.device, a.repeats)
     ngc_step, ngc_mem = time_steps(ngc, a.device)
     van_step, van_mem = time_steps(vanilla, a.device)
+    bc_step, bc_mem = time_steps(crumbs, a.device)
     ratio = ngc_loss / van_loss
     out = {
         "benchmark": "train_step", "command": " ".join(sys.argv), "settings": vars(a),
@@ -137,10 +158,18 @@ def main():
         "step": {"ngc_s": ngc_step, "vanilla_s": van_step, "ratio": ngc_step / van_step,
                  "ngc_peak_bytes": ngc_mem, "vanilla_peak_bytes": van_mem},
         "rounds_per_rollout": float((batch["ngc_positions"] >= 0).sum(1).float().mean()),
+        "breadcrumbs": {
+            "compression_ratio": a.compression_ratio, "lora": a.lora,
+            "loss_phase": {"breadcrumbs_s": bc_loss, "vanilla_s": van_loss, "ratio": bc_loss / van_loss,
+                           "breadcrumbs_peak_bytes": bc_loss_mem, "vanilla_peak_bytes": van_loss_mem},
+            "step": {"breadcrumbs_s": bc_step, "vanilla_s": van_step, "ratio": bc_step / van_step, "target": 1.5,
+                     "meets_target": bc_step / van_step <= 1.5, "breadcrumbs_peak_bytes": bc_mem,
+                     "vanilla_peak_bytes": van_mem},
+        },
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps({k: out[k] for k in ("loss_phase", "step", "rounds_per_rollout")}, indent=2))
+    print(json.dumps({k: out[k] for k in ("loss_phase", "step", "rounds_per_rollout", "breadcrumbs")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""ngc-trl: Neural Garbage Collection on TRL — a reasoning model that learns to evict its own KV cache.
+"""ngc-trl: Neural Garbage Collection on TRL — a reasoning model that learns to evict its own KV cache
+(and Breadcrumbs Reasoning: a student that compresses its cache into beacon tokens).
 
 Light imports (the engine) load eagerly; the TRL-dependent pieces load on first use.
 """
 
+from ngc_trl.beacons import add_beacon_token, beacon_forward, beacon_layout
 from ngc_trl.eviction import EvictionConfig
 from ngc_trl.generation import EvictionOutput, EvictionRecords, generate_with_eviction
 from ngc_trl.policies import POLICIES, get_policy
@@ -10,6 +12,8 @@ from ngc_trl.policies import POLICIES, get_policy
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BreadcrumbsConfig": "ngc_trl.breadcrumbs",
+    "BreadcrumbsTrainer": "ngc_trl.breadcrumbs",
     "NGCConfig": "ngc_trl.config",
     "NGCTrainer": "ngc_trl.trainer",
 }
@@ -25,11 +29,16 @@ def __getattr__(name):
 
 __all__ = [
     "POLICIES",
+    "BreadcrumbsConfig",
+    "BreadcrumbsTrainer",
     "EvictionConfig",
     "EvictionOutput",
     "EvictionRecords",
     "NGCConfig",
     "NGCTrainer",
+    "add_beacon_token",
+    "beacon_forward",
+    "beacon_layout",
     "generate_with_eviction",
     "get_policy",
 ]

@@ -8,6 +8,10 @@ Files written next to a trained model (``output_dir``):
 * ``ngc_training.json`` — everything else about the run (curriculum, loss switches, base model, task),
   kept out of ``ngc_settings.json`` so that file stays a strict `EvictionConfig`.
 * ``README.md`` — TRL's model card with an NGC section appended (`write_model_card`).
+
+The same files serve every method whose decoding an `EvictionConfig` describes: a Breadcrumbs student
+(`ngc_trl.breadcrumbs`) writes ``policy="breadcrumbs"`` with its ``compression_ratio`` and
+``beacon_token_id``, and its model card section comes from `CARD_SECTIONS`.
 """
 
 from __future__ import annotations
@@ -131,7 +135,12 @@ def model_card_text(eviction: EvictionConfig, base_model: str | None = None, *, 
         Training task (``countdown``/``math``).
     is_adapter : bool
         Whether the folder holds a PEFT adapter rather than full weights.
+
+    A policy listed in `CARD_SECTIONS` (``"breadcrumbs"``) gets its own section instead (only ``base_model``,
+    ``repo_id``, ``task`` and ``is_adapter`` apply to it).
     """
+    if eviction.policy in CARD_SECTIONS:
+        return CARD_SECTIONS[eviction.policy](eviction, base_model, repo_id=repo_id, task=task, is_adapter=is_adapter)
     e = eviction
     where = repo_id or "path/to/this/model"
     if curriculum and curriculum.get("rates"):
@@ -194,8 +203,53 @@ Or evaluate: `ngc-eval --model {where} --task {task or "countdown"} --policies f
 """
 
 
+def breadcrumbs_card_text(eviction: EvictionConfig, base_model: str | None = None, *, repo_id: str | None = None,
+                          task: str | None = None, is_adapter: bool = False) -> str:
+    """The Breadcrumbs section of a student's model card (markdown); see `model_card_text`."""
+    e = eviction
+    where = repo_id or "path/to/this/model"
+    load = ("from peft import AutoPeftModelForCausalLM\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{where}").merge_and_unload()'
+            if is_adapter else
+            f'model = AutoModelForCausalLM.from_pretrained("{where}")')
+    return f"""{CARD_MARKER}
+## Breadcrumbs Reasoning (compression beacons)
+
+This is the compressing *student* of a [Breadcrumbs Reasoning](https://arxiv.org/abs/2510.13797) run (ngc-trl),
+distilled from a full-cache GRPO teacher on the teacher's own rollouts{f" ({task})" if task else ""}. Base model:
+`{base_model or "unknown"}`. The teacher is in the `teacher/` subfolder.
+
+| setting | value |
+|---|---|
+| compression ratio c | {e.compression_ratio} (one beacon after every c generated tokens) |
+| beacon token id | {e.beacon_token_id} |
+| policy | `{e.policy}` |
+
+The settings are stored in `{SETTINGS_FILE}` (read back with `ngc_trl.hub.load_ngc_settings`).
+
+**Loading this {"adapter" if is_adapter else "model"} with plain `from_pretrained` and calling `generate()`
+decodes WITHOUT beacons** (full KV cache, which the student was not trained for). To decode with beacons:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from ngc_trl import generate_with_eviction
+from ngc_trl.hub import load_ngc_settings
+
+{load}
+tokenizer = AutoTokenizer.from_pretrained("{where}", padding_side="left")
+eviction = load_ngc_settings("{where}")  # policy="breadcrumbs", c={e.compression_ratio}
+enc = tokenizer(["<your prompt>"], return_tensors="pt", padding=True)
+out = generate_with_eviction(model, enc["input_ids"], enc["attention_mask"], eviction=eviction, max_new_tokens=1024)
+print(tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True))
+```
+"""
+
+
+CARD_SECTIONS = {"breadcrumbs": breadcrumbs_card_text}  # policy -> its own model-card section
+
+
 def write_model_card(output_dir, eviction: EvictionConfig, base_model: str | None = None, **kwargs) -> Path:
-    """Append (or replace) the NGC section of ``output_dir/README.md``.
+    """Append (or replace) the NGC (or Breadcrumbs, by ``eviction.policy``) section of ``output_dir/README.md``.
 
     Call it after TRL's ``trainer.create_model_card`` (which rewrites README.md): the TRL card is kept
     and the NGC section goes after it. Keyword arguments go to `model_card_text`.

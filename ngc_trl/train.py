@@ -1,4 +1,5 @@
-"""Train a reasoning model to evict its own KV cache (Neural Garbage Collection) with `NGCTrainer`.
+"""Train a reasoning model to evict its own KV cache (Neural Garbage Collection) with `NGCTrainer`, or a
+Breadcrumbs student (compression beacons) next to its GRPO teacher with `BreadcrumbsTrainer`.
 
 Usage::
 
@@ -6,14 +7,18 @@ Usage::
         --config recipes/countdown.yaml
     python -m ngc_trl.train --config recipes/tiny/countdown_ngc.yaml --max_steps 5   # CPU, offline
     ngc-train --config recipes/countdown.yaml --eviction_rate 0.6 --output_dir outputs/ngc-0.6
+    accelerate launch -m ngc_trl.train --config recipes/breadcrumbs_countdown.yaml   # Breadcrumbs
 
-Every field of `ScriptArguments`, `NGCConfig` and `trl.ModelConfig` can be set in the YAML recipe or
-overridden on the command line after ``--config``. Unknown YAML keys and invalid values fail while
-parsing, before any data or model is loaded.
+The ``method`` key (``ngc``, the default, or ``breadcrumbs``; YAML or ``--method``) is read first and
+picks the config class: every field of `ScriptArguments`, `NGCConfig` (or `BreadcrumbsConfig`) and
+`trl.ModelConfig` can be set in the YAML recipe or overridden on the command line after ``--config``.
+Unknown YAML keys and invalid values fail while parsing, before any data or model is loaded.
 
 Outputs in ``output_dir``: the model (or LoRA adapter) and tokenizer, ``ngc_settings.json`` (the eviction
 schedule, read by ``ngc-eval`` and `ngc_trl.hub.load_ngc_settings`), ``ngc_training.json`` (curriculum,
 loss switches, base model), a model card ``README.md`` and, with ``eval_after_train``, ``eval/``.
+Breadcrumbs: ``output_dir`` holds the student (what you decode with; ``ngc_settings.json`` has
+``policy="breadcrumbs"``) and ``output_dir/teacher`` the teacher.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from ngc_trl.config import NGCConfig
 
 logger = logging.getLogger(__name__)
 
+METHODS = ("ngc", "breadcrumbs")
+
 
 @dataclass
 class ScriptArguments(TrlScriptArguments):
@@ -42,6 +49,9 @@ class ScriptArguments(TrlScriptArguments):
 
     Parameters
     ----------
+    method : str
+        ``"ngc"`` (`NGCTrainer`) or ``"breadcrumbs"`` (`BreadcrumbsTrainer`); read before parsing
+        (`read_method`) to pick the config class.
     task : str
         ``"countdown"`` or ``"math"`` (DAPO-Math-17k for training).
     dataset_source : str
@@ -58,6 +68,7 @@ class ScriptArguments(TrlScriptArguments):
         A short `ngc_trl.eval.evaluate` on held-out problems after training, written to ``output_dir/eval``.
     """
 
+    method: str = field(default="ngc", metadata={"help": "ngc | breadcrumbs (picks the trainer and its config)."})
     task: str = field(default="countdown", metadata={"help": "countdown | math"})
     dataset_source: str = field(default="generated", metadata={
         "help": "'generated', a Hub dataset name or a local .jsonl/.json/.parquet file."})
@@ -72,6 +83,8 @@ class ScriptArguments(TrlScriptArguments):
         "help": "Evaluation problems (countdown: default dataset_source's test split; math: e.g. aime25)."})
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"ScriptArguments.method={self.method!r}: must be one of {', '.join(METHODS)}")
         if self.task not in ("countdown", "math"):
             raise ValueError(f"ScriptArguments.task={self.task!r}: must be countdown or math")
         if self.prompt_format not in ("chat", "plain"):
@@ -88,8 +101,35 @@ class ScriptArguments(TrlScriptArguments):
             raise ValueError(f"ScriptArguments.eval_policies/eval_rates: {e}") from None
 
 
-def make_parser() -> TrlParser:
-    """The parser of ``ngc-train``: ``(ScriptArguments, NGCConfig, ModelConfig)``."""
+def read_method(argv: list[str] | None = None) -> str:
+    """The run's ``method``, read before parsing: the last ``--method X`` / ``--method=X`` on the command
+    line, else the ``method:`` key of the ``--config`` YAML, else ``"ngc"``. Unknown names raise."""
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    method = None
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            method = argv[i + 1]
+        elif arg.startswith("--method="):
+            method = arg.split("=", 1)[1]
+    if method is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+        with open(argv[argv.index("--config") + 1]) as f:
+            config = yaml.safe_load(f)
+        method = config.get("method") if isinstance(config, dict) else None
+    method = method or "ngc"
+    if method not in METHODS:
+        raise ValueError(f"ScriptArguments.method={method!r}: must be one of {', '.join(METHODS)}")
+    return method
+
+
+def make_parser(method: str = "ngc") -> TrlParser:
+    """The parser of ``ngc-train``: ``(ScriptArguments, NGCConfig, ModelConfig)``, or `BreadcrumbsConfig`
+    in the middle for ``method="breadcrumbs"``."""
+    if method == "breadcrumbs":
+        from ngc_trl.breadcrumbs import BreadcrumbsConfig
+
+        return TrlParser((ScriptArguments, BreadcrumbsConfig, ModelConfig))
     return TrlParser((ScriptArguments, NGCConfig, ModelConfig))
 
 
@@ -127,7 +167,7 @@ def make_reward(script_args: ScriptArguments):
 def main(argv: list[str] | None = None) -> dict:
     """Entry point of ``python -m ngc_trl.train`` / ``ngc-train``; returns ``{"output_dir", "eval"}``."""
     # ------------------------------------------------------------------ parse (validates everything)
-    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    script_args, training_args, model_args = make_parser(read_method(argv)).parse_args_and_config(argv)
 
     # ------------------------------------------------------------------ seed
     set_seed(training_args.seed)
@@ -177,40 +217,26 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
     peft_config = get_peft_config(model_args)
 
-    # ------------------------------------------------------------------ meta token (paper §A.4)
-    meta_token_id = None
-    if training_args.meta_token:
-        from ngc_trl.special_tokens import add_special_token
-
-        meta_token_id = add_special_token(model, tokenizer, training_args.meta_token, training_args.meta_token_init)
-        # Under LoRA the new row stays at its init (PEFT's trainable_token_indices wraps the tied lm_head,
-        # which TRL's fused logits head cannot read); PEFT saves the resized embeddings with the adapter.
-        logger.info(f"Meta token {training_args.meta_token!r} -> id {meta_token_id}")
-
     # ------------------------------------------------------------------ rewards
     reward_funcs = [make_reward(script_args)]
 
-    # ------------------------------------------------------------------ trainer
+    # ------------------------------------------------------------------ trainer, settings, model card
     from ngc_trl.hub import write_model_card, write_ngc_settings
-    from ngc_trl.trainer import NGCTrainer
 
-    trainer = NGCTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train_dataset,
-                         processing_class=tokenizer, peft_config=peft_config)
-    eviction = training_args.eviction_config()
-    curriculum = None
-    if training_args.curriculum_rates is not None:
-        curriculum = {"rates": list(training_args.curriculum_rates),
-                      "stage_steps": training_args.curriculum_stage_steps, "alpha": training_args.curriculum_alpha}
-    card_kwargs = dict(curriculum=curriculum, interoception_rates=training_args.interoception_rates,
-                       meta_token=training_args.meta_token, task=script_args.task, is_adapter=peft_config is not None,
-                       repo_id=training_args.hub_model_id if training_args.push_to_hub else None)
+    if script_args.method == "breadcrumbs":
+        trainer, eviction, card_kwargs, extra, forced_token_id = _breadcrumbs_setup(
+            script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs)
+    else:
+        trainer, eviction, card_kwargs, extra, forced_token_id = _ngc_setup(
+            script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs)
+    card_kwargs["repo_id"] = training_args.hub_model_id if training_args.push_to_hub else None
     trl_create_model_card = trainer.create_model_card
     source = script_args.dataset_source
     hub_dataset = source if source != "generated" and not os.path.exists(source) else None
     card_args = dict(model_name=(training_args.hub_model_id or training_args.output_dir).rstrip("/").split("/")[-1],
-                     dataset_name=hub_dataset, tags=["ngc"])
+                     dataset_name=hub_dataset, tags=[script_args.method])
 
-    def create_model_card(*args, **kwargs):  # TRL's card (also rewritten by push_to_hub) + the NGC section
+    def create_model_card(*args, **kwargs):  # TRL's card (also rewritten by push_to_hub) + the method's section
         trl_create_model_card(*args, **kwargs)
         if trainer.accelerator.is_main_process:
             write_model_card(training_args.output_dir, eviction, model_args.model_name_or_path, **card_kwargs)
@@ -229,18 +255,16 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ save model, settings, model card
     logger.info("*** Save model ***")
     trainer.save_model(training_args.output_dir)
+    student = getattr(trainer, "student_model", None)  # Breadcrumbs full fine-tuning: output_dir holds the student
+    decoder = student if student is not None else trainer.model
     if trainer.accelerator.is_main_process:
-        extra = {"interoception_rates": training_args.interoception_rates, "meta_token": training_args.meta_token,
-                 "meta_token_id": meta_token_id, "meta_token_init": training_args.meta_token_init if meta_token_id
-                 is not None else None, "curriculum": curriculum, "base_model": model_args.model_name_or_path,
-                 "task": script_args.task, "dataset_source": script_args.dataset_source,
-                 "prompt_format": script_args.prompt_format, "eviction_loss_coef": training_args.eviction_loss_coef,
-                 "replay_masks": training_args.replay_masks, "min_length_penalty": training_args.min_length_penalty,
-                 "loss_type": training_args.loss_type, "use_peft": peft_config is not None}
+        extra.update({"base_model": model_args.model_name_or_path, "task": script_args.task,
+                      "dataset_source": script_args.dataset_source, "prompt_format": script_args.prompt_format,
+                      "loss_type": training_args.loss_type, "use_peft": peft_config is not None})
         write_ngc_settings(training_args.output_dir, eviction, extra)
         trainer.create_model_card(**card_args)
-        trainer.model.config.use_cache = True
-        trainer.model.config.save_pretrained(training_args.output_dir)
+        decoder.config.use_cache = True
+        decoder.config.save_pretrained(training_args.output_dir)
     trainer.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ evaluate
@@ -254,14 +278,16 @@ def main(argv: list[str] | None = None) -> dict:
             data_source = script_args.dataset_source
         problems = load_problems(script_args.task, tokenizer, script_args.eval_num_problems, training_args.seed,
                                  data_source, prompt_format=script_args.prompt_format)
-        net = trainer.accelerator.unwrap_model(trainer.model).eval()
+        net = trainer.accelerator.unwrap_model(decoder).eval()
+        if script_args.method == "breadcrumbs" and peft_config is not None:
+            net.set_adapter(training_args.student_adapter_name)
         with torch.no_grad():
             summary = evaluate(net, tokenizer, problems, script_args.task, script_args.eval_policies,
                                script_args.eval_rates, eviction=eviction,
                                max_new_tokens=training_args.max_completion_length,
                                output_dir=os.path.join(training_args.output_dir, "eval"),
-                               interoception=training_args.interoception_rates is not None,
-                               forced_token_id=meta_token_id, settings={"model": training_args.output_dir},
+                               interoception=getattr(training_args, "interoception_rates", None) is not None,
+                               forced_token_id=forced_token_id, settings={"model": training_args.output_dir},
                                batch_size=training_args.per_device_train_batch_size)
 
     # ------------------------------------------------------------------ push
@@ -269,9 +295,50 @@ def main(argv: list[str] | None = None) -> dict:
         from ngc_trl.hub import safe_push
 
         logger.info("Pushing to hub...")
-        safe_push(trainer, commit_message="End of NGC training", **card_args)
+        safe_push(trainer, commit_message=f"End of {'NGC' if script_args.method == 'ngc' else 'Breadcrumbs'} training", **card_args)
     return {"output_dir": training_args.output_dir, "eval": summary}
 
+
+def _ngc_setup(script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs):
+    """`NGCTrainer` (with the optional meta token), its `EvictionConfig`, model-card kwargs, the settings'
+    extras and the forced token id."""
+    from ngc_trl.trainer import NGCTrainer
+
+    # meta token (paper §A.4)
+    meta_token_id = None
+    if training_args.meta_token:
+        from ngc_trl.special_tokens import add_special_token
+
+        meta_token_id = add_special_token(model, tokenizer, training_args.meta_token, training_args.meta_token_init)
+        # Under LoRA the new row stays at its init (PEFT's trainable_token_indices wraps the tied lm_head,
+        # which TRL's fused logits head cannot read); PEFT saves the resized embeddings with the adapter.
+        logger.info(f"Meta token {training_args.meta_token!r} -> id {meta_token_id}")
+    trainer = NGCTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train_dataset,
+                         processing_class=tokenizer, peft_config=peft_config)
+    curriculum = None
+    if training_args.curriculum_rates is not None:
+        curriculum = {"rates": list(training_args.curriculum_rates),
+                      "stage_steps": training_args.curriculum_stage_steps, "alpha": training_args.curriculum_alpha}
+    card_kwargs = dict(curriculum=curriculum, interoception_rates=training_args.interoception_rates,
+                       meta_token=training_args.meta_token, task=script_args.task, is_adapter=peft_config is not None)
+    extra = {"interoception_rates": training_args.interoception_rates, "meta_token": training_args.meta_token,
+             "meta_token_id": meta_token_id, "meta_token_init": training_args.meta_token_init if meta_token_id
+             is not None else None, "curriculum": curriculum, "eviction_loss_coef": training_args.eviction_loss_coef,
+             "replay_masks": training_args.replay_masks, "min_length_penalty": training_args.min_length_penalty}
+    return trainer, training_args.eviction_config(), card_kwargs, extra, meta_token_id
+
+
+def _breadcrumbs_setup(script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset,
+                       reward_funcs):
+    """`BreadcrumbsTrainer` (it adds the beacon token and builds the two adapters / the student copy), the
+    student's `EvictionConfig`, model-card kwargs and the settings' extras."""
+    from ngc_trl.breadcrumbs import BreadcrumbsTrainer
+
+    trainer = BreadcrumbsTrainer(model=model, reward_funcs=reward_funcs, args=training_args,
+                                 train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config)
+    logger.info(f"Beacon {training_args.beacon_token!r} -> id {trainer.beacon_token_id}")
+    card_kwargs = dict(task=script_args.task, is_adapter=peft_config is not None)
+    return trainer, trainer.eviction_config(), card_kwargs, trainer.breadcrumbs_training_info(), None
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Qwen2 models (GQA: 4 query heads, 2 KV heads) built from a config."""
+"""Shared fixtures: tiny random Qwen2 models (GQA: 4 query heads, 2 KV heads) built from a config, a saved
+tiny base folder for the entry-point tests, and a guard that fails if a model is loaded."""
 
 import pytest
 import torch
@@ -35,3 +36,32 @@ def left_padded(lengths, vocab=96, seed=0, pad=0):
         ids[i, p - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[i, p - n:] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny Qwen2 + char tokenizer saved with save_pretrained (what `ngc-testbed` writes to outputs/tiny-base)."""
+    from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+
+    folder = tmp_path_factory.mktemp("tiny-base")
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = Qwen2ForCausalLM(tiny_qwen2_config(len(tok), num_layers=2, hidden=64))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a model or tokenizer is loaded (config errors must come first)."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)

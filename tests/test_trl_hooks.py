@@ -1,4 +1,5 @@
-"""Fails loudly when a TRL / transformers upgrade changes a private hook NGCTrainer overrides."""
+"""Fails loudly when a TRL / transformers / PEFT upgrade changes a private hook NGCTrainer or
+BreadcrumbsTrainer overrides (or an internal the Breadcrumbs adapter switch relies on)."""
 
 import inspect
 
@@ -11,6 +12,14 @@ EXPECTED = {
     "_generate_and_score_completions": ["self", "inputs"],
     "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
     "_compute_loss": ["self", "model", "inputs"],
+}
+# BreadcrumbsTrainer (transformers.Trainer hooks, inherited by GRPOTrainer)
+BREADCRUMBS_EXPECTED = {
+    "_compute_loss": ["self", "model", "inputs"],
+    "create_optimizer": ["self", "model"],
+    "_clip_grad_norm": ["self", "model"],
+    "_save": ["self", "output_dir", "state_dict"],
+    "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
 }
 LOGPS = ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
          "compute_aux_loss"]
@@ -38,3 +47,30 @@ def test_pinned_versions():
 
     assert trl.__version__.startswith("1.16."), trl.__version__
     assert transformers.__version__.startswith("5.23."), transformers.__version__
+
+
+def test_overridden_breadcrumbs_hooks_keep_their_signature():
+    for name, params in BREADCRUMBS_EXPECTED.items():
+        got = list(inspect.signature(getattr(GRPOTrainer, name)).parameters)
+        assert got == params, f"GRPOTrainer.{name} changed: {got}; update BreadcrumbsTrainer.{name}"
+
+
+def test_every_breadcrumbs_override_exists_on_grpo_trainer():
+    from ngc_trl.breadcrumbs import BreadcrumbsTrainer
+
+    helpers = ("_set_adapter_grads", "_student", "_teacher_modules", "_draw_ratios")
+    for name, fn in vars(BreadcrumbsTrainer).items():
+        if name.startswith("_") and not name.startswith("__") and callable(fn) and name not in helpers:
+            assert hasattr(GRPOTrainer, name), f"BreadcrumbsTrainer overrides {name}, which GRPOTrainer no longer has"
+        if not name.startswith("_") and callable(fn) and name not in ("eviction_config", "breadcrumbs_training_info"):
+            assert hasattr(GRPOTrainer, name), f"BreadcrumbsTrainer overrides {name}, which GRPOTrainer no longer has"
+
+
+def test_internals_of_the_breadcrumbs_adapter_switch():
+    """The student's recompute under gradient checkpointing is pinned by wrapping each layer's
+    `_gradient_checkpointing_func` and setting PEFT's per-layer `_active_adapter`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    assert "self._gradient_checkpointing_func(" in inspect.getsource(GradientCheckpointingLayer)
+    assert "self._active_adapter" in inspect.getsource(BaseTunerLayer)

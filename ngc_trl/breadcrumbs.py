@@ -1,0 +1,491 @@
+"""Breadcrumbs Reasoning training (Monea et al., arXiv 2510.13797; method.md §8) as a thin `GRPOTrainer` subclass.
+
+One training step on one batch of rollouts:
+
+1. **Teacher** (full KV cache): TRL's plain GRPO path, unchanged — plain ``model.generate`` rollouts,
+   rewards, group advantages and TRL's loss (Dr. GRPO by default).
+2. **Student** (compresses with beacons): one forward over prompt + the *teacher's* completion with a
+   beacon interleaved every ``c`` completion tokens, under the beacon mask (`ngc_trl.beacons`), and a
+   token-level KL to the teacher's full-cache distribution on the same tokens (teacher detached)::
+
+       L = L_GRPO(teacher) + distill_loss_coef · Σ_{b,t} m_{b,t} KL_{b,t} / N
+
+   ``KL_{b,t} = KL(p_T ‖ p_S)`` (``kl_direction="forward"``, default) or ``KL(p_S ‖ p_T)`` (``"reverse"``)
+   over the whole vocabulary, ``m`` the completion mask, ``N = B · max_completion_length`` with Dr. GRPO
+   (the same constant TRL divides the policy loss by, so coefficient 1 weighs one token of KL like one
+   token of policy gradient) and the number of completion tokens with any other ``loss_type``.
+
+Teacher and student:
+
+* **LoRA** (``peft_config``): two adapters, ``teacher`` and ``student``, on one frozen base. The student
+  starts as a copy of the teacher adapter. ``teacher`` is active everywhere TRL runs the model; the
+  student forward switches adapters and back. PEFT's ``set_adapter`` freezes the inactive adapter, so
+  ``requires_grad`` is restored after each switch and both adapters are in the optimizer. Under
+  gradient checkpointing the decoder layers are recomputed in ``backward()`` after the switch back, so
+  each checkpointed layer's recompute is pinned to the adapter of its forward (`_pin_checkpoint_adapters`).
+* **Full fine-tuning**: the student is a copy of the model (made before TRL patches it), with its own
+  parameters added to the optimizer (`create_optimizer`) and, under DDP, its own DDP wrapper
+  (DeepSpeed / FSDP: use LoRA).
+* Gradients are clipped per policy (`_clip_grad_norm`): the teacher's update is then exactly TRL's GRPO
+  update whatever the distillation term; ``grad_norm`` is the teacher's, ``breadcrumbs/student_grad_norm``
+  the student's.
+
+Memory: TRL's fused LM head never materialises the teacher's logits, so the teacher's final hidden
+states are captured (detached) during TRL's own forward and projected chunk by chunk inside the KL
+(``distill_chunk_size`` tokens at a time, under activation checkpointing): besides the student's
+``(B, T, V)`` logits, the KL holds only ``O(chunk · V)``. No extra teacher forward is run.
+
+Deviations from / choices beyond the paper (method.md §8 "Choices"): the KL direction and weight, its
+normalisation, temperature 1 for both distributions (TRL's sampling ``temperature`` is not applied),
+the beacon embedding init, separate gradient clipping, ``c`` drawn per rollout from a list (not in the
+paper). With LoRA the beacon embedding row stays at its init (the base is frozen); with full
+fine-tuning the student learns it. The beacon token is suppressed in the teacher's rollouts.
+
+Saving: ``output_dir`` holds the *student* (what users decode with: adapter or full model), the
+tokenizer and ``ngc_settings.json`` (``EvictionConfig(policy="breadcrumbs", compression_ratio=c,
+beacon_token_id=b)``, read back by `ngc_trl.hub.load_ngc_settings`); the teacher goes to
+``output_dir/teacher``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from trl import GRPOConfig, GRPOTrainer
+
+from ngc_trl.beacons import BEACON_INITS, BEACON_TOKEN, add_beacon_token, beacon_forward, beacon_layout
+from ngc_trl.eviction import EvictionConfig
+
+TEACHER_SUBFOLDER = "teacher"
+KL_DIRECTIONS = ("forward", "reverse")
+
+
+@dataclass
+class BreadcrumbsConfig(GRPOConfig):
+    r"""
+    Configuration of [`BreadcrumbsTrainer`]: TRL's `GRPOConfig` (Dr. GRPO defaults, as `NGCConfig`) plus:
+
+    New Parameters:
+        compression_ratio (`int` or `list[int]`, defaults to `8`): ``c``, one beacon every ``c`` completion
+            tokens (paper: one student per ``c ∈ {2, 4, 8, 16, 32}``). A list (CLI: ``--compression_ratio 4 8
+            16``) draws ``c`` per rollout from it (not in the paper); its first entry is the decode default
+            written to ``ngc_settings.json``.
+        distill_loss_coef (`float`, defaults to `1.0`): weight of the distillation loss (0: the student is
+            frozen and the KL is only logged).
+        kl_direction (`str`, defaults to `"forward"`): ``"forward"`` = KL(teacher ‖ student), ``"reverse"`` =
+            KL(student ‖ teacher).
+        distill_chunk_size (`int`, defaults to `512`): tokens per chunk of the vocabulary-wide KL.
+        beacon_token (`str`, defaults to `"<|beacon|>"`), beacon_init (`str`, defaults to `"mean"`): the
+            special token and its embedding init (`ngc_trl.beacons.add_beacon_token`: mean | eos | random).
+        teacher_adapter_name (`str`, defaults to `"teacher"`), student_adapter_name (`str`, defaults to
+            `"student"`): the two LoRA adapters (LoRA only).
+    """
+
+    # list[int] so that the CLI takes one or several values; an int is kept as an int
+    compression_ratio: list[int] = field(default=8, metadata={"help": "c (int), or several to draw per rollout."})
+    distill_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the student's distillation loss."})
+    kl_direction: str = field(default="forward", metadata={"help": "forward = KL(teacher||student) | reverse"})
+    distill_chunk_size: int = field(default=512, metadata={"help": "Tokens per chunk of the vocabulary-wide KL."})
+    beacon_token: str = field(default=BEACON_TOKEN, metadata={"help": "The beacon special token."})
+    beacon_init: str = field(default="mean", metadata={"help": "Beacon embedding init: mean | eos | random."})
+    teacher_adapter_name: str = field(default="teacher", metadata={"help": "LoRA adapter of the teacher."})
+    student_adapter_name: str = field(default="student", metadata={"help": "LoRA adapter of the student."})
+
+    # Dr. GRPO defaults (as NGCConfig)
+    loss_type: str = field(default="dr_grpo", metadata={"help": "TRL loss type of the teacher; Dr. GRPO."})
+    scale_rewards: str = field(default="none", metadata={"help": "Dr. GRPO: no std scaling of advantages."})
+
+    def __post_init__(self):
+        super().__post_init__()
+
+        def bad(name, why):
+            raise ValueError(f"BreadcrumbsConfig.{name}={getattr(self, name)!r}: {why}")
+
+        c = self.compression_ratio
+        if isinstance(c, str):  # "4,8,16"
+            try:
+                c = [int(x) for x in c.split(",") if x.strip()]
+            except ValueError:
+                bad("compression_ratio", "must be an integer >= 2 or a list of them")
+        if isinstance(c, (list, tuple)) and len(c) == 1:
+            c = c[0]
+        ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2  # noqa: E731
+        if not (ok(c) or (isinstance(c, (list, tuple)) and c and all(ok(v) for v in c))):
+            bad("compression_ratio", "must be an integer >= 2 or a non-empty list of them")
+        self.compression_ratio = c if isinstance(c, int) else list(c)
+        coef = self.distill_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0 or coef == float("inf"):
+            bad("distill_loss_coef", "must be a finite number >= 0")
+        if self.kl_direction not in KL_DIRECTIONS:
+            bad("kl_direction", f"must be one of {KL_DIRECTIONS}")
+        if isinstance(self.distill_chunk_size, bool) or not isinstance(self.distill_chunk_size, int) \
+                or self.distill_chunk_size <= 0:
+            bad("distill_chunk_size", "must be a positive integer")
+        if not isinstance(self.beacon_token, str) or not self.beacon_token.strip():
+            bad("beacon_token", "must be a non-empty string")
+        if self.beacon_init not in BEACON_INITS:
+            bad("beacon_init", f"must be one of {BEACON_INITS}")
+        for name in ("teacher_adapter_name", "student_adapter_name"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v or "." in v or v == "ref":
+                bad(name, "must be a non-empty adapter name without '.' (and not 'ref')")
+        if self.teacher_adapter_name == self.student_adapter_name:
+            bad("student_adapter_name", "must differ from teacher_adapter_name")
+        if self.use_vllm:
+            bad("use_vllm", "not supported (the vocabulary grows by the beacon token; use transformers generation)")
+
+    @property
+    def compression_ratios(self) -> list[int]:
+        """The ratios as a list (one entry for a fixed ``c``)."""
+        c = self.compression_ratio
+        return [c] if isinstance(c, int) else list(c)
+
+
+def token_kl(student_logits, teacher_hidden, lm_head, mask, direction: str = "forward", chunk_size: int = 512):
+    """Per-token vocabulary-wide KL between the student and the teacher, computed chunk by chunk.
+
+    Parameters
+    ----------
+    student_logits : ``(B, T, V)`` logits (with autograd), ``[:, t]`` predicting completion token ``t``.
+    teacher_hidden : ``(B, T, H)`` the teacher's final hidden states at the same predictions (detached);
+        projected by ``lm_head`` inside each chunk, without gradient.
+    lm_head : the teacher's output projection ``(H) -> (V)``.
+    mask : ``(B, T)``, 1 on completion tokens; other tokens are skipped and get 0.
+    direction : ``"forward"`` KL(p_T ‖ p_S) or ``"reverse"`` KL(p_S ‖ p_T), softmax at temperature 1, fp32.
+    chunk_size : tokens per chunk; with grad each chunk runs under activation checkpointing, so only
+        ``O(chunk_size · V)`` floats are alive at a time besides ``student_logits``.
+
+    Returns
+    -------
+    ``(B, T)`` fp32 KL, 0 where ``mask`` is 0.
+    """
+    b, t, v = student_logits.shape
+    s_flat, h_flat = student_logits.reshape(b * t, v), teacher_hidden.reshape(b * t, -1)
+    m_flat = mask.reshape(-1).bool()
+    reverse = direction == "reverse"
+    out = []
+    for s, h, m in zip(s_flat.split(chunk_size), h_flat.split(chunk_size), m_flat.split(chunk_size)):
+        if not bool(m.any()):
+            out.append(torch.zeros(m.shape, device=s.device))
+        elif s.requires_grad:
+            out.append(checkpoint(_kl_chunk, s, h, lm_head, reverse, use_reentrant=False) * m)
+        else:
+            out.append(_kl_chunk(s, h, lm_head, reverse) * m)
+    return torch.cat(out).view(b, t)
+
+
+def _kl_chunk(s, h, lm_head, reverse):
+    with torch.no_grad():
+        t_logp = F.log_softmax(lm_head(h).float(), -1)
+    s_logp = F.log_softmax(s.float(), -1)
+    if reverse:
+        return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def _last_hidden(output):
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def _pin_checkpoint_adapters(model) -> None:
+    """Make every gradient-checkpointed layer recompute with the LoRA adapter(s) active in its forward.
+
+    ``GradientCheckpointingLayer`` calls ``layer._gradient_checkpointing_func(partial(forward, ...), *args)``;
+    the recompute in ``backward()`` runs ``forward`` again with whatever adapter is active *then*. The
+    wrapper records the active adapters at forward time and sets them on the layer's LoRA modules around
+    both the forward and its recompute (PEFT's ``_active_adapter``; no ``requires_grad`` toggling inside
+    backward). Idempotent; re-applied each loss because TRL re-enables checkpointing after generation."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for layer in model.modules():
+        fn = getattr(layer, "_gradient_checkpointing_func", None)
+        if not isinstance(layer, GradientCheckpointingLayer) or fn is None or getattr(fn, "_bc_pinned", False):
+            continue
+        loras = [m for m in layer.modules() if isinstance(m, BaseTunerLayer)]
+        if not loras:
+            continue
+
+        def pinned(function, *args, _fn=fn, _loras=loras, **kwargs):
+            names = [m._active_adapter for m in _loras]
+
+            def run(*a, **k):
+                saved = [m._active_adapter for m in _loras]
+                for m, n in zip(_loras, names):
+                    m._active_adapter = n
+                try:
+                    return function(*a, **k)
+                finally:
+                    for m, n in zip(_loras, saved):
+                        m._active_adapter = n
+
+            return _fn(run, *args, **kwargs)
+
+        pinned._bc_pinned = True
+        layer._gradient_checkpointing_func = pinned
+
+
+class BreadcrumbsTrainer(GRPOTrainer):
+    """GRPO teacher + beacon-compressing student distilled from the teacher's rollouts (see the module
+    docstring). Same arguments as `trl.GRPOTrainer` with ``args`` a `BreadcrumbsConfig`; ``model`` must not
+    be a `PeftModel` (pass ``peft_config`` for the two-adapter form). With LoRA, ``beta`` must be 0."""
+
+    _tag_names = ["trl", "grpo", "breadcrumbs", "kv-cache", "compression-beacons"]
+    _name = "Breadcrumbs"
+    _paper = {
+        "title": "Breadcrumbs Reasoning: Memory-Efficient Reasoning with Compression Beacons",
+        "id": "2510.13797",
+        "citation": "@article{monea2025breadcrumbs, title={Breadcrumbs Reasoning: Memory-Efficient Reasoning with "
+        "Compression Beacons}, author={Monea and Feldman and Padmanabhan and Brantley and Artzi}, "
+        "journal={arXiv:2510.13797}, year={2025}}",
+    }
+
+    def __init__(self, model, reward_funcs=None, args: BreadcrumbsConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
+        if not isinstance(args, BreadcrumbsConfig):
+            raise TypeError("BreadcrumbsTrainer needs args=BreadcrumbsConfig(...)")
+        if args.load_best_model_at_end:
+            raise ValueError("BreadcrumbsTrainer: load_best_model_at_end is not supported")
+        from accelerate.utils import is_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ngc_trl.attention import enable_ngc_attention
+
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+        if is_peft_model(model):
+            raise ValueError("BreadcrumbsTrainer: pass the base model and a peft_config, not a PeftModel")
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path, padding_side="left")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.beacon_token_id = add_beacon_token(tokenizer, model, args.beacon_token, args.beacon_init)
+        gen = dict(args.generation_kwargs or {})
+        gen["suppress_tokens"] = sorted({*(gen.get("suppress_tokens") or []), self.beacon_token_id})
+        args.generation_kwargs = gen  # the teacher never samples the beacon
+        self.train_student = args.distill_loss_coef > 0
+        self.use_lora = peft_config is not None
+        self._adapter_names = (args.teacher_adapter_name, args.student_adapter_name)
+        self.student_model = None
+        if self.use_lora:
+            if args.beta != 0.0:
+                raise ValueError("BreadcrumbsTrainer with LoRA supports beta=0 only (TRL's reference adapter "
+                                 "logic assumes a single 'default' adapter)")
+            from peft import get_peft_model
+
+            t_name, s_name = args.teacher_adapter_name, args.student_adapter_name
+            model = get_peft_model(model, peft_config, adapter_name=t_name)
+            model.add_adapter(s_name, peft_config)
+            with torch.no_grad():  # the student starts as the teacher
+                params = dict(model.named_parameters())
+                for name, p in params.items():
+                    if f".{s_name}." in name:
+                        p.copy_(params[name.replace(f".{s_name}.", f".{t_name}.")])
+            model.set_adapter(t_name)
+            self._set_adapter_grads(model)
+        else:
+            self.student_model = copy.deepcopy(model)  # before TRL patches the forward
+        enable_ngc_attention(model if self.use_lora else self.student_model)
+
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+
+        if self.use_lora:
+            self._student_params = [p for n, p in self.model.named_parameters() if f".{s_name}." in n]
+        else:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise NotImplementedError("BreadcrumbsTrainer: full fine-tuning of two models under DeepSpeed/FSDP "
+                                          "is not supported; use LoRA (peft_config)")
+            student = self.student_model
+            student.config.use_cache = False
+            if args.disable_dropout:
+                from trl.trainer.utils import disable_dropout_in_model
+
+                disable_dropout_in_model(student)
+            if args.gradient_checkpointing:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+            student.requires_grad_(self.train_student)
+            self.student_wrapped = self.accelerator.prepare_model(student) if self.train_student else \
+                student.to(self.accelerator.device)
+            self._student_params = list(student.parameters())
+        self._student_ids = {id(p) for p in self._student_params}
+
+    # ------------------------------------------------------------------ settings
+    def eviction_config(self) -> EvictionConfig:
+        """How to decode with the student: ``EvictionConfig(policy="breadcrumbs", c, beacon id)``."""
+        return EvictionConfig(policy="breadcrumbs", compression_ratio=self.args.compression_ratios[0],
+                              beacon_token_id=self.beacon_token_id)
+
+    def breadcrumbs_training_info(self) -> dict:
+        """The run's Breadcrumbs settings beyond `eviction_config` (for ``ngc_training.json``)."""
+        a = self.args
+        return {"method": "breadcrumbs", "compression_ratios": a.compression_ratios, "beacon_token": a.beacon_token,
+                "beacon_init": a.beacon_init, "kl_direction": a.kl_direction, "distill_loss_coef": a.distill_loss_coef,
+                "use_peft": self.use_lora, "teacher_subfolder": TEACHER_SUBFOLDER, "loss_type": a.loss_type}
+
+    # ------------------------------------------------------------------ teacher / student plumbing
+    def _set_adapter_grads(self, peft_model):
+        """PEFT's ``set_adapter`` freezes the inactive adapter: make both trainable again (the student only
+        when it is trained), so both stay in the optimizer and get gradients."""
+        teacher, student = self._adapter_names
+        peft_model.set_requires_grad([teacher], True)
+        peft_model.set_requires_grad([student], self.train_student)
+
+    @contextlib.contextmanager
+    def _student(self, model):
+        """The student model to call: the PEFT model with the student adapter active (LoRA), else the copy."""
+        if not self.use_lora:
+            self.student_model.train(self.model.training)
+            yield self.student_wrapped
+            return
+        peft_model = self.accelerator.unwrap_model(model)
+        peft_model.set_adapter(self.args.student_adapter_name)
+        self._set_adapter_grads(peft_model)
+        try:
+            yield peft_model
+        finally:
+            peft_model.set_adapter(self.args.teacher_adapter_name)
+            self._set_adapter_grads(peft_model)
+
+    def _teacher_modules(self):
+        """(backbone, lm_head) of the teacher: TRL's fused head runs ``backbone`` then ``lm_head``."""
+        net = self.accelerator.unwrap_model(self.model)
+        net = net.get_base_model() if self.use_lora else net
+        return net.base_model, net.get_output_embeddings()
+
+    def _draw_ratios(self, n: int, device):
+        """``c`` for each of ``n`` rollouts: the int, or ``(n,)`` draws from the list (reproducible per step)."""
+        cs = self.args.compression_ratios
+        if len(cs) == 1:
+            return cs[0]
+        rng = random.Random(f"{self.args.seed}|{self._step}|{self.accelerator.process_index}")
+        return torch.tensor([rng.choice(cs) for _ in range(n)], device=device)
+
+    # ------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        if self.use_lora and self.args.gradient_checkpointing:
+            _pin_checkpoint_adapters(self.accelerator.unwrap_model(model))
+        backbone, lm_head = self._teacher_modules()
+        hidden = []
+        handle = backbone.register_forward_hook(lambda m, a, out: hidden.append(_last_hidden(out).detach()))
+        try:
+            grpo_loss = super()._compute_loss(model, inputs)  # TRL's teacher loss (already / GA in train)
+        finally:
+            handle.remove()
+        p, t = inputs["prompt_ids"].shape[1], inputs["completion_ids"].shape[1]
+        teacher_hidden = torch.cat(hidden)[:, p - 1:p + t - 1]  # (B, T, H): predicts completion token t
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        ratios = self._draw_ratios(mask.shape[0], mask.device)
+        layout = beacon_layout(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+                               inputs["completion_mask"], ratios, self.beacon_token_id)
+        with (self._student(model) as student, torch.set_grad_enabled(torch.is_grad_enabled() and self.train_student),
+              self.accelerator.autocast()):
+            logits = beacon_forward(student, layout)  # (B, T, V)
+            kl = token_kl(logits, teacher_hidden, lm_head, mask, self.args.kl_direction, self.args.distill_chunk_size)
+        if self.loss_type == "dr_grpo":
+            norm = mask.shape[0] * self.max_completion_length
+        else:
+            norm = mask.sum().clamp(min=1)
+        distill_loss = kl.sum() / norm
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+        gather = self.accelerator.gather
+        metrics = self._metrics[mode]
+        metrics["breadcrumbs/grpo_loss"].append(gather(grpo_loss.detach() * ga).mean().item())
+        metrics["breadcrumbs/distill_loss"].append(gather(distill_loss.detach()).mean().item())
+        totals = self.accelerator.reduce(torch.stack([kl.detach().sum(), mask.sum().float()]), reduction="sum")
+        metrics["breadcrumbs/kl_per_token"].append((totals[0] / totals[1].clamp(min=1)).item())
+        c = torch.as_tensor(ratios, device=mask.device).float().expand(mask.shape[0]).contiguous()
+        metrics["breadcrumbs/compression_ratio"].append(gather(c).mean().item())
+        beacons = layout.is_beacon.sum(1).float()
+        metrics["breadcrumbs/beacons"].append(gather(beacons).mean().item())
+        if not self.train_student:
+            return grpo_loss
+        return grpo_loss + self.args.distill_loss_coef * distill_loss / ga
+
+    # ------------------------------------------------------------------ optimisation
+    def create_optimizer(self, model=None):
+        """TRL/transformers' optimizer, plus the full-fine-tuning student's parameters (same decay rule)."""
+        optimizer = super().create_optimizer(model)
+        if self.student_model is not None and self.train_student:
+            known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not all(id(p) in known for p in self._student_params):
+                decay = set(self.get_decay_parameter_names(self.student_model))
+                named = list(self.student_model.named_parameters())
+                optimizer.add_param_group({"params": [p for n, p in named if n in decay],
+                                           "weight_decay": self.args.weight_decay})
+                optimizer.add_param_group({"params": [p for n, p in named if n not in decay], "weight_decay": 0.0})
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        """Clip teacher and student gradients separately (see the module docstring); returns the teacher's."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not self.train_student:
+            return super()._clip_grad_norm(model)
+        teacher = [p for p in model.parameters() if p.requires_grad and id(p) not in self._student_ids]
+        norm = self.accelerator.clip_grad_norm_(teacher, self.args.max_grad_norm)  # unscales all grads (fp16)
+        student = [p for p in self._student_params if p.grad is not None]
+        s_norm = torch.nn.utils.clip_grad_norm_(student, self.args.max_grad_norm) if student else torch.zeros(())
+        self._metrics["train"]["breadcrumbs/student_grad_norm"].append(float(s_norm))
+        return norm
+
+    # ------------------------------------------------------------------ saving / resuming
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """``output_dir``: the student (adapter or model), tokenizer, settings; ``output_dir/teacher``: the
+        teacher. Every checkpoint gets the same layout."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        teacher_dir = os.path.join(output_dir, TEACHER_SUBFOLDER)
+        if not self.use_lora:
+            super()._save(teacher_dir, state_dict=state_dict)  # the teacher (+ tokenizer, args) via Trainer
+            if self.args.should_save:
+                self.student_model.save_pretrained(output_dir)
+        elif self.args.should_save:
+            peft_model = self.accelerator.unwrap_model(self.model)
+            os.makedirs(output_dir, exist_ok=True)
+            s_name, t_name = self.args.student_adapter_name, self.args.teacher_adapter_name
+            # the student carries the (resized) embeddings: it is what users load; PEFT writes a non-default
+            # adapter to <dir>/<name>, so the student's files are moved up to output_dir
+            peft_model.save_pretrained(output_dir, selected_adapters=[s_name], save_embedding_layers=True,
+                                       state_dict=state_dict)
+            for f in os.listdir(os.path.join(output_dir, s_name)):
+                os.replace(os.path.join(output_dir, s_name, f), os.path.join(output_dir, f))
+            shutil.rmtree(os.path.join(output_dir, s_name))
+            peft_model.save_pretrained(output_dir, selected_adapters=[t_name], save_embedding_layers=False,
+                                       state_dict=state_dict)
+            if t_name != TEACHER_SUBFOLDER:
+                shutil.rmtree(teacher_dir, ignore_errors=True)
+                os.replace(os.path.join(output_dir, t_name), teacher_dir)
+        if not self.args.should_save:
+            return
+        from ngc_trl.hub import write_ngc_settings
+
+        self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        write_ngc_settings(output_dir, self.eviction_config(), self.breadcrumbs_training_info())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume from the layout `_save` writes (student at the top, teacher in ``teacher/``)."""
+        teacher_dir = os.path.join(resume_from_checkpoint, TEACHER_SUBFOLDER)
+        if not self.use_lora:
+            super()._load_from_checkpoint(teacher_dir, model)
+            super()._load_from_checkpoint(resume_from_checkpoint, self.student_model)
+            return
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        peft_model = self.accelerator.unwrap_model(self.model if model is None else model)
+        for folder, name in ((resume_from_checkpoint, self.args.student_adapter_name),
+                             (teacher_dir, self.args.teacher_adapter_name)):
+            weights = load_file(os.path.join(folder, "adapter_model.safetensors"),
+                                device=str(self.accelerator.device))
+            set_peft_model_state_dict(peft_model, weights, adapter_name=name)
+        peft_model.set_adapter(self.args.teacher_adapter_name)
+        self._set_adapter_grads(peft_model)
