@@ -363,6 +363,19 @@ def search_trace(nums: Sequence[int], target: int, rng: random.Random | None = N
 
 
 # ----------------------------------------------------------------------------- prompts
+def chat_messages(content: str, eviction_rate_tag: str | None = None, prefill: bool = False,
+                  system_prompt: str | None = None) -> list[dict]:
+    """A task's user ``content`` as chat messages: the interoception tag appended, an optional system
+    turn first and the assistant prefill (:data:`PREFILL`) last. Shared by every task's ``build_prompt``."""
+    if eviction_rate_tag:
+        content += " " + eviction_rate_tag
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": content})
+    if prefill:
+        messages.append({"role": "assistant", "content": PREFILL})
+    return messages
+
+
 def build_prompt(nums: Sequence[int], target: int, *, eviction_rate_tag: str | None = None,
                  prefill: bool = False, system_prompt: str | None = None) -> list[dict]:
     """TinyZero's Countdown prompt as chat messages.
@@ -384,13 +397,7 @@ def build_prompt(nums: Sequence[int], target: int, *, eviction_rate_tag: str | N
                "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work in "
                "<think> </think> tags. And return the final answer in <answer> </answer> tags, for example "
                "<answer> (1 + 2) / 3 </answer>.")
-    if eviction_rate_tag:
-        content += " " + eviction_rate_tag
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": content})
-    if prefill:
-        messages.append({"role": "assistant", "content": PREFILL})
-    return messages
+    return chat_messages(content, eviction_rate_tag, prefill, system_prompt)
 
 
 def build_plain_prompt(nums: Sequence[int], target: int, eviction_rate_tag: str | None = None) -> str:

@@ -75,7 +75,7 @@ from fractions import Fraction
 from math import gcd
 from typing import Any
 
-from ngc_trl.tasks.countdown import PREFILL, completion_text
+from ngc_trl.tasks.countdown import PREFILL, chat_messages, completion_text
 
 VAR_NAMES = ("x", "y", "z", "w", "u", "v")
 MAX_ANSWER_CHARS = 200
@@ -319,13 +319,7 @@ def build_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int], *, evictio
                f"unique and every value is an integer.\n{equations}\nShow your work in <think> </think> "
                "tags. And return the final answer in <answer> </answer> tags, giving every variable as "
                "name=value separated by commas, for example <answer>x=1, y=-2</answer>.")
-    if eviction_rate_tag:
-        content += " " + eviction_rate_tag
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": content})
-    if prefill:
-        messages.append({"role": "assistant", "content": PREFILL})
-    return messages
+    return chat_messages(content, eviction_rate_tag, prefill, system_prompt)
 
 
 def build_plain_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int],

@@ -63,7 +63,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ngc_trl.tasks.countdown import PREFILL, completion_text
+from ngc_trl.tasks.countdown import PREFILL, chat_messages, completion_text
 
 MAX_ANSWER_CHARS = 400
 MAX_DIGITS = 12
@@ -233,13 +233,7 @@ def build_prompt(edges: Sequence[Sequence[int]], source: int, goal: int, *, evic
                f"{format_edges(edges)}. Find the path from node {int(source)} to node {int(goal)}. Show your "
                "work in <think> </think> tags. And return the final answer in <answer> </answer> tags as the "
                "nodes of the path in order, separated by commas, for example <answer>1,8,3,5</answer>.")
-    if eviction_rate_tag:
-        content += " " + eviction_rate_tag
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": content})
-    if prefill:
-        messages.append({"role": "assistant", "content": PREFILL})
-    return messages
+    return chat_messages(content, eviction_rate_tag, prefill, system_prompt)
 
 
 def build_plain_prompt(edges: Sequence[Sequence[int]], source: int, goal: int,
