@@ -39,7 +39,7 @@ from ngc_trl.metrics import (
     summarize,
     write_reports,
 )
-from ngc_trl.policies import POLICIES
+from ngc_trl.policies import DECODERS, POLICIES
 
 MATH_TASKS = ("amc23", "aime24", "aime25", "amc25", "math")
 TASKS = ("countdown", *MATH_TASKS)
@@ -63,10 +63,18 @@ def _split(value, cast, name):
 
 def parse_policies(value) -> list[str]:
     policies = list(dict.fromkeys(_split(value, str, "policies")))
-    bad = [p for p in policies if p not in POLICIES]
+    valid = {**POLICIES, **DECODERS}
+    bad = [p for p in policies if p not in valid]
     if not policies or bad:
-        raise ValueError(f"--policies: unknown policy {bad[0] if bad else value!r}; valid: {', '.join(sorted(POLICIES))}")
+        raise ValueError(f"--policies: unknown policy {bad[0] if bad else value!r}; valid: {', '.join(sorted(valid))}")
     return policies
+
+
+def parse_compression_ratios(value) -> list[int]:
+    ratios = list(dict.fromkeys(_split(value, int, "compression_ratios")))
+    if not ratios or any(c < 2 for c in ratios):
+        raise ValueError(f"--compression_ratios={value!r}: every Breadcrumbs ratio c must be an integer >= 2")
+    return ratios
 
 
 def parse_rates(value) -> list[float]:
@@ -86,6 +94,8 @@ class EvalArguments:
     task: str = field(default="countdown", metadata={"help": f"One of {', '.join(TASKS)} ('math' needs --data_source)."})
     policies: str = field(default="full,ngc", metadata={"help": "Comma-separated policies ('full' = upper bound)."})
     rates: str = field(default="0.5", metadata={"help": "Comma-separated eviction rates ε in [0, 1)."})
+    compression_ratios: str = field(default="2,4,8,16,32", metadata={
+        "help": "Comma-separated Breadcrumbs ratios c (policy 'breadcrumbs': a beacon every c tokens)."})
     num_problems: int | None = field(default=None, metadata={"help": "First N problems (default: the whole set)."})
     num_samples: int = field(default=1, metadata={"help": "Completions per problem (n of pass@k)."})
     k: str | None = field(default=None, metadata={"help": "Comma-separated k of pass@k (default: 1 and num_samples)."})
@@ -119,6 +129,7 @@ class EvalArguments:
         if self.task not in TASKS:
             raise ValueError(f"--task={self.task!r}: valid tasks: {', '.join(TASKS)}")
         self.policies, self.rates = ",".join(parse_policies(self.policies)), ",".join(map(str, parse_rates(self.rates)))
+        self.compression_ratios = ",".join(map(str, parse_compression_ratios(self.compression_ratios)))
         for name in ("num_samples", "batch_size", "num_problems", "max_new_tokens"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -273,19 +284,30 @@ def _check_settings(output_dir: Path, settings: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the evaluation
-def plan_runs(policies, rates, eviction: EvictionConfig | None = None) -> list[tuple[str, float | None, EvictionConfig]]:
-    """``(policy, rate, EvictionConfig)`` per run: ``full`` once, every other policy at every rate, all with
-    ``eviction``'s δ/b/w and protections. Validates every name and rate (errors name the argument)."""
+def plan_runs(policies, rates, eviction: EvictionConfig | None = None,
+              compression_ratios="2,4,8,16,32") -> list[tuple[str, float | None, EvictionConfig]]:
+    """``(policy, rate, EvictionConfig)`` per run: ``full`` once, every score-rule policy at every rate ε, all
+    with ``eviction``'s δ/b/w and protections, and ``breadcrumbs`` at every ratio c (its run's ``rate``
+    slot holds ``c``; it needs ``eviction.beacon_token_id``, which a Breadcrumbs student's
+    ``ngc_settings.json`` provides). Validates every name, rate and ratio (errors name the argument)."""
     base = eviction or EvictionConfig()
     policies, rates = parse_policies(policies), parse_rates(rates)
     runs = []
     for p in policies:
+        if p in DECODERS:
+            if base.beacon_token_id is None:
+                raise ValueError(f"--policies {p}: the model has no beacon token; evaluate a Breadcrumbs student "
+                                 f"(its {SETTINGS_FILE} gives beacon_token_id)")
+            for c in parse_compression_ratios(compression_ratios):
+                runs.append((p, float(c), dataclasses.replace(base, policy=p, eviction_rate=0.0, compression_ratio=c)))
+            continue
         for r in [None] if p == FULL else rates:
             runs.append((p, r, dataclasses.replace(base, policy=p, eviction_rate=0.0 if r is None else r)))
     return runs
 
 
 def evaluate(model, tokenizer, problems, task: str, policies="full,ngc", rates="0.5", *,
+             compression_ratios="2,4,8,16,32",
              eviction: EvictionConfig | None = None, num_samples: int = 1, k=None, max_new_tokens: int = 1024,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 16, seed: int = 0,
              output_dir: str | os.PathLike | None = None, interoception: bool = False,
@@ -299,6 +321,7 @@ def evaluate(model, tokenizer, problems, task: str, policies="full,ngc", rates="
             (``nums``/``target`` or ``answer``) and optionally ``id``.
         task: ``"countdown"`` or a math set (graded with `ngc_trl.tasks.math.grade`).
         policies, rates: names / ε, lists or comma-separated strings; ``full`` runs once.
+        compression_ratios: the c of every ``breadcrumbs`` run (a list or comma-separated string).
         eviction: δ/b/w/protections shared by all runs (default `EvictionConfig()`).
         k: pass@k values (default 1 and ``num_samples``). Greedy when ``temperature == 0``.
         output_dir: write ``samples.jsonl``, ``summary.json``, ``results.md``, ``pareto.png`` there and
@@ -309,7 +332,7 @@ def evaluate(model, tokenizer, problems, task: str, policies="full,ngc", rates="
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    runs = plan_runs(policies, rates, eviction)
+    runs = plan_runs(policies, rates, eviction, compression_ratios)
     ks = sorted(set(_split(k, int, "k"))) if k is not None else sorted({1, num_samples})
     if not ks or ks[0] < 1 or ks[-1] > num_samples:
         raise ValueError(f"--k={k!r}: every k must be in [1, num_samples={num_samples}]")
@@ -326,8 +349,9 @@ def evaluate(model, tokenizer, problems, task: str, policies="full,ngc", rates="
     state = PartialState(cpu=device.type == "cpu" and not torch.cuda.is_available())
     base = runs[0][2]
     settings = {**(settings or {}), "task": task, "policies": list(dict.fromkeys(r[0] for r in runs)),
-        "rates": parse_rates(rates),
-        "eviction": {**base.to_dict(), "policy": None, "eviction_rate": None}, "num_problems": len(problems),
+        "rates": parse_rates(rates), "compression_ratios": parse_compression_ratios(compression_ratios),
+        "eviction": {**base.to_dict(), "policy": None, "eviction_rate": None, "compression_ratio": None},
+        "num_problems": len(problems),
         "num_samples": num_samples, "k": ks, "max_new_tokens": max_new_tokens, "temperature": temperature,
         "top_p": top_p, "top_k": top_k, "do_sample": do_sample, "sample_evictions": False, "seed": seed,
         "batch_size": batch_size, "interoception": interoception, "forced_token_id": forced_token_id,
@@ -439,7 +463,7 @@ def _prepare(args: EvalArguments) -> dict:
         base = EvictionConfig(**{**model_settings, **overrides})
     except ValueError as e:
         raise ValueError(f"eviction settings: {e}") from None
-    plan_runs(args.policies, args.rates, base)  # fails here, before any loading, on a bad name or rate
+    plan_runs(args.policies, args.rates, base, args.compression_ratios)  # fails here, before any loading, on a bad name or rate
     k = args.k
     if k is not None and any(x > args.num_samples or x < 1 for x in _split(k, int, "k")):
         raise ValueError(f"--k={k}: every k must be in [1, --num_samples={args.num_samples}]")
@@ -459,7 +483,7 @@ def _prepare(args: EvalArguments) -> dict:
     settings = {"model": args.model, "data_source": args.data_source, "prompt_format": args.prompt_format,
                 "prefill": args.prefill, "dtype": str(next(model.parameters()).dtype), "model_settings": model_settings}
     return dict(model=model, tokenizer=tokenizer, problems=problems, task=args.task, policies=args.policies,
-                rates=args.rates, eviction=base, num_samples=args.num_samples, k=k, **gen, top_k=args.top_k,
+                rates=args.rates, compression_ratios=args.compression_ratios, eviction=base, num_samples=args.num_samples, k=k, **gen, top_k=args.top_k,
                 batch_size=args.batch_size, seed=args.seed, output_dir=args.output_dir, interoception=interoception,
                 forced_token_id=forced, grade_timeout_s=args.grade_timeout_s, settings=settings)
 

@@ -260,6 +260,9 @@ def generate_with_eviction(
             Llama, ...), possibly wrapped by PEFT.
         input_ids, attention_mask: ``(B, P)`` left-padded prompts.
         eviction: the schedule and policy (default `EvictionConfig()`, the paper's Countdown settings).
+            A set ``beacon_token_id`` is never sampled, whatever the policy: its logit is masked for
+            sampling only, and the returned log-probs stay over the full vocabulary (what the replay
+            recomputes; TRL's ``suppress_tokens`` rollouts behave the same).
         max_new_tokens, do_sample, temperature, top_p, top_k: token sampling (greedy when not ``do_sample``).
         sample_evictions: Gumbel-top-k (training rollouts) or deterministic top-k; default ``do_sample``.
         generator: one RNG for tokens and evictions (reproducible rollouts).
@@ -333,11 +336,16 @@ def generate_with_eviction(
         peak_bytes = max(peak_bytes, cache.allocated_bytes())
         return out.logits[:, -1].float()
 
+    beacon_idx = None if cfg.beacon_token_id is None else torch.tensor([cfg.beacon_token_id], device=device)
     with use_ngc_attention(model):
         pos0 = (mask.long().cumsum(1) - 1).clamp(min=0)
         logits = forward(input_ids, pos0, mask)
         for step in range(max_new_tokens):
-            tok = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+            if cfg.beacon_token_id is not None:  # the beacon is only ever forced (TRL's suppress_tokens)
+                tok = sample_next(logits.index_fill(1, beacon_idx, float("-inf")), do_sample, temperature, top_k,
+                                  top_p, generator)
+            else:
+                tok = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
             if forced_token_id is not None and evicting:
                 # this token sits at position n_fed; force it when a round fires right after it
                 tok = torch.where((n_fed + 1) % delta == 0, torch.full_like(tok, forced_token_id), tok)

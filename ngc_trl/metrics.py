@@ -23,6 +23,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 FULL = "full"
+BEACONS = "breadcrumbs"  # its runs' ``rate`` slot holds the compression ratio c
+
+
+def setting_label(policy: str, rate: float | None) -> str:
+    """How a run's knob reads in tables: ``ε=0.50`` for a score rule, ``c=8`` for Breadcrumbs, ``—`` for full."""
+    if rate is None:
+        return "—"
+    return f"c={int(rate)}" if policy == BEACONS else f"ε={rate:.2f}"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -187,16 +195,16 @@ def _fmt(x, spec=".1f", scale=1.0, none="—"):
 def markdown_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
     """The results as a Markdown table (accuracies in %)."""
     extra_k = [k for k in ks if k != 1]
-    head = ["policy", "rate", "peak compression", "pass@1 (%)"] + [f"pass@{k} (%)" for k in extra_k] + [
+    head = ["policy", "setting", "peak compression", "pass@1 (%)"] + [f"pass@{k} (%)" for k in extra_k] + [
         "mean peak entries / layer", "max peak entries / layer", "mean entries / layer", "completion tokens",
         "truncated (%)", "problems", "completions"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "pass@1" not in r:
-            cells = [r["policy"], _fmt(r["rate"], ".2f"), "—", "—"] + ["—"] * len(extra_k) + ["—"] * 5 + ["0", "0"]
+            cells = [r["policy"], setting_label(r["policy"], r["rate"]), "—", "—"] + ["—"] * len(extra_k) + ["—"] * 5 + ["0", "0"]
         else:
             comp = _fmt(r["peak_compression"], ".2f") + "×" + ("" if r["compression_source"] == "full_run" else "*")
-            cells = [r["policy"], _fmt(r["rate"], ".2f"), comp,
+            cells = [r["policy"], setting_label(r["policy"], r["rate"]), comp,
                      f"{_fmt(r['pass@1'], scale=100)} ± {_fmt(r['pass@1_se'], scale=100)}"]
             cells += [_fmt(r.get(f"pass@{k}"), scale=100) for k in extra_k]
             cells += [_fmt(r["mean_peak_entries_per_layer"]), str(r["max_peak_entries_per_layer"]),
@@ -207,6 +215,42 @@ def markdown_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
             "completion length. `*`: no `full` run, so the ratio is against a full cache on the same tokens. "
             "`±`: standard error of pass@1 across problems.\n")
     return "\n".join(lines) + "\n" + note
+
+
+def pareto_auc(rows: Sequence[dict], max_compression: float | None = None) -> dict:
+    """Area under the accuracy–compression curve of every method, on one shared axis.
+
+    Each method's curve is its pass@1 (in [0, 1]) against ``log2(peak compression)``, linearly
+    interpolated between its runs and anchored at ``(1x, full-cache pass@1)`` (the ``full`` row of
+    ``rows``; without one, at the method's least-compressed run); beyond the method's most-compressed
+    run it counts 0 (no measurement, no credit). The area over ``[1x, max_compression]`` (default: the
+    largest compression of any row) is divided by ``log2(max_compression)``, so it reads as the mean
+    accuracy over the log-compression range: the full cache alone would score 0, a method that keeps
+    full accuracy at every compression up to the maximum would score the full-cache accuracy.
+
+    Returns:
+        ``{"max_compression": X, "auc": {policy: value}}`` (``full`` itself is left out).
+    """
+    done = [r for r in rows if "pass@1" in r and r.get("peak_compression")]
+    by_policy = defaultdict(list)
+    for r in done:
+        by_policy[r["policy"]].append(r)
+    full = by_policy.pop(FULL, [])
+    top = max_compression or max([1.0, *(r["peak_compression"] for rs in by_policy.values() for r in rs)])
+    span = math.log2(top)
+    out = {}
+    for policy, rs in by_policy.items():
+        pts = sorted((math.log2(max(r["peak_compression"], 1.0)), r["pass@1"]) for r in rs)
+        anchor = full[0]["pass@1"] if full else pts[0][1]
+        pts = [(0.0, anchor)] + [p for p in pts if p[0] > 0.0]
+        area = 0.0
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            lo, hi = min(x0, span), min(x1, span)
+            if hi > lo:  # trapezoid of the part inside [0, span]
+                y_hi = y0 + (y1 - y0) * (hi - x0) / (x1 - x0)
+                area += (hi - lo) * (y0 + y_hi) / 2
+        out[policy] = area / span if span > 0 else None
+    return {"max_compression": top, "auc": out}
 
 
 def plot_pareto(rows: Sequence[dict], path: str, title: str = "") -> None:
@@ -239,14 +283,95 @@ def plot_pareto(rows: Sequence[dict], path: str, title: str = "") -> None:
     fig.savefig(path, dpi=120)
 
 
+def auc_table(auc: dict) -> str:
+    """The `pareto_auc` result as a Markdown table (in %), best first."""
+    lines = [f"\nArea under the accuracy–compression curve, 1×–{auc['max_compression']:.2f}× on a log axis "
+             "(mean pass@1 over the range; 0 beyond a method's most compressed run):\n",
+             "| method | AUC (%) |", "|---|---|"]
+    for policy, v in sorted(auc["auc"].items(), key=lambda kv: -(kv[1] or 0)):
+        lines.append(f"| {policy} | {_fmt(v, scale=100)} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_reports(output_dir: str | os.PathLike, summary: dict, title: str = "") -> None:
-    """``summary.json``, ``results.md`` and ``pareto.png`` from `ngc_trl.eval.evaluate`'s summary."""
+    """``summary.json``, ``results.md`` and ``pareto.png`` from `ngc_trl.eval.evaluate`'s summary (the AUC
+    of every method is added to it as ``summary["auc"]``)."""
     output_dir, s = Path(output_dir), summary["settings"]
+    summary["auc"] = pareto_auc(summary["results"])
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     ev = s["eviction"]
     sampling = f"T={s['temperature']}, top_p={s['top_p']}, top_k={s['top_k']}" if s["do_sample"] else "greedy"
     head = (f"# {s['task']}: accuracy vs peak KV-cache compression\n\nmodel `{s.get('model', '?')}`, "
             f"{s['num_problems']} problems × {s['num_samples']} samples, δ={ev['eviction_interval']}, "
             f"b={ev['block_size']}, w={ev['score_window']}, max_new_tokens={s['max_new_tokens']}, {sampling}\n\n")
-    (output_dir / "results.md").write_text(head + markdown_table(summary["results"], s["k"]))
+    (output_dir / "results.md").write_text(head + markdown_table(summary["results"], s["k"]) + auc_table(summary["auc"]))
     plot_pareto(summary["results"], str(output_dir / "pareto.png"), title=title)
+
+
+# ----------------------------------------------------------------------------- several evaluations on one axis
+def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "") -> dict:
+    """Put several `ngc_trl.eval` output folders on one accuracy–compression axis (table, plot, AUC).
+
+    The paper compares methods that need different models: the heuristics run on the full-cache-trained
+    model, NGC on the NGC model, a Breadcrumbs student on itself. Evaluate each model into its own folder,
+    then combine them.
+
+    Args:
+        runs: ``"DIR"`` or ``"DIR=LABEL"``. The first folder's rows are kept as they are (its ``full`` row is
+            the upper bound of the plot and the AUC anchor). In a labelled folder every non-``full`` row is
+            renamed ``LABEL`` (one curve per label, e.g. ``outputs/eval-kvd=kv_dropout``) and its ``full``
+            row becomes a table-only ``LABEL (full cache)`` reference. Each row keeps the peak compression
+            computed in its own folder (against that model's own ``full`` run when it has one).
+        output_dir: where ``summary.json``, ``results.md`` and ``pareto.png`` go.
+    """
+    rows, sources, first_settings = [], [], None
+    for i, spec in enumerate(runs):
+        folder, _, label = str(spec).partition("=")
+        path = Path(folder) / "summary.json"
+        if not path.is_file():
+            raise ValueError(f"--runs: {path} does not exist (run ngc_trl.eval into {folder} first)")
+        summary = json.loads(path.read_text())
+        first_settings = first_settings or summary["settings"]
+        sources.append({"dir": folder, "label": label or None, "model": summary["settings"].get("model")})
+        for r in summary["results"]:
+            r = dict(r, source=folder)
+            if label:
+                if r["policy"] == FULL:
+                    r["policy"], r["reference"] = f"{label} (full cache)", True
+                else:
+                    r["policy"] = label
+            elif i > 0 and r["policy"] == FULL:
+                r["policy"], r["reference"] = f"full cache ({summary['settings'].get('model')})", True
+            rows.append(r)
+    curves = [r for r in rows if not r.get("reference")]
+    out = {"settings": {**first_settings, "combined_from": sources}, "results": rows, "auc": pareto_auc(curves)}
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "summary.json").write_text(json.dumps(out, indent=2))
+    ks = first_settings["k"]
+    head = f"# {first_settings['task']}: accuracy vs peak KV-cache compression\n\n" + "".join(
+        f"- `{s['dir']}`{' as ' + s['label'] if s['label'] else ''}: model `{s['model']}`\n" for s in sources)
+    (output_dir / "results.md").write_text(head + "\n" + markdown_table(rows, ks) + auc_table(out["auc"]))
+    plot_pareto(curves, str(output_dir / "pareto.png"), title=title or first_settings["task"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m ngc_trl.metrics --runs DIR[=LABEL] ... --output_dir OUT``: see `combine`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ngc_trl.metrics", description=combine.__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", required=True, help="eval output folders, DIR or DIR=LABEL")
+    ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--title", default="")
+    a = ap.parse_args(argv)
+    try:
+        out = combine(a.runs, a.output_dir, a.title)
+    except ValueError as e:
+        raise SystemExit(f"ngc_trl.metrics: error: {e}") from None
+    print((Path(a.output_dir) / "results.md").read_text())
+    return out
+
+
+if __name__ == "__main__":
+    main()

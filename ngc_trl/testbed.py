@@ -1,6 +1,7 @@
 """The offline tiny testbed: SFT a tiny GQA Qwen2 on Countdown search traces, then measure its accuracy.
 
-What: builds the character tokenizer (:func:`ngc_trl.tiny.char_tokenizer`) and a tiny Qwen2 with
+What: builds a local tokenizer (default :func:`ngc_trl.tiny.number_tokenizer`: one token per number and
+trace word; ``--tokenizer char`` for one token per character) and a tiny Qwen2 with
 grouped-query attention, generates SFT examples ``build_plain_prompt(nums, target)`` (prompt) +
 ``search_trace(...) + <eos>`` (completion) from the ``split="train"`` half of the generator, trains with
 TRL's ``SFTTrainer`` (completion-only loss, CPU, wall-clock cap), saves a plain HF folder (model +
@@ -41,7 +42,7 @@ from transformers import (
 )
 
 from ngc_trl.tasks.countdown import build_plain_prompt, generate_problems, score, search_trace
-from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+from ngc_trl.tiny import char_tokenizer, number_tokenizer, tiny_qwen2_config
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TestbedArgs:
     max_minutes: float = field(default=15.0, metadata={"help": "wall-clock cap on SFT"})
     seed: int = 0
     eval_only: bool = False
+    tokenizer: str = field(default="number", metadata={"help": "'number' (one token per integer) or 'char'"})
     # model size
     num_layers: int = 4
     hidden: int = 160
@@ -87,6 +89,15 @@ def problem_kwargs(a: TestbedArgs) -> dict:
     """The generator ranges of the (restricted) testbed distribution."""
     return dict(count_range=(a.count_min, a.count_max), num_range=(a.num_min, a.num_max),
                 target_range=(a.target_min, a.target_max), test_buckets=a.test_buckets)
+
+
+def build_tokenizer(kind: str):
+    """The testbed tokenizer named by ``--tokenizer`` (fails early on an unknown name)."""
+    if kind == "number":
+        return number_tokenizer()
+    if kind == "char":
+        return char_tokenizer()
+    raise ValueError(f"tokenizer must be 'number' or 'char', got {kind!r}")
 
 
 def sft_examples(a: TestbedArgs, eos: str) -> list[dict]:
@@ -140,7 +151,7 @@ def train(a: TestbedArgs) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(a.seed)
-    tok = char_tokenizer()
+    tok = build_tokenizer(a.tokenizer)
     model = Qwen2ForCausalLM(tiny_qwen2_config(len(tok), a.num_layers, a.hidden, a.heads, a.kv_heads,
                                                max_positions=1024))
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
@@ -163,7 +174,7 @@ def train(a: TestbedArgs) -> dict:
     minutes = (time.perf_counter() - t0) / 60
     steps = trainer.state.global_step
     seen = rows[: steps * a.batch_size]  # the trainer shuffles: same count, so the token total is ≈
-    tokens = sum(len(r["prompt"]) + len(r["completion"]) - len(tok.eos_token) + 1 for r in seen)
+    tokens = sum(len(tok(r["prompt"] + r["completion"])["input_ids"]) for r in seen)
     losses = [(h["step"], round(h["loss"], 4)) for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(cfg.output_dir, ignore_errors=True)  # no checkpoints are saved; keep the folder plain
     model.save_pretrained(a.output_dir)

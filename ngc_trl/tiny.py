@@ -1,12 +1,15 @@
 """Tiny models and tokenizers built locally (no Hub): the offline testbed, the tests and the CPU benchmarks.
 
 `char_tokenizer` builds a character-level `PreTrainedTokenizerFast` (every character one token, plus
-special tokens) with a minimal chat template; `tiny_qwen2_config` a small Qwen2 with grouped-query
+special tokens) with a minimal chat template; `number_tokenizer` a lossless word-level one in which every
+integer 0..``max_number`` and a few task words are single tokens (the testbed's default: copying a number
+is one token, an arithmetic step a lookup); `tiny_qwen2_config` a small Qwen2 with grouped-query
 attention (fewer KV heads than query heads, like DeepSeek-R1-Distill-Qwen-1.5B).
 """
 
 from __future__ import annotations
 
+import re
 import string
 
 from transformers import PreTrainedTokenizerFast, Qwen2Config
@@ -37,6 +40,61 @@ def char_tokenizer(chars: str = DEFAULT_CHARS, extra_special: list[str] | None =
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+# words of the Countdown prompt and search trace (ngc_trl.tasks.countdown), longest first in the regex
+TRACE_WORDS = ["target", "found", "left", "back", "nums", "yes", "no"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+def number_tokenizer(max_number: int = 1999, words: list[str] | None = None, chars: str = DEFAULT_CHARS,
+                     extra_special: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A lossless word-level fast tokenizer for the tiny testbed: ids 0-3 are ``<pad> <bos> <eos> <unk>``,
+    then ``extra_special``, the tags ``<think> </think> <answer> </answer>``, every integer ``0..max_number``,
+    ``words`` (default :data:`TRACE_WORDS`) and finally one id per character of ``chars``.
+
+    Pre-tokenization is one regex: a tag, a listed word, the longest number prefix that is ``<= max_number``
+    (``"12345"`` -> ``"1234" "5"`` for 1999), else a single character, so every string round-trips through
+    ``decode(encode(s))`` exactly as with :func:`char_tokenizer`. A search-trace step ``12*7=84`` is 5
+    tokens instead of 7 characters, and copying a number from the prompt is one token.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    if max_number < 9:
+        raise ValueError(f"max_number must be >= 9, got {max_number}")
+    words = sorted(set(words if words is not None else TRACE_WORDS), key=len, reverse=True)
+    extra = list(extra_special or [])
+    vocab = {t: i for i, t in enumerate(SPECIALS + extra + TAG_TOKENS)}
+    for t in [str(n) for n in range(max_number + 1)] + words + list(chars):
+        vocab.setdefault(t, len(vocab))
+    number = _number_regex(max_number)
+    pattern = "|".join([re.escape(t) for t in TAG_TOKENS] + [re.escape(w) for w in words] + [number, r"[\s\S]"])
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        additional_special_tokens=extra or None, padding_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _number_regex(max_number: int) -> str:
+    """A regex alternation matching, at a position, the longest digit string whose value is ``<= max_number``
+    (no leading zeros except ``"0"`` itself), so a longer digit run splits into in-vocabulary pieces."""
+    alts, top = [], str(max_number)
+    for length in range(len(top), 0, -1):
+        if length < len(top):
+            alts.append("[1-9]" + r"\d" * (length - 1) if length > 1 else "[1-9]")
+            continue
+        # same length as max_number: digit-by-digit bound
+        for i, ch in enumerate(top):
+            if int(ch) > (1 if i == 0 else 0):
+                lo = "1" if i == 0 else "0"
+                alts.append(re.escape(top[:i]) + f"[{lo}-{int(ch) - 1}]" + r"\d" * (len(top) - i - 1))
+        alts.append(re.escape(top))
+    return "(?:" + "|".join(alts) + "|0)"
 
 
 def tiny_qwen2_config(vocab_size: int, num_layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2,

@@ -102,7 +102,8 @@ def test_cache_never_exceeds_prompt_beacons_and_one_window(model, c):
 def test_ratio_beyond_generation_is_identical_to_full(model, c, sample):
     ids, mask = left_padded(list(LENGTHS), seed=3)
     kw = dict(max_new_tokens=30, eos_token_id=[], do_sample=sample)
-    full = generate_with_eviction(model, ids, mask, EvictionConfig(policy="full"),
+    # both suppress the beacon id (a beacon is only ever forced)
+    full = generate_with_eviction(model, ids, mask, EvictionConfig(policy="full", beacon_token_id=BEACON),
                                   generator=torch.Generator().manual_seed(1), **kw)
     bc = generate_with_eviction(model, ids, mask, crumbs(c), generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(full.sequences, bc.sequences)
@@ -260,3 +261,22 @@ def test_add_beacon_token_eos_and_random_init_untied_head():
     assert 0.5 * ref < emb[rid].std() < 2 * ref and not torch.allclose(emb[rid], emb[:bid].mean(0), atol=1e-3)
     with pytest.raises(ValueError, match="init"):
         add_beacon_token(tok, model, token="<|x|>", init="zeros")
+
+
+def test_beacon_is_never_sampled_but_logprobs_stay_full_vocabulary(model):
+    """A set beacon id is masked for sampling under every policy (it is only ever forced)."""
+    ids, mask = left_padded(list(LENGTHS), seed=3)
+    kw = dict(max_new_tokens=20, eos_token_id=[])
+    plain = generate_with_eviction(model, ids, mask, eviction=EvictionConfig(policy="full"), **kw)
+    gen = plain.sequences[:, ids.shape[1]:]
+    favourite = torch.bincount(gen.flatten()).argmax().item()  # the model's commonest token
+    assert (gen == favourite).sum() >= 4
+    for cfg in (EvictionConfig(policy="full", beacon_token_id=favourite), crumbs(3, favourite)):
+        out = generate_with_eviction(model, ids, mask, eviction=cfg, **kw)
+        assert not (out.sequences[:, ids.shape[1]:] == favourite).any()
+    out = generate_with_eviction(model, ids, mask, eviction=EvictionConfig(policy="full", beacon_token_id=favourite), **kw)
+    comp = out.sequences[:, ids.shape[1]:]
+    layout = beacon_layout(ids, mask, comp, out.completion_mask, 10**6, favourite)  # no beacon fires
+    ref = beacon_logprobs(model, layout)
+    m = out.completion_mask
+    torch.testing.assert_close(ref * m, out.token_logprobs * m, atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ from conftest import tiny_qwen2
 
 import ngc_trl.eval as ev
 from ngc_trl.eviction import EvictionConfig
-from ngc_trl.metrics import pass_at_k, summarize
+from ngc_trl.metrics import combine, pareto_auc, pass_at_k, summarize
 from ngc_trl.tiny import char_tokenizer
 
 SMALL = EvictionConfig(eviction_interval=8, block_size=4, score_window=3)  # prompts (~30 tokens) cross δ
@@ -105,6 +105,24 @@ def test_peak_compression_is_a_mean_of_per_prompt_ratios():
     assert row["compression_source"] == "same_tokens" and row["peak_compression"] == 2.0
 
 
+def _row(policy, comp, acc):
+    return {"policy": policy, "rate": None, "pass@1": acc, "peak_compression": comp}
+
+
+def test_pareto_auc_by_hand():
+    rows = [_row("full", 1.0, 0.8), _row("a", 2.0, 0.6), _row("a", 4.0, 0.2), _row("b", 2.0, 0.8)]
+    auc = pareto_auc(rows)
+    assert auc["max_compression"] == 4.0  # shared axis: log2 range [0, 2]
+    # a: trapezoids (0.8 + 0.6) / 2 over [0, 1] and (0.6 + 0.2) / 2 over [1, 2], divided by 2
+    assert auc["auc"]["a"] == pytest.approx((0.7 + 0.4) / 2)
+    # b: measured to 2x only, 0 beyond: (0.8 + 0.8) / 2 over [0, 1], divided by 2
+    assert auc["auc"]["b"] == pytest.approx(0.4)
+    assert "full" not in auc["auc"]
+    # a fixed range cuts a segment in its middle: up to sqrt(8)x = log2 1.5
+    cut = pareto_auc(rows, max_compression=2 ** 1.5)["auc"]["a"]
+    assert cut == pytest.approx((0.7 + 0.5 * (0.6 + 0.4) / 2) / 1.5)
+
+
 # ----------------------------------------------------------------------------- evaluate(): reports, resume
 def test_reports_for_two_policies_two_rates(lm, tok, problems, tmp_path):
     out = tmp_path / "eval"
@@ -125,7 +143,9 @@ def test_reports_for_two_policies_two_rates(lm, tok, problems, tmp_path):
     assert saved["settings"]["eviction"]["eviction_interval"] == 8 and saved["settings"]["rates"] == [0.25, 0.5]
     assert saved["compression_reference"] == "full_run"
     table = (out / "results.md").read_text()
-    assert "| keydiff | 0.25 |" in table and "| keydiff | 0.50 |" in table and "| full | — | 1.00× |" in table
+    assert "| keydiff | ε=0.25 |" in table and "| keydiff | ε=0.50 |" in table and "| full | — | 1.00× |" in table
+    assert "| keydiff |" in table.split("Area under")[1]  # the AUC table
+    assert set(saved["auc"]["auc"]) == {"keydiff"}
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     recs = _lines(out / "samples.jsonl")
     assert len(recs) == 3 * 4
@@ -255,3 +275,49 @@ def test_cli_reads_model_settings_and_loads_peft_adapters(model_dir, tmp_path):
     s3 = ev.main(["--model", str(adapter), "--output_dir", str(tmp_path / "adapter_eval"), *argv])
     done = [[r["completion"] for r in _lines(tmp_path / d / "samples.jsonl")] for d in ("base", "adapter_eval")]
     assert done[0] == done[1] and s3["results"][0]["num_completions"] == 2
+
+
+# ----------------------------------------------------------------------------- Breadcrumbs on the same axis
+def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_path):
+    from ngc_trl.beacons import add_beacon_token
+
+    student_tok = char_tokenizer()
+    student = tiny_qwen2(vocab=len(student_tok))
+    beacon = add_beacon_token(student_tok, student)
+    with pytest.raises(ValueError, match="--policies breadcrumbs: the model has no beacon token"):
+        ev.plan_runs("full,breadcrumbs", "0.5", SMALL)
+    with pytest.raises(ValueError, match="--compression_ratios"):
+        ev.plan_runs("breadcrumbs", "0.5", EvictionConfig(beacon_token_id=beacon), "4,1")
+    cfg = EvictionConfig(eviction_interval=8, block_size=4, score_window=3, beacon_token_id=beacon)
+    out = tmp_path / "bc"
+    summary = ev.evaluate(student, student_tok, problems, "countdown", "full,breadcrumbs,streaming_llm", "0.5",
+                          compression_ratios="2,4", eviction=cfg, max_new_tokens=24, batch_size=4,
+                          output_dir=out, progress=False)
+    rows = {(r["policy"], r["rate"]): r for r in summary["results"]}
+    assert set(rows) == {("full", None), ("breadcrumbs", 2.0), ("breadcrumbs", 4.0), ("streaming_llm", 0.5)}
+    full, c2, c4 = rows[("full", None)], rows[("breadcrumbs", 2.0)], rows[("breadcrumbs", 4.0)]
+    assert c2["peak_compression"] > 1.0 and c4["peak_compression"] > 1.0
+    assert max(c2["mean_peak_entries_per_layer"], c4["mean_peak_entries_per_layer"]) < full["mean_peak_entries_per_layer"]
+    recs = _lines(out / "samples.jsonl")
+    for r in recs:  # peak ≈ prompt + one beacon per closed window + the open window (method.md §8)
+        if r["policy"] == "breadcrumbs":
+            c, n = int(r["rate"]), r["completion_tokens"]
+            assert max(r["peak_entries"]) <= r["prompt_tokens"] + n // c + c + 1
+    table = (out / "results.md").read_text()
+    assert "| breadcrumbs | c=2 |" in table and "| breadcrumbs | c=4 |" in table
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["auc"]["auc"]) == {"breadcrumbs", "streaming_llm"}
+    assert saved["settings"]["compression_ratios"] == [2, 4]
+
+    # a second model's folder (here: the heuristics on another model) on one axis with the student
+    base_out = tmp_path / "base"
+    ev.evaluate(tiny_qwen2(vocab=len(tok)), tok, problems, "countdown", "full,tova", "0.5", eviction=SMALL,
+                max_new_tokens=24, batch_size=4, output_dir=base_out, progress=False)
+    both = combine([str(base_out), f"{out}=student"], tmp_path / "all")
+    names = [r["policy"] for r in both["results"]]
+    assert names[:2] == ["full", "tova"] and "student (full cache)" in names and names.count("student") == 3
+    assert set(both["auc"]["auc"]) == {"tova", "student"}
+    assert (tmp_path / "all" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "student (full cache)" in (tmp_path / "all" / "results.md").read_text()
+    with pytest.raises(ValueError, match="does not exist"):
+        combine([str(tmp_path / "nope")], tmp_path / "x")
