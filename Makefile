@@ -4,11 +4,13 @@ MODEL ?= outputs/tiny-ngc
 TASK ?= countdown
 POLICIES ?= full,ngc,keydiff,snapkv,tova,h2o,streaming_llm,knorm,random
 RATES ?= 0.25,0.5,0.75
+C ?= 2,4,8,16,32
 N ?= 256
 DATA ?=
 OUT ?= outputs/eval
+EXTRA ?=
 
-.PHONY: install test slow_test quality style bench eval testbed tiny
+.PHONY: install test slow_test quality style bench eval testbed tiny testbed_result
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -32,7 +34,7 @@ bench:
 
 eval:
 	$(PYTHON) -m ngc_trl.eval --model $(MODEL) --task $(TASK) --policies $(POLICIES) --rates $(RATES) \
-		--num_problems $(N) $(if $(DATA),--data_source $(DATA)) --output_dir $(OUT)
+		--compression_ratios $(C) --num_problems $(N) $(if $(DATA),--data_source $(DATA)) --output_dir $(OUT) $(EXTRA)
 
 testbed:
 	$(PYTHON) -m ngc_trl.testbed
@@ -41,3 +43,31 @@ testbed:
 tiny:
 	test -f outputs/tiny-base/config.json || $(PYTHON) -m ngc_trl.testbed --output_dir outputs/tiny-base
 	$(PYTHON) -m ngc_trl.train --config recipes/tiny/countdown_ngc.yaml
+
+# issue 5/7's testbed table: every tiny model trained, then evaluated on one held-out split and one axis
+# (heuristics on the full-cache GRPO model, as in the paper; NGC, the ablations and Breadcrumbs students on
+# their own models). Results: outputs/testbed/all/{results.md,pareto.png,summary.json}.
+TB_N ?= 256
+TB_RATES ?= 0.5,0.75
+TB_C ?= 4 8 16
+TB_EVAL = $(PYTHON) -m ngc_trl.eval --task countdown --data_source generated:testbed --num_problems $(TB_N) \
+	--rates $(TB_RATES) --max_new_tokens 512 --batch_size 64 --prompt_format plain
+testbed_result:
+	test -f outputs/tiny-base/config.json || $(PYTHON) -m ngc_trl.testbed --output_dir outputs/tiny-base
+	for r in full_cache ngc kv_dropout token_only; do \
+		test -f outputs/tiny-$$r/ngc_settings.json || \
+		$(PYTHON) -m ngc_trl.train --config recipes/tiny/countdown_$$r.yaml --output_dir outputs/tiny-$$r \
+			--eval_after_train false || exit 1; done
+	for c in $(TB_C); do test -f outputs/tiny-breadcrumbs-c$$c/ngc_settings.json || \
+		$(PYTHON) -m ngc_trl.train --config recipes/tiny/breadcrumbs_countdown.yaml --compression_ratio $$c \
+			--output_dir outputs/tiny-breadcrumbs-c$$c --eval_after_train false || exit 1; done
+	$(TB_EVAL) --model outputs/tiny-full-cache --policies full,keydiff,snapkv,knorm,h2o,tova,streaming_llm,random \
+		--output_dir outputs/testbed/full_cache
+	for r in ngc kv_dropout token_only; do $(TB_EVAL) --model outputs/tiny-$$r --policies full,ngc \
+		--output_dir outputs/testbed/$$r || exit 1; done
+	for c in $(TB_C); do $(TB_EVAL) --model outputs/tiny-breadcrumbs-c$$c --policies full,breadcrumbs \
+		--compression_ratios $$c --output_dir outputs/testbed/breadcrumbs_c$$c || exit 1; done
+	$(PYTHON) -m ngc_trl.metrics --runs outputs/testbed/full_cache outputs/testbed/ngc=ngc \
+		outputs/testbed/token_only=token_only outputs/testbed/kv_dropout=kv_dropout \
+		$(foreach c,$(TB_C),outputs/testbed/breadcrumbs_c$(c)=breadcrumbs) \
+		--output_dir outputs/testbed/all --title "tiny Countdown testbed"

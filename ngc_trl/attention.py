@@ -85,6 +85,10 @@ def _rollout_attention(module, query, key, value, cache, scaling):
             return out, None
     s = key.shape[2]
     visible = layer.live[:, None, :] & (layer.pos[:, None, :s] <= q_pos[:, :, None])
+    if cache.step_hide is not None:  # Breadcrumbs: the token fed with a beacon skips the closed window
+        lo, hi = cache.step_hide
+        k_pos = layer.pos[:, None, :s]
+        visible = visible & ~((k_pos >= lo[:, :, None]) & (k_pos < hi[:, :, None]))
     if layer.attention_sum is not None:  # H2O: attention of every valid query, summed, heads averaged
         probs = window_attention(query, key, visible & q_valid[:, :, None], scaling)
         layer.attention_sum[:, :s] += (probs.mean(1) * q_valid[:, :, None]).sum(1)

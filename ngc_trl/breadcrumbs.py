@@ -255,16 +255,17 @@ class BreadcrumbsTrainer(GRPOTrainer):
         if args.load_best_model_at_end:
             raise ValueError("BreadcrumbsTrainer: load_best_model_at_end is not supported")
         from accelerate.utils import is_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from ngc_trl.attention import enable_ngc_attention
+        from ngc_trl.tiny import load_tokenizer
 
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
         if is_peft_model(model):
             raise ValueError("BreadcrumbsTrainer: pass the base model and a peft_config, not a PeftModel")
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path, padding_side="left")
+            processing_class = load_tokenizer(model.config._name_or_path, padding_side="left")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.beacon_token_id = add_beacon_token(tokenizer, model, args.beacon_token, args.beacon_init)
         gen = dict(args.generation_kwargs or {})

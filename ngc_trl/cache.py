@@ -48,15 +48,15 @@ class NGCLayer(DynamicLayer):
         """Write the new tokens' keys/values and return the live window as ``(B, H_kv, S, D)`` views.
 
         ``key_states (B, H_kv, q, D)``; ``step_pos``/``step_valid`` ``(B, q)``. The first call is the
-        prefill (left padding allowed: valid tokens are packed to the left); later calls take ``q = 1``.
+        prefill (left padding allowed: valid tokens are packed to the left); later calls append their
+        ``q`` columns in order (``q = 1``, or 2 for a Breadcrumbs beacon fed with the next token).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self._prefill(key_states, value_states, step_pos, step_valid)
         else:
-            if key_states.shape[2] != 1:
-                raise ValueError("NGCLayer decodes one token per step after the prefill")
-            self._append(key_states[:, :, 0], value_states[:, :, 0], step_pos[:, 0], step_valid[:, 0])
+            for j in range(key_states.shape[2]):
+                self._append(key_states[:, :, j], value_states[:, :, j], step_pos[:, j], step_valid[:, j])
         s = self.num_slots
         return self.keys[:, :s].transpose(1, 2), self.values[:, :s].transpose(1, 2)
 
@@ -157,20 +157,23 @@ class NGCLayer(DynamicLayer):
             self.attention_sum = self.attention_sum.gather(1, idx)
         self.lengths = new_len
 
-    def drop_before_newest(self, rows: torch.Tensor, count: torch.Tensor, max_len: int):
-        """Evict the ``count[b]`` entries just before the newest one, for each row where ``rows (B,)`` is True
-        (Breadcrumbs: the window a beacon has just closed). ``count (B,)`` long. The newest entry moves
-        down into the freed slots: O(B·H·D), no re-allocation and no gather of the whole cache (the
-        window is contiguous, so temporal order is kept). ``max_len``: ``max(lengths)`` afterwards,
-        known on the host, so nothing waits on the device."""
+    def drop_before_newest(self, rows: torch.Tensor, count: torch.Tensor, max_len: int, newest: int = 1):
+        """Evict the ``count[b]`` entries just before the ``newest`` newest ones, for each row where
+        ``rows (B,)`` is True (Breadcrumbs: the window a beacon has just closed; ``newest=2`` when the beacon
+        and the next token were fed together). ``count (B,)`` long. The newest entries move down into the
+        freed slots: O(B·H·D), no re-allocation and no gather of the whole cache (the window is
+        contiguous, so temporal order is kept). ``max_len``: ``max(lengths)`` afterwards, known on the
+        host, so nothing waits on the device."""
         rows_i = torch.arange(self.lengths.shape[0], device=self.lengths.device)
-        src = (self.lengths - 1).clamp(min=0)
-        dst = src - count * rows.long()
-        for name in ("keys", "values", "pos", "attention_sum"):
-            t = getattr(self, name)
-            if t is not None:
-                t[rows_i, dst] = t[rows_i, src]
-        self.lengths = self.lengths - count * rows.long()
+        shift = count * rows.long()
+        for j in range(newest, 0, -1):  # oldest of the newest first: a destination is never a pending source
+            src = (self.lengths - j).clamp(min=0)
+            dst = src - shift
+            for name in ("keys", "values", "pos", "attention_sum"):
+                t = getattr(self, name)
+                if t is not None:
+                    t[rows_i, dst] = t[rows_i, src]
+        self.lengths = self.lengths - shift
         self.max_len = max_len
 
 
@@ -186,19 +189,21 @@ class NGCCache(DynamicCache):
     def __init__(self, num_layers: int, query_window: int = 0, track_attention: bool = False, growth: int = 16):
         layers = [NGCLayer(query_window, track_attention, growth) for _ in range(num_layers)]
         super(DynamicCache, self).__init__(layers=layers)
-        self.step_pos = self.step_valid = None
+        self.step_pos = self.step_valid = self.step_hide = None
 
-    def set_step(self, pos: torch.Tensor, valid: torch.Tensor):
-        """``pos``/``valid`` ``(B, q)`` of the tokens the next forward writes."""
-        self.step_pos, self.step_valid = pos, valid
+    def set_step(self, pos: torch.Tensor, valid: torch.Tensor, hide: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``pos``/``valid`` ``(B, q)`` of the tokens the next forward writes. ``hide = (lo, hi)``, each
+        ``(B, q)``: query ``j`` of row ``b`` does not see the keys at positions ``lo[b, j] <= p < hi[b, j]``
+        (Breadcrumbs: the token fed with a beacon must not see the window the beacon closes)."""
+        self.step_pos, self.step_valid, self.step_hide = pos, valid, hide
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states, self.step_pos, self.step_valid)
 
-    def drop_before_newest(self, rows: torch.Tensor, count: torch.Tensor, max_len: int):
+    def drop_before_newest(self, rows: torch.Tensor, count: torch.Tensor, max_len: int, newest: int = 1):
         """`NGCLayer.drop_before_newest` in every layer (Breadcrumbs: layers never diverge)."""
         for layer in self.layers:
-            layer.drop_before_newest(rows, count, max_len)
+            layer.drop_before_newest(rows, count, max_len, newest)
 
     def lengths(self) -> torch.Tensor:
         """``(B, n_layers)`` live entries per sequence and layer."""

@@ -187,7 +187,9 @@ def _is_hub_adapter(model: str) -> bool:
 
 def load_model(model: str, device: str | torch.device, dtype: str = "auto", trust_remote_code: bool = False):
     """``(model, tokenizer)`` from a model folder/Hub id or a PEFT adapter (merged into its base)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ngc_trl.tiny import load_tokenizer
 
     folder = check_model_arg(model)
     dev = torch.device(device)
@@ -202,13 +204,13 @@ def load_model(model: str, device: str | torch.device, dtype: str = "auto", trus
 
             base_id = PeftConfig.from_pretrained(model).base_model_name_or_path
             has_tok = folder is None or (folder / "tokenizer_config.json").is_file()
-            tokenizer = AutoTokenizer.from_pretrained(model if has_tok else base_id, trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(model if has_tok else base_id, trust_remote_code=trust_remote_code)
             net = AutoModelForCausalLM.from_pretrained(base_id, **kw)
             if len(tokenizer) > net.get_input_embeddings().weight.shape[0]:  # e.g. an added meta-token
                 net.resize_token_embeddings(len(tokenizer))
             net = PeftModel.from_pretrained(net, model).merge_and_unload()
         else:
-            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
             net = AutoModelForCausalLM.from_pretrained(model, **kw)
     except Exception as e:
         if isinstance(e, ValueError) and str(e).startswith("--model"):

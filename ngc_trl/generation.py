@@ -10,8 +10,10 @@ training forward can replay it exactly (`EvictionRecords`).
 ``policy="breadcrumbs"`` (method.md §8) runs no round. Once ``i > 0`` generated tokens have been fed with
 ``i mod c == 0`` and the next token ``t_{i+1}`` has been sampled (and will be fed: generation goes on),
 the beacon token is fed at the next position (forced; its logits are unused; it is not part of the
-completion), the ``c`` entries of the window it closes are dropped from every layer, then ``t_{i+1}``
-is fed. Rows decode in lockstep, so beacons fire at the same step in every unfinished row (per-row ``c``
+completion) and ``t_{i+1}`` right after it, in one forward in which ``t_{i+1}`` does not see the window
+the beacon closes; then the window's ``c`` entries are dropped from every layer. The result equals
+feeding the beacon, dropping, then feeding ``t_{i+1}``, with one forward per token instead of
+``1 + 1/c``; the window is held one token longer (peak entries one above that sequence's). Rows decode in lockstep, so beacons fire at the same step in every unfinished row (per-row ``c``
 is allowed). Nothing is recorded: `ngc_trl.beacons.beacon_layout` rebuilds the beacons from the
 completion lengths alone.
 """
@@ -323,18 +325,18 @@ def generate_with_eviction(
     n_beacons = torch.zeros(bsz, dtype=torch.long, device=device)
     live_host = plen_host.clone()  # Breadcrumbs: host mirror of every layer's live entries
 
-    def forward(ids, pos, valid):
+    def forward(ids, pos, valid, hide=None, keep=1):
         nonlocal peak, peak_total, footprint, peak_bytes
-        cache.set_step(pos, valid)
+        cache.set_step(pos, valid, hide)
         out = model(input_ids=ids, position_ids=pos, attention_mask=no_mask(model), past_key_values=cache,
-                    use_cache=True, ngc_cache=cache, logits_to_keep=1)
+                    use_cache=True, ngc_cache=cache, logits_to_keep=keep)
         lens = cache.lengths()
         active = (valid.any(1))[:, None]
         peak = torch.maximum(peak, lens)
         peak_total = torch.maximum(peak_total, lens.sum(1))
         footprint += lens * active
         peak_bytes = max(peak_bytes, cache.allocated_bytes())
-        return out.logits[:, -1].float()
+        return out.logits[:, -keep:].float() if keep > 1 else out.logits[:, -1].float()
 
     beacon_idx = None if cfg.beacon_token_id is None else torch.tensor([cfg.beacon_token_id], device=device)
     with use_ngc_attention(model):
@@ -367,21 +369,33 @@ def generate_with_eviction(
                     per_layer = _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample_evictions, generator)
                     records.add(rows, n_fed[rows], per_layer)
                     evict_time += time.perf_counter() - t0
-            if c_host is not None and step > 0:  # `step` generated tokens are cached; t_{step+1} comes next
-                due = ~finished_host & (step % c_host == 0)
-                if bool(due.any()):
-                    due_dev = due.to(device)
-                    forward(torch.full_like(tok, cfg.beacon_token_id)[:, None], n_fed[:, None], due_dev[:, None])
-                    n_fed, n_beacons = n_fed + due_dev.long(), n_beacons + due_dev.long()
-                    fed_host = fed_host + due.long()
-                    live_host = live_host + due.long() - c_host * due.long()
-                    t0 = time.perf_counter()
-                    cache.drop_before_newest(due_dev, c_dev, int(live_host.max()))
-                    evict_time += time.perf_counter() - t0
-            logits = forward(tok[:, None], n_fed[:, None], active[:, None])
-            n_fed = n_fed + active.long()
-            fed_host = fed_host + (~finished_host).long()
-            live_host = live_host + (~finished_host).long()
+            # Breadcrumbs: `step` generated tokens are cached and t_{step+1} comes next; where a window
+            # closes, the beacon and t_{step+1} are fed in one forward (t_{step+1} does not see the window),
+            # then the window is dropped: one forward per token, like the full cache
+            due = None if c_host is None or step == 0 else ~finished_host & (step % c_host == 0)
+            if due is not None and bool(due.any()):
+                due_dev = due.to(device)
+                first = torch.where(due_dev, torch.full_like(tok, cfg.beacon_token_id), tok)
+                second_pos = torch.where(due_dev, n_fed + 1, n_fed)
+                hide_lo = torch.where(due_dev, n_fed - c_dev, 0)
+                hide_hi = torch.where(due_dev, n_fed, 0)
+                zero = torch.zeros_like(n_fed)
+                both = forward(torch.stack([first, tok], 1), torch.stack([n_fed, second_pos], 1),
+                               torch.stack([active, due_dev], 1),
+                               hide=(torch.stack([zero, hide_lo], 1), torch.stack([zero, hide_hi], 1)), keep=2)
+                logits = torch.where(due_dev[:, None], both[:, 1], both[:, 0])
+                n_fed = n_fed + active.long() + due_dev.long()
+                n_beacons = n_beacons + due_dev.long()
+                fed_host = fed_host + (~finished_host).long() + due.long()
+                live_host = live_host + (~finished_host).long() + due.long() - c_host * due.long()
+                t0 = time.perf_counter()
+                cache.drop_before_newest(due_dev, c_dev, int(live_host.max()), newest=2)
+                evict_time += time.perf_counter() - t0
+            else:
+                logits = forward(tok[:, None], n_fed[:, None], active[:, None])
+                n_fed = n_fed + active.long()
+                fed_host = fed_host + (~finished_host).long()
+                live_host = live_host + (~finished_host).long()
 
     gen = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(bsz, 0)
     comp_mask = torch.ones_like(gen, dtype=torch.bool)

@@ -337,7 +337,7 @@ def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "")
             r = dict(r, source=folder)
             if label:
                 if r["policy"] == FULL:
-                    r["policy"], r["reference"] = f"{label} (full cache)", True
+                    r["policy"], r["reference"] = f"{label} (full cache, {Path(folder).name})", True
                 else:
                     r["policy"] = label
             elif i > 0 and r["policy"] == FULL:

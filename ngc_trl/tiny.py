@@ -55,7 +55,7 @@ def number_tokenizer(max_number: int = 1999, words: list[str] | None = None, cha
 
     Pre-tokenization is one regex: a tag, a listed word, the longest number prefix that is ``<= max_number``
     (``"12345"`` -> ``"1234" "5"`` for 1999), else a single character, so every string round-trips through
-    ``decode(encode(s))`` exactly as with :func:`char_tokenizer`. A search-trace step ``12*7=84`` is 5
+    ``decode(encode(s))`` exactly as with :func:`char_tokenizer`. It has no chat template (plain prompts). A search-trace step ``12*7=84`` is 5
     tokens instead of 7 characters, and copying a number from the prompt is one token.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -72,12 +72,12 @@ def number_tokenizer(max_number: int = 1999, words: list[str] | None = None, cha
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
+    # no chat template: the testbed's prompts are plain text, and `ngc-eval --prompt_format auto` then
+    # renders them as the model was trained
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
         additional_special_tokens=extra or None, padding_side="left",
     )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def _number_regex(max_number: int) -> str:
@@ -95,6 +95,37 @@ def _number_regex(max_number: int) -> str:
                 alts.append(re.escape(top[:i]) + f"[{lo}-{int(ch) - 1}]" + r"\d" * (len(top) - i - 1))
         alts.append(re.escape(top))
     return "(?:" + "|".join(alts) + "|0)"
+
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(name_or_path, **kwargs):
+    """``AutoTokenizer.from_pretrained``, except for a local folder whose ``tokenizer_config.json`` declares
+    the generic fast backend (``TokenizersBackend`` / ``PreTrainedTokenizerFast``: a tokenizer built from a
+    ``tokenizers.Tokenizer``, like :func:`number_tokenizer` and :func:`char_tokenizer`), which is loaded
+    as exactly that from its ``tokenizer.json``.
+
+    Why: transformers 5.23 maps every ``model_type: qwen2`` folder to ``Qwen2Tokenizer``
+    (``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``), which replaces the saved pre-tokenizer with Qwen2's
+    byte-level BPE one: a word-level or character tokenizer then splits ``"nums 11"`` into
+    ``n u m s 1 1`` and loses spaces, silently. Hub ids and every other folder go to ``AutoTokenizer``.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    config = Path(str(name_or_path)).expanduser() / "tokenizer_config.json"
+    if config.is_file() and (config.parent / "tokenizer.json").is_file():
+        try:
+            declared = json.loads(config.read_text()).get("tokenizer_class")
+        except ValueError:
+            declared = None
+        if declared in GENERIC_TOKENIZER_CLASSES:
+            kwargs.pop("trust_remote_code", None)
+            return PreTrainedTokenizerFast.from_pretrained(str(config.parent), **kwargs)
+    return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
 
 
 def tiny_qwen2_config(vocab_size: int, num_layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2,

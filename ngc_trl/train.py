@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl import ScriptArguments as TrlScriptArguments
 
 from ngc_trl.config import NGCConfig
+from ngc_trl.tiny import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class ScriptArguments(TrlScriptArguments):
         ``"chat"`` (the tokenizer's chat template) or ``"plain"`` (a bare string; tiny char tokenizers).
     reward_format : float
         Countdown only: reward of a well-formatted but wrong answer (paper: 0).
-    eval_after_train, eval_num_problems, eval_policies, eval_rates, eval_data_source
+    eval_after_train, eval_num_problems, eval_policies, eval_rates, eval_compression_ratios, eval_data_source
         A short `ngc_trl.eval.evaluate` on held-out problems after training, written to ``output_dir/eval``.
     """
 
@@ -79,6 +80,8 @@ class ScriptArguments(TrlScriptArguments):
     eval_num_problems: int = field(default=64, metadata={"help": "Held-out problems of the final evaluation."})
     eval_policies: str = field(default="full,ngc", metadata={"help": "Comma-separated policies to evaluate."})
     eval_rates: str = field(default="0.5", metadata={"help": "Comma-separated eviction rates to evaluate."})
+    eval_compression_ratios: str = field(default="2,4,8,16,32", metadata={
+        "help": "Breadcrumbs: comma-separated c of the 'breadcrumbs' policy's evaluation runs."})
     eval_data_source: str | None = field(default=None, metadata={
         "help": "Evaluation problems (countdown: default dataset_source's test split; math: e.g. aime25)."})
 
@@ -94,11 +97,13 @@ class ScriptArguments(TrlScriptArguments):
         if self.eval_num_problems <= 0:
             raise ValueError(f"ScriptArguments.eval_num_problems={self.eval_num_problems}: must be > 0")
         from ngc_trl.eval import plan_runs
+        from ngc_trl.eviction import EvictionConfig
 
+        beacon = EvictionConfig(beacon_token_id=0) if self.method == "breadcrumbs" else None  # id known later
         try:
-            plan_runs(self.eval_policies, self.eval_rates)
+            plan_runs(self.eval_policies, self.eval_rates, beacon, self.eval_compression_ratios)
         except ValueError as e:
-            raise ValueError(f"ScriptArguments.eval_policies/eval_rates: {e}") from None
+            raise ValueError(f"ScriptArguments.eval_policies/eval_rates/eval_compression_ratios: {e}") from None
 
 
 def read_method(argv: list[str] | None = None) -> str:
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(f"{len(train_dataset)} training problems ({script_args.task}, {script_args.dataset_source})")
 
     # ------------------------------------------------------------------ tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -283,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
             net.set_adapter(training_args.student_adapter_name)
         with torch.no_grad():
             summary = evaluate(net, tokenizer, problems, script_args.task, script_args.eval_policies,
-                               script_args.eval_rates, eviction=eviction,
+                               script_args.eval_rates, compression_ratios=script_args.eval_compression_ratios,
+                               eviction=eviction,
                                max_new_tokens=training_args.max_completion_length,
                                output_dir=os.path.join(training_args.output_dir, "eval"),
                                interoception=getattr(training_args, "interoception_rates", None) is not None,

@@ -73,22 +73,21 @@ def test_cache_never_exceeds_prompt_beacons_and_one_window(model, c):
     finally:
         hook.remove()
     plen = mask.sum(1).tolist()
-    # the loop's schedule: step s feeds [a beacon for rows with s % c == 0 (s > 0)] then t_{s+1}
+    # the loop's schedule: step s feeds t_{s+1}, preceded in the same forward by a beacon in rows with
+    # s % c == 0 (s > 0); the closed window is dropped after that forward
     live, want, fed = list(plen), [list(plen)], [[0] * 4]
     for s in range(n - 1):
         due = [s > 0 and s % cb == 0 for cb in cs]
-        if any(due):
-            live = [x + d for x, d in zip(live, due)]
-            want.append(list(live))
-            fed.append([s] * 4)
-            live = [x - cb * d for x, cb, d in zip(live, cs, due)]
-        live = [x + 1 for x in live]
+        live = [x + 1 + d for x, d in zip(live, due)]
         want.append(list(live))
         fed.append([s + 1] * 4)
-    got = torch.stack(seen)  # (forwards, B, L)
+        live = [x - cb * d for x, cb, d in zip(live, cs, due)]
+    got = torch.stack(seen)  # (forwards, B, L): one forward per generated token
+    assert got.shape[0] == n
     assert (got == got[..., :1]).all()  # layers never diverge
     assert got[..., 0].tolist() == want
-    bound = torch.tensor(plen) + torch.tensor(fed) // torch.tensor(cs) + torch.tensor(cs)
+    # prompt + one beacon per closed window + the open window (+1: the token fed with a beacon)
+    bound = torch.tensor(plen) + torch.tensor(fed) // torch.tensor(cs) + torch.tensor(cs) + 1
     assert (got[..., 0] <= bound).all()
     st = out.cache_stats
     assert st.peak_entries[:, 0].tolist() == [max(w[b] for w in want) for b in range(4)]

@@ -315,9 +315,9 @@ def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_p
                 max_new_tokens=24, batch_size=4, output_dir=base_out, progress=False)
     both = combine([str(base_out), f"{out}=student"], tmp_path / "all")
     names = [r["policy"] for r in both["results"]]
-    assert names[:2] == ["full", "tova"] and "student (full cache)" in names and names.count("student") == 3
+    assert names[:2] == ["full", "tova"] and "student (full cache, bc)" in names and names.count("student") == 3
     assert set(both["auc"]["auc"]) == {"tova", "student"}
     assert (tmp_path / "all" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    assert "student (full cache)" in (tmp_path / "all" / "results.md").read_text()
+    assert "student (full cache, bc)" in (tmp_path / "all" / "results.md").read_text()
     with pytest.raises(ValueError, match="does not exist"):
         combine([str(tmp_path / "nope")], tmp_path / "x")

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -15,7 +16,47 @@ def test_sft_example_is_prompt_plus_verifying_trace():
         assert ex["prompt"] == build_plain_prompt(ex["nums"], ex["target"])
         assert ex["completion"].startswith("\n") and " left " in ex["completion"] and ex["completion"].endswith("</answer><eos>")
         assert score(ex["completion"], ex["nums"], ex["target"]) == 1.0
-        assert len(ex["prompt"]) < 128  # shorter than the tiny recipes' eviction interval
+        assert len(ex["prompt"]) < 64  # shorter than the tiny recipes' eviction interval
+
+
+def test_number_tokenizer_is_lossless_and_numbers_are_single_tokens():
+    import random
+
+    from ngc_trl.tiny import DEFAULT_CHARS, number_tokenizer
+
+    tok = number_tokenizer(max_number=1999)
+    assert tok.chat_template is None  # plain prompts, as the testbed trains them
+    for n in (0, 7, 12, 144, 999, 1000, 1728, 1999):
+        assert tok.convert_ids_to_tokens(tok(str(n))["input_ids"]) == [str(n)]
+    assert tok.convert_ids_to_tokens(tok("2000 0123 nothing")["input_ids"]) == [
+        "200", "0", " ", "0", "123", " ", "no", "t", "h", "i", "n", "g"]
+    ex = testbed.sft_examples(testbed.TestbedArgs(num_train=4), tok.eos_token)[0]
+    text = ex["prompt"] + ex["completion"]
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text and len(ids) < 0.7 * len(text)
+    assert "<think>" in tok.convert_ids_to_tokens(ids) and tok.unk_token_id not in ids
+    rng = random.Random(0)
+    for _ in range(300):  # arbitrary strings over the alphabet round-trip exactly
+        s = "".join(rng.choice(DEFAULT_CHARS) for _ in range(rng.randint(0, 40)))
+        assert tok.decode(tok(s)["input_ids"]) == s
+
+
+def test_digit_initialised_number_embeddings_share_place_values():
+    from transformers import Qwen2ForCausalLM
+
+    from ngc_trl.tiny import number_tokenizer, tiny_qwen2_config
+
+    tok = number_tokenizer(max_number=199)
+    model = Qwen2ForCausalLM(tiny_qwen2_config(len(tok), num_layers=1, hidden=64))
+    testbed.init_number_embeddings(model, tok, "digits")
+    emb, v = model.get_input_embeddings().weight, tok.get_vocab()
+
+    def cos(a, b):
+        return torch.cosine_similarity(emb[v[a]], emb[v[b]], dim=0).item()
+
+    assert cos("84", "87") > 0.3 > abs(cos("84", "31"))  # shared tens digit vs. nothing shared
+    with pytest.raises(ValueError, match="number_init"):
+        testbed.init_number_embeddings(model, tok, "fancy")
 
 
 def test_testbed_end_to_end(tmp_path):
@@ -32,3 +73,20 @@ def test_testbed_end_to_end(tmp_path):
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 8
     assert result["train"]["steps"] == 2 and not (out / "_trainer").exists()
     assert result["settings"]["distribution"]["num_range"] == [1, 12]
+
+
+def test_saved_local_tokenizers_load_back_unchanged_beside_a_qwen2_config(tmp_path):
+    """transformers maps a qwen2 folder to Qwen2Tokenizer, whose byte-level pre-tokenizer would split our
+    word-level / character tokens: `load_tokenizer` (used by train, eval and the testbed) must not."""
+    from transformers import Qwen2ForCausalLM
+
+    from ngc_trl.tiny import char_tokenizer, load_tokenizer, number_tokenizer, tiny_qwen2_config
+
+    text = "nums 11 9 5 target 46\n<think>\n11+9=20 left 5 20\n</think>\n<answer>(11+9)*5</answer>"
+    for name, tok in (("number", number_tokenizer()), ("char", char_tokenizer())):
+        folder = tmp_path / name
+        Qwen2ForCausalLM(tiny_qwen2_config(len(tok), num_layers=1, hidden=32)).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        back = load_tokenizer(str(folder))
+        assert back(text)["input_ids"] == tok(text)["input_ids"], name
+        assert back.decode(back(text)["input_ids"]) == text
