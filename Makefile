@@ -61,7 +61,7 @@ testbed_result:
 	for c in $(TB_C); do test -f outputs/tiny-breadcrumbs-c$$c/ngc_settings.json || \
 		$(PYTHON) -m ngc_trl.train --config recipes/tiny/breadcrumbs_countdown.yaml --compression_ratio $$c \
 			--output_dir outputs/tiny-breadcrumbs-c$$c --eval_after_train false || exit 1; done
-	$(TB_EVAL) --model outputs/tiny-full-cache --policies full,keydiff,snapkv,knorm,h2o,tova,streaming_llm,random \
+	$(TB_EVAL) --model outputs/tiny-full_cache --policies full,keydiff,snapkv,knorm,h2o,tova,streaming_llm,random \
 		--output_dir outputs/testbed/full_cache
 	for r in ngc kv_dropout token_only; do $(TB_EVAL) --model outputs/tiny-$$r --policies full,ngc \
 		--output_dir outputs/testbed/$$r || exit 1; done

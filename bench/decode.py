@@ -120,16 +120,14 @@ def schedule_peak(cfg: EvictionConfig, prompt_len: int, new_tokens: int) -> tupl
 
 def beacon_peak(c: int, prompt_len: int, new_tokens: int) -> tuple[int, int]:
     """(peak live entries per layer under beacon decoding, entries of a full cache): the loop feeds
-    ``t_1 .. t_{n-1}``; after ``t_i`` with ``i mod c == 0`` and ``i + 1 < n`` it feeds a beacon, then drops
-    the window's ``c`` entries."""
+    ``t_1 .. t_{n-1}``; ``t_i`` with ``i - 1 > 0`` and ``(i - 1) mod c == 0`` is fed together with the beacon
+    closing the window before it (one forward), then the window's ``c`` entries are dropped."""
     live = peak = prompt_len
     for i in range(1, new_tokens):
-        live += 1
-        if i % c == 0 and i + 1 < new_tokens:
-            live += 1
-            peak = max(peak, live)
-            live -= c
+        due = i - 1 > 0 and (i - 1) % c == 0
+        live += 1 + due
         peak = max(peak, live)
+        live -= c * due
     return peak, prompt_len + new_tokens - 1
 
 

@@ -267,10 +267,14 @@ def plot_pareto(rows: Sequence[dict], path: str, title: str = "") -> None:
         by_policy[r["policy"]].append(r)
     for r in by_policy.pop(FULL, []):
         ax.axhline(100 * r["pass@1"], color="k", linestyle="--", label="full cache")
-    for policy, rs in by_policy.items():
+    from matplotlib import colormaps
+
+    colors = colormaps["tab20" if len(by_policy) > 10 else "tab10"]
+    for i, (policy, rs) in enumerate(by_policy.items()):
         rs = sorted(rs, key=lambda r: r["peak_compression"])
         ax.errorbar([r["peak_compression"] for r in rs], [100 * r["pass@1"] for r in rs],
-                    yerr=[100 * (r["pass@1_se"] or 0.0) for r in rs], marker="o", capsize=3, label=policy)
+                    yerr=[100 * (r["pass@1_se"] or 0.0) for r in rs], marker="os^Dv"[i % 5], capsize=3,
+                    color=colors(i), label=policy)
     top = min(100.0, 1.1 * max([5.0, *(100 * (r["pass@1"] + (r["pass@1_se"] or 0)) for r in done)]))
     ax.set_ylim(-0.03 * top, top)
     ax.set_xlim(0.95, 1.05 * max([1.0, *(r["peak_compression"] for r in done)]) + 0.05)
