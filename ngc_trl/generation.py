@@ -13,8 +13,8 @@ the beacon token is fed at the next position (forced; its logits are unused; it 
 completion) and ``t_{i+1}`` right after it, in one forward in which ``t_{i+1}`` does not see the window
 the beacon closes; then the window's ``c`` entries are dropped from every layer. The result equals
 feeding the beacon, dropping, then feeding ``t_{i+1}``, with one forward per token instead of
-``1 + 1/c``; the window is held one token longer (peak entries one above that sequence's). Rows decode in lockstep, so beacons fire at the same step in every unfinished row (per-row ``c``
-is allowed). Nothing is recorded: `ngc_trl.beacons.beacon_layout` rebuilds the beacons from the
+``1 + 1/c``; the window is held one token longer (peak entries one above that sequence's). Rows decode
+in lockstep, so beacons fire at the same step in every unfinished row (per-row ``c`` is allowed). Nothing is recorded: `ngc_trl.beacons.beacon_layout` rebuilds the beacons from the
 completion lengths alone.
 """
 
@@ -343,11 +343,9 @@ def generate_with_eviction(
         pos0 = (mask.long().cumsum(1) - 1).clamp(min=0)
         logits = forward(input_ids, pos0, mask)
         for step in range(max_new_tokens):
-            if cfg.beacon_token_id is not None:  # the beacon is only ever forced (TRL's suppress_tokens)
-                tok = sample_next(logits.index_fill(1, beacon_idx, float("-inf")), do_sample, temperature, top_k,
-                                  top_p, generator)
-            else:
-                tok = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+            # the beacon is only ever forced (TRL's suppress_tokens); log-probs below use the unmasked logits
+            allowed = logits if beacon_idx is None else logits.index_fill(1, beacon_idx, float("-inf"))
+            tok = sample_next(allowed, do_sample, temperature, top_k, top_p, generator)
             if forced_token_id is not None and evicting:
                 # this token sits at position n_fed; force it when a round fires right after it
                 tok = torch.where((n_fed + 1) % delta == 0, torch.full_like(tok, forced_token_id), tok)

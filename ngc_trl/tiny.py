@@ -25,21 +25,29 @@ CHAT_TEMPLATE = (
 def char_tokenizer(chars: str = DEFAULT_CHARS, extra_special: list[str] | None = None) -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer: ids 0–3 are ``<pad> <bos> <eos> <unk>``, then ``extra_special``
     (e.g. the interoception or meta tokens), then one id per character."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import pre_tokenizers
 
     extra = list(extra_special or [])
-    vocab = {t: i for i, t in enumerate(SPECIALS + extra)}
-    for c in dict.fromkeys(chars):
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-        additional_special_tokens=extra or None, padding_side="left",
-    )
+    fast = _word_level(SPECIALS + extra + list(chars), pre_tokenizers.Split(pattern="", behavior="isolated"), extra)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def _word_level(tokens: list[str], pre_tokenizer, extra_special: list[str]) -> PreTrainedTokenizerFast:
+    """A `PreTrainedTokenizerFast` over a WordLevel vocabulary (ids in order of first appearance in
+    ``tokens``, which start with :data:`SPECIALS`), the given pre-tokenizer and a concatenating decoder."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        additional_special_tokens=extra_special or None, padding_side="left",
+    )
 
 
 # words of the Countdown prompt and search trace (ngc_trl.tasks.countdown), longest first in the regex
@@ -55,29 +63,22 @@ def number_tokenizer(max_number: int = 1999, words: list[str] | None = None, cha
 
     Pre-tokenization is one regex: a tag, a listed word, the longest number prefix that is ``<= max_number``
     (``"12345"`` -> ``"1234" "5"`` for 1999), else a single character, so every string round-trips through
-    ``decode(encode(s))`` exactly as with :func:`char_tokenizer`. It has no chat template (plain prompts). A search-trace step ``12*7=84`` is 5
-    tokens instead of 7 characters, and copying a number from the prompt is one token.
+    ``decode(encode(s))`` exactly as with :func:`char_tokenizer`. It has no chat template (plain prompts).
+    A search-trace step ``12*7=84`` is 5 tokens instead of 7 characters, and copying a number from the
+    prompt is one token.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
 
     if max_number < 9:
         raise ValueError(f"max_number must be >= 9, got {max_number}")
     words = sorted(set(words if words is not None else TRACE_WORDS), key=len, reverse=True)
     extra = list(extra_special or [])
-    vocab = {t: i for i, t in enumerate(SPECIALS + extra + TAG_TOKENS)}
-    for t in [str(n) for n in range(max_number + 1)] + words + list(chars):
-        vocab.setdefault(t, len(vocab))
-    number = _number_regex(max_number)
-    pattern = "|".join([re.escape(t) for t in TAG_TOKENS] + [re.escape(w) for w in words] + [number, r"[\s\S]"])
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tokens = SPECIALS + extra + TAG_TOKENS + [str(n) for n in range(max_number + 1)] + words + list(chars)
+    pattern = "|".join([re.escape(t) for t in TAG_TOKENS] + [re.escape(w) for w in words]
+                       + [_number_regex(max_number), r"[\s\S]"])
     # no chat template: the testbed's prompts are plain text, and `ngc-eval --prompt_format auto` then
     # renders them as the model was trained
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-        additional_special_tokens=extra or None, padding_side="left",
-    )
+    return _word_level(tokens, pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated"), extra)
 
 
 def _number_regex(max_number: int) -> str:
