@@ -242,6 +242,10 @@ def _replay_trace(trace: str, nums: list[int], target: int) -> None:
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
     step = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
     for line in lines[:-3]:
+        restated = line.startswith("target ")  # a two-number line restates the target first
+        if restated:
+            head, line = line.split(": ", 1)
+            assert head == f"target {target}", head
         if line.startswith("back "):
             state = [int(x) for x in line[5:].split()]
             assert state in root_stack, line
@@ -261,6 +265,7 @@ def _replay_trace(trace: str, nums: list[int], target: int) -> None:
             state = claimed
             root_stack.append(state)
         else:  # a leaf: the two numbers of the state, the last result is the target iff "yes"
+            assert restated, line
             assert sorted({int(moves[0][0]), int(moves[0][2])}) == sorted(set(state)), line
             hit = int(moves[-1][3]) == target
             assert line.endswith(" yes") == hit and all(int(m[3]) != target for m in moves[:-1]), line
@@ -277,7 +282,7 @@ def test_search_traces_are_honest_and_verify():
         _replay_trace(trace, p["nums"], p["target"])
         lengths.append(len(trace))
     lengths.sort()
-    assert 60 <= lengths[len(lengths) // 20] and lengths[-len(lengths) // 20] <= 700
+    assert 60 <= lengths[len(lengths) // 20] and lengths[-len(lengths) // 20] <= 800
     assert 200 <= lengths[len(lengths) // 2] <= 420
 
 
@@ -297,6 +302,8 @@ def test_search_trace_controls_and_docstring_example():
     assert search_trace([4, 4, 10], 44, max_chars=50) is None
     assert search_trace([3, 5, 7, 8], 24, random.Random(5)) == search_trace([3, 5, 7, 8], 24, random.Random(5))
     assert search_trace([3, 5, 7, 8], 24, random.Random(5)) != search_trace([3, 5, 7, 8], 24)
+    plain = search_trace([4, 4, 10], 44, restate_target=False)
+    assert plain == example.replace("target 44: ", "") and "target" not in plain
     with pytest.raises(ValueError):
         search_trace([1, 1, 1], 100)
 

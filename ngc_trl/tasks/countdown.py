@@ -28,42 +28,45 @@ Search-trace format (SFT data for the tiny testbed)
 (canonical, or shuffled per node), every result is computed, and the trace stops at the first
 two-number state that yields the target. No line states anything the lines above it do not imply,
 so a model that imitates the trace never learns to announce a success it has not computed. Each line
-works on the state written on the line just above it (the target is only in the prompt)::
+works on the state written on the line just above it; the target, given in the prompt, is restated on
+every two-number line, and the token right after a result says whether it is the target (``" "`` before
+``yes``; ``","`` otherwise), so the decision is made at the result itself by comparing it with a number a
+few tokens back rather than hundreds (``restate_target=False`` leaves the restatement out)::
 
-    a<op>b=c left S'       a move: combine a >= b into c; S' = the untouched numbers in order, then c
-    a+b=c a-b=d ... no     two numbers left: every result in the order + - * /, none is the target
-    a+b=c a-b=T yes        ... or the results up to the first that is the target
-    back S                 return to state S before its next move
-    found <moves>          the moves of the solving path
+    a<op>b=c left S'           a move: combine a >= b into c; S' = the untouched numbers in order, then c
+    target T: a+b=c,...,no     two numbers left: every result in the order + - * /, none is the target
+    target T: a+b=c,a-b=T yes  ... or the results up to the first that is the target
+    back S                     return to state S before its next move
+    found <moves>              the moves of the solving path
     </think>
-    <answer>EXPR</answer>  EXPR fully parenthesised, larger operand first
+    <answer>EXPR</answer>      EXPR fully parenthesised, larger operand first
 
 Canonical move order: number pairs ``(i, j)``, ``i < j``, by position in the state, then ``+ - * /``
 (``-`` only when ``a > b``, ``/`` only when exact). Example (``search_trace([4, 4, 10], 44)``)::
 
     4+4=8 left 10 8
-    10+8=18 10-8=2 10*8=80 no
+    target 44: 10+8=18,10-8=2,10*8=80,no
     back 4 4 10
     4*4=16 left 10 16
-    16+10=26 16-10=6 16*10=160 no
+    target 44: 16+10=26,16-10=6,16*10=160,no
     back 4 4 10
     4/4=1 left 10 1
-    10+1=11 10-1=9 10*1=10 10/1=10 no
+    target 44: 10+1=11,10-1=9,10*1=10,10/1=10,no
     back 4 4 10
     10+4=14 left 4 14
-    14+4=18 14-4=10 14*4=56 no
+    target 44: 14+4=18,14-4=10,14*4=56,no
     back 4 4 10
     10-4=6 left 4 6
-    6+4=10 6-4=2 6*4=24 no
+    target 44: 6+4=10,6-4=2,6*4=24,no
     back 4 4 10
     10*4=40 left 4 40
-    40+4=44 yes
+    target 44: 40+4=44 yes
     found 10*4=40 40+4=44
     </think>
     <answer>(10*4)+4</answer>
 
-Lengths: 3 numbers from [1, 10], targets in [10, 50] (the testbed's distribution): 84-569 characters
-(5th-95th percentile, median ~305). With 4 numbers the exhaustive search can run to thousands of
+Lengths: 3 numbers from [1, 10], targets in [10, 50]: 95-655 characters (5th-95th percentile, median
+~245). With 4 numbers the exhaustive search can run to thousands of
 characters; ``max_chars`` lets a caller skip such instances.
 
 Prompts
@@ -284,8 +287,9 @@ class _TraceTooLong(Exception):
 class _TraceWriter:
     """Writes an honest depth-first search: every line follows from the lines above it."""
 
-    def __init__(self, target: int, rng: random.Random | None, max_chars: int | None):
+    def __init__(self, target: int, rng: random.Random | None, max_chars: int | None, restate_target: bool):
         self.target, self.rng, self.max_chars = target, rng, max_chars
+        self.prefix = f"target {target}: " if restate_target else ""
         self.lines: list[str] = []
         self.chars = 0
 
@@ -299,10 +303,10 @@ class _TraceWriter:
         shown = []
         for a, op, b, c, expr, _ in _trace_moves(state, self.rng):
             shown.append(f"{a}{op}{b}={c}")
-            if c == self.target:
-                self.emit(" ".join(shown) + " yes")
+            if c == self.target:  # " " right after a result marks the target, "," any other result
+                self.emit(self.prefix + ",".join(shown) + " yes")
                 return [(a, op, b, c, expr)]
-        self.emit(" ".join(shown) + " no")
+        self.emit(self.prefix + ",".join(shown) + ",no")
         return None
 
     def explore(self, state: list[tuple[int, str]]) -> list[tuple] | None:
@@ -319,7 +323,7 @@ class _TraceWriter:
 
 
 def search_trace(nums: Sequence[int], target: int, rng: random.Random | None = None, *,
-                 max_chars: int | None = None) -> str | None:
+                 max_chars: int | None = None, restate_target: bool = True) -> str | None:
     """A depth-first search chain of thought that ends in a verifying ``<answer>`` (module docstring).
 
     The search is honest: moves are tried in order (canonical, or shuffled per node by ``rng``), every
@@ -336,6 +340,10 @@ def search_trace(nums: Sequence[int], target: int, rng: random.Random | None = N
     max_chars : int or None
         Return ``None`` when the search would need more than this many characters (without the
         answer lines): the caller skips the instance.
+    restate_target : bool
+        Open every two-number line with ``"target T: "``, so that the yes/no decision compares a result
+        with a number a few tokens back instead of one in the prompt, hundreds of tokens back
+        (``False``: the earlier format, which a 1M-parameter model decided wrongly far more often).
 
     Returns
     -------
@@ -349,7 +357,7 @@ def search_trace(nums: Sequence[int], target: int, rng: random.Random | None = N
         raise ValueError("search_trace needs at least two numbers")
     if not _can_reach(tuple(nums), target):
         raise ValueError(f"unsolvable instance: {nums} -> {target}")
-    writer = _TraceWriter(target, rng, max_chars)
+    writer = _TraceWriter(target, rng, max_chars, restate_target)
     try:
         path = writer.explore([(x, str(x)) for x in nums])
     except _TraceTooLong:
