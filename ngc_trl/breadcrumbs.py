@@ -83,6 +83,9 @@ class BreadcrumbsConfig(GRPOConfig):
         kl_direction (`str`, defaults to `"forward"`): ``"forward"`` = KL(teacher ‖ student), ``"reverse"`` =
             KL(student ‖ teacher).
         distill_chunk_size (`int`, defaults to `512`): tokens per chunk of the vocabulary-wide KL.
+        student_learning_rate (`float` or `None`, defaults to `None`): peak learning rate of the student's
+            parameters (their own optimizer groups, same schedule); ``None``: ``learning_rate``. Distillation is
+            a supervised loss and tolerates the larger rates of SFT, while the teacher's RL step stays small.
         beacon_token (`str`, defaults to `"<|beacon|>"`), beacon_init (`str`, defaults to `"mean"`): the
             special token and its embedding init (`ngc_trl.beacons.add_beacon_token`: mean | eos | random).
         teacher_adapter_name (`str`, defaults to `"teacher"`), student_adapter_name (`str`, defaults to
@@ -94,6 +97,8 @@ class BreadcrumbsConfig(GRPOConfig):
     distill_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the student's distillation loss."})
     kl_direction: str = field(default="forward", metadata={"help": "forward = KL(teacher||student) | reverse"})
     distill_chunk_size: int = field(default=512, metadata={"help": "Tokens per chunk of the vocabulary-wide KL."})
+    student_learning_rate: float | None = field(default=None, metadata={
+        "help": "Peak learning rate of the student (default: learning_rate)."})
     beacon_token: str = field(default=BEACON_TOKEN, metadata={"help": "The beacon special token."})
     beacon_init: str = field(default="mean", metadata={"help": "Beacon embedding init: mean | eos | random."})
     teacher_adapter_name: str = field(default="teacher", metadata={"help": "LoRA adapter of the teacher."})
@@ -126,6 +131,9 @@ class BreadcrumbsConfig(GRPOConfig):
             bad("distill_loss_coef", "must be a finite number >= 0")
         if self.kl_direction not in KL_DIRECTIONS:
             bad("kl_direction", f"must be one of {KL_DIRECTIONS}")
+        lr = self.student_learning_rate
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
+            bad("student_learning_rate", "must be a finite number > 0, or None")
         if isinstance(self.distill_chunk_size, bool) or not isinstance(self.distill_chunk_size, int) \
                 or self.distill_chunk_size <= 0:
             bad("distill_chunk_size", "must be a positive integer")
@@ -415,7 +423,8 @@ class BreadcrumbsTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ optimisation
     def create_optimizer(self, model=None):
-        """TRL/transformers' optimizer, plus the full-fine-tuning student's parameters (same decay rule)."""
+        """TRL/transformers' optimizer, plus the full-fine-tuning student's parameters (same decay rule); the
+        student's parameters (a copy's, or the student adapter's) get ``student_learning_rate`` if set."""
         optimizer = super().create_optimizer(model)
         if self.student_model is not None and self.train_student:
             known = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -425,6 +434,16 @@ class BreadcrumbsTrainer(GRPOTrainer):
                 optimizer.add_param_group({"params": [p for n, p in named if n in decay],
                                            "weight_decay": self.args.weight_decay})
                 optimizer.add_param_group({"params": [p for n, p in named if n not in decay], "weight_decay": 0.0})
+        lr = self.args.student_learning_rate
+        if lr is not None and self.train_student:
+            groups = list(optimizer.param_groups)
+            optimizer.param_groups.clear()
+            for g in groups:  # split every group into its teacher part and its student part
+                student = [p for p in g["params"] if id(p) in self._student_ids]
+                teacher = [p for p in g["params"] if id(p) not in self._student_ids]
+                for params, group_lr in ((teacher, g["lr"]), (student, lr)):
+                    if params:
+                        optimizer.param_groups.append({**g, "params": params, "lr": group_lr})
         return optimizer
 
     def _clip_grad_norm(self, model):

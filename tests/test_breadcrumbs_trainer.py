@@ -226,11 +226,23 @@ def test_compression_ratio_drawn_per_rollout(tmp_path):
     assert 2 <= tr._metrics["train"]["breadcrumbs/compression_ratio"][-1] <= 8
 
 
+@pytest.mark.parametrize("peft", [True, False])
+def test_student_learning_rate_gets_its_own_groups(tmp_path, peft):
+    tr = make_trainer(tmp_path, peft=peft, student_learning_rate=0.5, lr_scheduler_type="constant")
+    tr.train()
+    student = {id(p) for p in tr._student_params}
+    groups = tr.optimizer.param_groups
+    assert {id(p) for g in groups if g["lr"] == 0.5 for p in g["params"]} == student
+    assert all(g["lr"] == 5e-2 for g in groups if not any(id(p) in student for p in g["params"]))
+    assert sum(len(g["params"]) for g in groups) == len({id(p) for g in groups for p in g["params"]})  # no duplicates
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("compression_ratio", 1), ("compression_ratio", [4, 1]), ("compression_ratio", []), ("distill_loss_coef", -1.0),
      ("distill_loss_coef", float("nan")), ("kl_direction", "sideways"), ("beacon_init", "zeros"), ("beacon_token", ""),
-     ("distill_chunk_size", 0), ("teacher_adapter_name", "a.b"), ("student_adapter_name", "teacher")],
+     ("distill_chunk_size", 0), ("teacher_adapter_name", "a.b"), ("student_adapter_name", "teacher"),
+     ("student_learning_rate", 0.0), ("student_learning_rate", float("inf"))],
 )
 def test_invalid_config_names_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"BreadcrumbsConfig.{field}"):
