@@ -42,9 +42,10 @@ from ngc_trl.metrics import (
 from ngc_trl.policies import DECODERS, POLICIES
 
 MATH_TASKS = ("amc23", "aime24", "aime25", "amc25", "math")
-TASKS = ("countdown", *MATH_TASKS)
+TASKS = ("countdown", "linsys", "stargraph", *MATH_TASKS)
 SETTINGS_FILE = "ngc_settings.json"  # EvictionConfig fields written next to a trained model
 # paper settings (method.md §6): Countdown greedy with 1024 tokens; math T=0.6, top_p=0.95, 3850 tokens
+# (LinSys and StarGraph take Countdown's)
 TASK_DEFAULTS = {"countdown": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 1024},
                  "math": {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 3850}}
 # settings that change what a sample is: a resumed run must match them
@@ -115,9 +116,9 @@ class EvalArguments:
     device: str = field(default="auto", metadata={"help": "'auto' (this process's accelerator, else CPU), 'cpu', 'cuda:0'..."})
     dtype: str = field(default="auto", metadata={"help": "auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU)."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of aime24/aime25/amc23 .jsonl files."})
-    data_source: str | None = field(default=None, metadata={"help": "Countdown: 'generated' (default), "
-                                                                    "'generated:testbed' (the tiny testbed's range), a Hub name "
-                                                                    "or file; math: a Hub name or file (amc25, math)."})
+    data_source: str | None = field(default=None, metadata={"help": "Generated tasks: 'generated' (default) or "
+                                                                    "'generated:testbed' (the tiny testbed's range); Countdown also "
+                                                                    "a Hub name or file; math: a Hub name or file (amc25, math)."})
     prompt_format: str = field(default="auto", metadata={"help": "auto|chat|plain (auto: chat iff the tokenizer has a template)."})
     prefill: bool = field(default=True, metadata={"help": "Countdown chat prompts end with TinyZero's assistant prefill."})
     interoception: bool | None = field(default=None, metadata={"help": "Tag prompts with the rate (default: on when the "
@@ -134,6 +135,13 @@ class EvalArguments:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"--{name}={v}: must be positive")
+        if self.task in ("linsys", "stargraph") and self.data_source is not None:
+            from ngc_trl.tasks import distribution
+
+            try:
+                distribution(self.task, self.data_source)
+            except ValueError as e:
+                raise ValueError(f"--data_source: {e}") from None
         if self.prompt_format not in ("auto", "chat", "plain"):
             raise ValueError(f"--prompt_format={self.prompt_format!r}: must be auto, chat or plain")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -225,15 +233,16 @@ def load_model(model: str, device: str | torch.device, dtype: str = "auto", trus
 def load_problems(task: str, tokenizer=None, num_problems: int | None = None, seed: int = 0,
                   data_source: str | None = None, data_dir: str | None = None, prompt_format: str = "auto",
                   prefill: bool = True) -> list[dict]:
-    """Evaluation problems as dicts ``{id, prompt, ...}`` (Countdown: held-out ``test`` split, plus
-    ``nums``/``target``; math: ``answer``). ``prompt`` is a string or chat messages."""
-    from ngc_trl.tasks import countdown, math
+    """Evaluation problems as dicts ``{id, prompt, ...}`` (generated tasks: held-out ``test`` split, plus
+    their instance columns, e.g. ``nums``/``target``; math: ``answer``). ``prompt`` is a string or chat
+    messages."""
+    from ngc_trl.tasks import GENERATED_TASKS, load_generated, math
 
     chat = prompt_format == "chat" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None))
-    if task == "countdown":
-        ds = countdown.load_countdown(data_source or "generated", n=num_problems, seed=seed, split="test",
-                                      prompt_format="chat" if chat else "plain", prefill=prefill)
-        return [{"id": f"countdown-{i}", **row} for i, row in enumerate(ds)]
+    if task in GENERATED_TASKS:
+        ds = load_generated(task, data_source or "generated", n=num_problems, seed=seed, split="test",
+                            prompt_format="chat" if chat else "plain", prefill=prefill)
+        return [{"id": f"{task}-{i}", **row} for i, row in enumerate(ds)]
     if task == "math" and data_source is None:
         raise ValueError("--task math: give the problems with --data_source (a .jsonl/.parquet file or Hub name)")
     name = data_source if task == "math" else task
@@ -263,11 +272,11 @@ def render_prompt(prompt, tokenizer, rate: float | None = None) -> str:
 
 def score_completion(task: str, text: str, problem: dict, timeout_s: float = 5.0) -> tuple[float, bool, str | None]:
     """``(reward, correct, extracted answer)`` with the task's own verifier (the RL reward's)."""
-    from ngc_trl.tasks import countdown, math
+    from ngc_trl.tasks import GENERATED_TASKS, get_task, math, score_row
 
-    if task == "countdown":
-        reward = countdown.score(text, problem["nums"], problem["target"])
-        return reward, reward == 1.0, countdown.extract_answer(text)
+    if task in GENERATED_TASKS:
+        reward = score_row(task, text, problem)
+        return reward, reward == 1.0, get_task(task).extract_answer(text)
     pred = math.extract_answer(text)
     ok = math.grade(pred, str(problem["answer"]), timeout_s)
     return float(ok), ok, pred
@@ -321,7 +330,8 @@ def evaluate(model, tokenizer, problems, task: str, policies="full,ngc", rates="
     Args:
         problems: dicts (or a `datasets.Dataset`) with ``prompt`` (text or chat messages), the task's fields
             (``nums``/``target`` or ``answer``) and optionally ``id``.
-        task: ``"countdown"`` or a math set (graded with `ngc_trl.tasks.math.grade`).
+        task: a generated task (``"countdown"``, ``"linsys"``, ``"stargraph"``: its own verifier) or a math set
+            (graded with `ngc_trl.tasks.math.grade`).
         policies, rates: names / ε, lists or comma-separated strings; ``full`` runs once.
         compression_ratios: the c of every ``breadcrumbs`` run (a list or comma-separated string).
         eviction: δ/b/w/protections shared by all runs (default `EvictionConfig()`).
@@ -453,7 +463,7 @@ def _prepare(args: EvalArguments) -> dict:
     """Everything but the decoding: validation first (policies, rates, schedule), then model and data."""
     from accelerate import PartialState
 
-    kind = "countdown" if args.task == "countdown" else "math"
+    kind = "math" if args.task in MATH_TASKS else "countdown"
     gen = {key: getattr(args, key) if getattr(args, key) is not None else v for key, v in TASK_DEFAULTS[kind].items()}
     folder = check_model_arg(args.model)
     model_settings = read_ngc_settings(folder) if folder is not None else {}

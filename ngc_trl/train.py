@@ -54,28 +54,29 @@ class ScriptArguments(TrlScriptArguments):
         ``"ngc"`` (`NGCTrainer`) or ``"breadcrumbs"`` (`BreadcrumbsTrainer`); read before parsing
         (`read_method`) to pick the config class.
     task : str
-        ``"countdown"`` or ``"math"`` (DAPO-Math-17k for training).
+        ``"countdown"``, ``"math"`` (DAPO-Math-17k for training), ``"linsys"`` or ``"stargraph"``.
     dataset_source : str
-        ``"generated"`` (Countdown: the built-in generator; math: the default DAPO-Math-17k source), a Hub
-        dataset name or a local ``.jsonl``/``.json``/``.parquet`` file. ``dataset_name`` is used when this is
-        left at ``"generated"`` and ``dataset_name`` is set.
+        ``"generated"`` (Countdown, LinSys, StarGraph: the built-in generator; math: the default
+        DAPO-Math-17k source), ``"generated:<name>"`` (a named generator distribution, e.g. ``testbed``), a
+        Hub dataset name or a local ``.jsonl``/``.json``/``.parquet`` file (Countdown and math).
+        ``dataset_name`` is used when this is left at ``"generated"`` and ``dataset_name`` is set.
     num_train_problems : int, optional
         Keep the first N training problems (default: the loader's default / whole split).
     prompt_format : str
         ``"chat"`` (the tokenizer's chat template) or ``"plain"`` (a bare string; tiny char tokenizers).
     reward_format : float
-        Countdown only: reward of a well-formatted but wrong answer (paper: 0).
+        Generated tasks: reward of a well-formatted but wrong answer (paper: 0).
     eval_after_train, eval_num_problems, eval_policies, eval_rates, eval_compression_ratios, eval_data_source
         A short `ngc_trl.eval.evaluate` on held-out problems after training, written to ``output_dir/eval``.
     """
 
     method: str = field(default="ngc", metadata={"help": "ngc | breadcrumbs (picks the trainer and its config)."})
-    task: str = field(default="countdown", metadata={"help": "countdown | math"})
+    task: str = field(default="countdown", metadata={"help": "countdown | math | linsys | stargraph"})
     dataset_source: str = field(default="generated", metadata={
         "help": "'generated', a Hub dataset name or a local .jsonl/.json/.parquet file."})
     num_train_problems: int | None = field(default=None, metadata={"help": "Keep the first N training problems."})
     prompt_format: str = field(default="chat", metadata={"help": "chat | plain"})
-    reward_format: float = field(default=0.0, metadata={"help": "Countdown: reward of a formatted wrong answer."})
+    reward_format: float = field(default=0.0, metadata={"help": "Generated tasks: reward of a formatted wrong answer."})
     eval_after_train: bool = field(default=False, metadata={"help": "Run a short ngc-eval after training."})
     eval_num_problems: int = field(default=64, metadata={"help": "Held-out problems of the final evaluation."})
     eval_policies: str = field(default="full,ngc", metadata={"help": "Comma-separated policies to evaluate."})
@@ -83,13 +84,22 @@ class ScriptArguments(TrlScriptArguments):
     eval_compression_ratios: str = field(default="2,4,8,16,32", metadata={
         "help": "Breadcrumbs: comma-separated c of the 'breadcrumbs' policy's evaluation runs."})
     eval_data_source: str | None = field(default=None, metadata={
-        "help": "Evaluation problems (countdown: default dataset_source's test split; math: e.g. aime25)."})
+        "help": "Evaluation problems (generated tasks: default dataset_source's test split; math: e.g. aime25)."})
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"ScriptArguments.method={self.method!r}: must be one of {', '.join(METHODS)}")
-        if self.task not in ("countdown", "math"):
-            raise ValueError(f"ScriptArguments.task={self.task!r}: must be countdown or math")
+        from ngc_trl.tasks import GENERATED_TASKS, distribution
+
+        if self.task not in ("math", *GENERATED_TASKS):
+            raise ValueError(f"ScriptArguments.task={self.task!r}: must be one of math, {', '.join(GENERATED_TASKS)}")
+        for name in ("dataset_source", "eval_data_source"):
+            source = getattr(self, name)
+            if self.task in ("linsys", "stargraph") and source is not None:
+                try:
+                    distribution(self.task, source)
+                except ValueError as e:
+                    raise ValueError(f"ScriptArguments.{name}: {e}") from None
         if self.prompt_format not in ("chat", "plain"):
             raise ValueError(f"ScriptArguments.prompt_format={self.prompt_format!r}: must be chat or plain")
         if self.num_train_problems is not None and self.num_train_problems <= 0:
@@ -140,15 +150,15 @@ def make_parser(method: str = "ngc") -> TrlParser:
 
 def load_train_dataset(script_args: ScriptArguments, seed: int = 0) -> datasets.Dataset:
     """The training problems with a ``prompt`` column and the reward's columns."""
-    from ngc_trl.tasks import get_task
+    from ngc_trl.tasks import GENERATED_TASKS, get_task, load_generated
 
     task = get_task(script_args.task)
     source = script_args.dataset_source
     if source == "generated" and script_args.dataset_name:
         source = script_args.dataset_name
-    if script_args.task == "countdown":
-        return task.load_countdown(source, n=script_args.num_train_problems, seed=seed, split="train",
-                                   prompt_format=script_args.prompt_format)
+    if script_args.task in GENERATED_TASKS:
+        return load_generated(script_args.task, source, n=script_args.num_train_problems, seed=seed, split="train",
+                              prompt_format=script_args.prompt_format)
     ds = task.load_math("dapo", source=None if source == "generated" else source, n=script_args.num_train_problems)
     if script_args.prompt_format == "plain":
         ds = ds.map(lambda row: {"prompt": "\n".join(m["content"] for m in row["prompt"])})
@@ -156,17 +166,16 @@ def load_train_dataset(script_args: ScriptArguments, seed: int = 0) -> datasets.
 
 
 def make_reward(script_args: ScriptArguments):
-    """The task's TRL reward function (Countdown with its ``reward_format``)."""
-    from ngc_trl.tasks import countdown, math
+    """The task's TRL reward function (a generated task's with ``reward_format``); its ``__name__`` is the
+    task's reward name, which TRL logs."""
+    import functools
+
+    from ngc_trl.tasks import get_task, math
 
     if script_args.task == "math":
         return math.math_reward
-
-    def countdown_reward(prompts, completions, nums, target, **kwargs):
-        return countdown.countdown_reward(prompts, completions, nums, target,
-                                          format_reward=script_args.reward_format, **kwargs)
-
-    return countdown_reward
+    func = get_task(script_args.task).reward_func
+    return functools.update_wrapper(functools.partial(func, format_reward=script_args.reward_format), func)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         logger.info("*** Evaluate ***")
         data_source = script_args.eval_data_source
-        if data_source is None and script_args.task == "countdown":
+        if data_source is None and script_args.task != "math":
             data_source = script_args.dataset_source
         problems = load_problems(script_args.task, tokenizer, script_args.eval_num_problems, training_args.seed,
                                  data_source, prompt_format=script_args.prompt_format)

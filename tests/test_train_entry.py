@@ -25,7 +25,8 @@ def test_recipes_found():
     assert {"countdown.yaml", "dapo_math.yaml", "countdown_interoception.yaml", "countdown_full_cache.yaml",
             "countdown_ablation_kv_dropout.yaml", "countdown_ablation_token_only.yaml", "tiny/countdown_ngc.yaml",
             "tiny/countdown_full_cache.yaml", "tiny/countdown_kv_dropout.yaml",
-            "tiny/countdown_token_only.yaml", "breadcrumbs_countdown.yaml", "tiny/breadcrumbs_countdown.yaml"} <= names
+            "tiny/countdown_token_only.yaml", "breadcrumbs_countdown.yaml", "tiny/breadcrumbs_countdown.yaml",
+            "tiny/breadcrumbs_stargraph.yaml"} <= names
     for name in ("ddp", "zero2", "zero3"):
         assert (ROOT / "recipes" / "accelerate_configs" / f"{name}.yaml").is_file()
 
@@ -129,3 +130,21 @@ def test_one_training_step_end_to_end(tiny_base, tmp_path):
     assert "TRL" in card  # TRL's own card is kept, the NGC section appended
     assert (out / "eval" / "summary.json").is_file()
     assert {r["policy"] for r in result["eval"]["results"]} == {"full", "ngc"}
+
+
+@pytest.mark.parametrize("task", ["stargraph", "linsys"])
+def test_generated_tasks_train_and_evaluate_by_name(tiny_base, tmp_path, task):
+    """The entry point loads LinSys / StarGraph from the generator, rewards with their verifiers, and the
+    final evaluation reads the held-out split of the same distribution."""
+    out = tmp_path / task
+    result = main(["--config", str(ROOT / "recipes" / "tiny" / "countdown_ngc.yaml"), "--task", task,
+                   "--dataset_source", "generated", "--model_name_or_path", str(tiny_base), "--output_dir", str(out),
+                   "--max_steps", "1", "--max_completion_length", "16", "--per_device_train_batch_size", "4",
+                   "--num_generations", "4", "--num_train_problems", "8", "--eval_after_train", "true",
+                   "--eval_num_problems", "2", "--eval_policies", "full", "--save_strategy", "no",
+                   "--log_level", "warning"])
+    assert json.loads((out / "ngc_training.json").read_text())["task"] == task
+    records = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [r["problem_id"] for r in records] == [f"{task}-0", f"{task}-1"]
+    with pytest.raises(ValueError, match="ScriptArguments.dataset_source"):
+        parse(ROOT / "recipes" / "tiny" / "countdown_ngc.yaml", "--task", task, "--dataset_source", "generated:nope")

@@ -83,6 +83,11 @@ MAX_DIGITS = 12
 TEST_BUCKETS = 16  # generated instances whose hash % 16 == 0 form the test split
 TEST_ROWS = 1_024
 
+# named generator settings: ``load_generated("linsys", "generated:<name>")`` (ngc_trl.tasks)
+DISTRIBUTIONS: dict[str, dict[str, Any]] = {
+    "standard": dict(num_vars=(2, 3), coef_range=(-9, 9), solution_range=(-9, 9)),
+}
+
 _PAIR = re.compile(rf"([A-Za-z][A-Za-z0-9_]{{0,7}})[ \t]*=[ \t]*([+-]?)[ \t]*([0-9]{{1,{MAX_DIGITS}}})")
 _SEPARATORS = re.compile(r"[,;\n]")
 
