@@ -10,7 +10,7 @@ DATA ?=
 OUT ?= outputs/eval
 EXTRA ?=
 
-.PHONY: install test slow_test quality style bench eval testbed tiny testbed_result
+.PHONY: install test slow_test quality style bench eval testbed tiny testbed_result stargraph_result
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -71,3 +71,24 @@ testbed_result:
 		outputs/testbed/token_only=token_only outputs/testbed/kv_dropout=kv_dropout \
 		$(foreach c,$(TB_C),outputs/testbed/breadcrumbs_c$(c)=breadcrumbs) \
 		--output_dir outputs/testbed/all --title "tiny Countdown testbed"
+
+# issue 7's second task: Breadcrumbs students on StarGraph (arm-by-arm search traces) next to the heuristics on a
+# full-cache GRPO teacher (the c = 4 run's), δ = 32 and b = 4 for the short rollouts.
+# Results: outputs/testbed_stargraph/all/{results.md,pareto.png,summary.json}.
+SG_C ?= 2 4 8
+SG_MIN ?= 8
+SG_EVAL = $(PYTHON) -m ngc_trl.eval --task stargraph --data_source generated:testbed --num_problems $(TB_N) \
+	--rates $(TB_RATES) --max_new_tokens 128 --batch_size 64 --prompt_format plain --eviction_interval 32 --block_size 4
+stargraph_result:
+	test -f outputs/tiny-base-stargraph/config.json || $(PYTHON) -m ngc_trl.testbed --task stargraph \
+		--output_dir outputs/tiny-base-stargraph --max_minutes $(SG_MIN) --max_new_tokens 128
+	for c in $(SG_C); do test -f outputs/tiny-breadcrumbs-stargraph-c$$c/ngc_settings.json || \
+		$(PYTHON) -m ngc_trl.train --config recipes/tiny/breadcrumbs_stargraph.yaml --compression_ratio $$c \
+			--output_dir outputs/tiny-breadcrumbs-stargraph-c$$c --eval_after_train false || exit 1; done
+	$(SG_EVAL) --model outputs/tiny-breadcrumbs-stargraph-c4/teacher \
+		--policies full,keydiff,snapkv,knorm,h2o,tova,streaming_llm,random --output_dir outputs/testbed_stargraph/teacher
+	for c in $(SG_C); do $(SG_EVAL) --model outputs/tiny-breadcrumbs-stargraph-c$$c --policies full,breadcrumbs \
+		--compression_ratios $$c --output_dir outputs/testbed_stargraph/breadcrumbs_c$$c || exit 1; done
+	$(PYTHON) -m ngc_trl.metrics --runs outputs/testbed_stargraph/teacher \
+		$(foreach c,$(SG_C),outputs/testbed_stargraph/breadcrumbs_c$(c)=breadcrumbs) \
+		--output_dir outputs/testbed_stargraph/all --title "tiny StarGraph testbed"

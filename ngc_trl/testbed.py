@@ -45,7 +45,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from ngc_trl.tasks.countdown import build_plain_prompt, generate_problems, score, search_trace
+from ngc_trl.tasks import countdown, get_task, instance_args, score_row, stargraph
 from ngc_trl.tiny import char_tokenizer, load_tokenizer, number_tokenizer, tiny_qwen2_config
 
 
@@ -54,6 +54,8 @@ class TestbedArgs:
     """Command-line settings of the testbed (``HfArgumentParser``)."""
 
     output_dir: str = field(default="outputs/tiny-base", metadata={"help": "where the HF folder goes"})
+    task: str = field(default="countdown", metadata={
+        "help": "'countdown' (search traces) or 'stargraph' (arm-by-arm search; stargraph.DISTRIBUTIONS['testbed'])"})
     num_train: int = field(default=30000, metadata={"help": "SFT examples (one epoch at most; time usually stops first)"})
     num_test: int = field(default=384, metadata={"help": "held-out split='test' problems"})
     max_minutes: float = field(default=14.5, metadata={"help": "wall-clock cap on SFT"})
@@ -68,7 +70,7 @@ class TestbedArgs:
     hidden: int = 160
     heads: int = 4
     kv_heads: int = 2
-    # problem distribution and trace shape
+    # problem distribution and trace shape (Countdown; StarGraph uses stargraph.DISTRIBUTIONS["testbed"])
     count_min: int = 3
     count_max: int = 3
     num_min: int = 1
@@ -76,7 +78,7 @@ class TestbedArgs:
     target_min: int = 10
     target_max: int = 60
     test_buckets: int = 4
-    max_trace_chars: int = 640
+    max_trace_chars: int = 800
     shuffle_moves: bool = False
     # optimisation
     learning_rate: float = 1e-3
@@ -92,10 +94,33 @@ class TestbedArgs:
 
 
 def problem_kwargs(a: TestbedArgs) -> dict:
-    # the defaults equal countdown.DISTRIBUTIONS["testbed"] (RL and eval use "generated:testbed")
-    """The generator ranges of the (restricted) testbed distribution."""
+    """The generator ranges of the (restricted) testbed distribution of ``a.task``; the defaults equal the
+    task's ``DISTRIBUTIONS["testbed"]``, which RL and evaluation read as ``"generated:testbed"``."""
+    if a.task == "stargraph":
+        return dict(stargraph.DISTRIBUTIONS["testbed"])
+    if a.task != "countdown":
+        raise ValueError(f"task must be 'countdown' or 'stargraph', got {a.task!r}")
     return dict(count_range=(a.count_min, a.count_max), num_range=(a.num_min, a.num_max),
                 target_range=(a.target_min, a.target_max), test_buckets=a.test_buckets)
+
+
+def testbed_problems(a: TestbedArgs, n: int, seed: int, split: str) -> list[dict]:
+    """``n`` generated instances of ``a.task``'s testbed distribution (the test split without repeats)."""
+    extra = {"unique": True} if a.task == "countdown" and split == "test" else {}
+    return get_task(a.task).generate_problems(n, seed, split=split, **problem_kwargs(a), **extra)
+
+
+def plain_prompt(a: TestbedArgs, p: dict) -> str:
+    """The task's plain prompt of instance ``p`` (no chat template), ending in ``<think>``."""
+    return get_task(a.task).build_plain_prompt(*instance_args(a.task, p))
+
+
+def trace(a: TestbedArgs, p: dict, rng: random.Random | None) -> str | None:
+    """The SFT completion of instance ``p``: a Countdown search trace (``None`` when longer than
+    ``max_trace_chars``: the instance is skipped) or a StarGraph forward search (:func:`stargraph.search_trace`)."""
+    if a.task == "countdown":
+        return countdown.search_trace(p["nums"], p["target"], rng, max_chars=a.max_trace_chars)
+    return stargraph.search_trace(p)
 
 
 def build_tokenizer(kind: str):
@@ -140,12 +165,10 @@ def sft_examples(a: TestbedArgs, eos: str) -> list[dict]:
     """Prompt/completion pairs: plain prompt, then a search trace that ends in a verifying answer and EOS."""
     rng = random.Random(a.seed + 1) if a.shuffle_moves else None
     out = []
-    for p in generate_problems(a.num_train, a.seed, split="train", **problem_kwargs(a)):
-        trace = search_trace(p["nums"], p["target"], rng, max_chars=a.max_trace_chars)
-        if trace is None:
-            continue
-        out.append({"prompt": build_plain_prompt(p["nums"], p["target"]), "completion": trace + eos,
-                    "nums": p["nums"], "target": p["target"]})
+    for p in testbed_problems(a, a.num_train, a.seed, "train"):
+        completion = trace(a, p, rng)
+        if completion is not None:
+            out.append({"prompt": plain_prompt(a, p), "completion": completion + eos, **p})
     return out
 
 
@@ -231,17 +254,17 @@ def evaluate(a: TestbedArgs, model, tok) -> dict:
     from ngc_trl.generation import generate_with_eviction
 
     model.eval()
-    probs = generate_problems(a.num_test, a.seed + 10_000, split="test", unique=True, **problem_kwargs(a))
+    probs = testbed_problems(a, a.num_test, a.seed + 10_000, "test")
     correct, lengths, t0 = [], [], time.perf_counter()
     for i in range(0, len(probs), a.eval_batch_size):
         batch = probs[i: i + a.eval_batch_size]
-        enc = tok([build_plain_prompt(p["nums"], p["target"]) for p in batch], return_tensors="pt", padding=True,
+        enc = tok([plain_prompt(a, p) for p in batch], return_tensors="pt", padding=True,
                   padding_side="left")
         out = generate_with_eviction(model, enc["input_ids"], enc["attention_mask"],
                                      eviction=EvictionConfig(policy="full"), max_new_tokens=a.max_new_tokens,
                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         for p, ids in zip(batch, out.completion_ids):
-            correct.append(score(tok.decode(ids, skip_special_tokens=True), p["nums"], p["target"]))
+            correct.append(score_row(a.task, tok.decode(ids, skip_special_tokens=True), p))
             lengths.append(len(ids))
     n = len(correct)
     acc = sum(correct) / n

@@ -50,8 +50,8 @@ def _word_level(tokens: list[str], pre_tokenizer, extra_special: list[str]) -> P
     )
 
 
-# words of the Countdown prompt and search trace (ngc_trl.tasks.countdown), longest first in the regex
-TRACE_WORDS = ["target", "found", "left", "back", "nums", "yes", "no"]
+# words of the Countdown and StarGraph plain prompts and traces (ngc_trl.tasks), longest first in the regex
+TRACE_WORDS = ["target", "found", "left", "back", "nums", "yes", "no", "edges", "from", "to", "goal", "start"]
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 

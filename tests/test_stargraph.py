@@ -263,6 +263,36 @@ def test_solution_trace_example_and_errors():
         solution_trace({**G, "goal": 12, "source": 40})
 
 
+def test_search_traces_are_honest_and_verify():
+    for p in generate_problems(300, seed=5) + generate_problems(20, seed=6, degree=(2, 6), path_length=(2, 9)):
+        trace = stargraph.search_trace(p)
+        assert score(trace, p["edges"], p["source"], p["goal"]) == 1.0
+        lines = trace.strip("\n").split("\n")
+        assert lines[-2:] == ["</think>", f"<answer>{','.join(map(str, solve(p['edges'], p['source'], p['goal'])))}</answer>"]
+        edges = {(a, b) for a, b in p["edges"]}
+        firsts = [b for a, b in p["edges"] if a == p["source"]]  # the arms in prompt order
+        for k, line in enumerate(lines[:-2]):
+            head, walk = line.split(": ", 1)
+            assert head == f"goal {p['goal']}"
+            *steps, verdict = walk.split(" ")
+            nodes = [p["source"]] + [int(step.split(">")[1]) for step in steps]
+            assert steps[0] == f"{p['source']}>{firsts[k]}"  # the k-th untried arm
+            assert all((int(s.split(">")[0]), int(s.split(">")[1])) in edges for s in steps)
+            assert all(int(s.split(">")[0]) == nodes[i] for i, s in enumerate(steps))  # a connected walk
+            assert not any(a == nodes[-1] for a, _ in edges)  # walked to the arm's end
+            assert verdict == ("yes" if nodes[-1] == p["goal"] else "no") and (verdict == "yes") == (k == len(lines) - 3)
+    plain = stargraph.search_trace(G, restate_goal=False)
+    assert plain == stargraph.search_trace(G).replace(f"goal {G['goal']}: ", "") and "goal" not in plain
+
+
+def test_search_trace_example_and_errors():
+    example = stargraph.search_trace({"edges": [[7, 2], [12, 7], [33, 40], [12, 5], [5, 33]], "source": 12, "goal": 40})
+    body = "\n".join("    " + line for line in example.strip("\n").split("\n"))
+    assert body in stargraph.__doc__  # the documented example is real output
+    with pytest.raises(ValueError, match="no arm"):
+        stargraph.search_trace({**G, "goal": 33})
+
+
 # ----------------------------------------------------------------------------- prompts and datasets
 def test_prompts():
     messages = build_prompt(G["edges"], 12, 40, eviction_rate_tag="<eviction_rate>50%</eviction_rate>")

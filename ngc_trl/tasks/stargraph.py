@@ -23,8 +23,8 @@ The verifier checks the path **against the edge list**: it starts at the source,
 visits no node twice, and every consecutive pair ``a, b`` is a listed edge ``a>b`` (direction
 matters). It does not compare with a stored answer.
 
-Solution-trace format (SFT data for tiny models)
-------------------------------------------------
+Solution-trace formats (SFT data for tiny models)
+-------------------------------------------------
 :func:`solution_trace` walks backwards from the goal along the unique incoming edges, then states
 the path::
 
@@ -45,6 +45,25 @@ Example (``solution_trace({"edges": [[7, 2], [12, 5], [33, 40], [12, 7], [5, 33]
     start 12
     </think>
     <answer>12,5,33,40</answer>
+
+:func:`search_trace` searches forward instead (the tiny testbed's traces): the source's arms in the
+order their first edge appears in the prompt, each walked to its end on one line, ``yes`` at the goal::
+
+    goal G: S>a a>b .. c>d no      one arm, walked to its end d, which is not the goal
+    goal G: S>e e>f .. h>G yes     the arm that ends at the goal
+    </think>
+    <answer>S,e,f,..,h,G</answer>
+
+Example (``search_trace({"edges": [[7, 2], [12, 7], [33, 40], [12, 5], [5, 33]], "source": 12,
+"goal": 40})``)::
+
+    goal 40: 12>7 7>2 no
+    goal 40: 12>5 5>33 33>40 yes
+    </think>
+    <answer>12,5,33,40</answer>
+
+Choosing the next arm needs the earlier lines (which first edges were tried) and the answer needs only
+the last, so old reasoning loses value as the search goes on: the setting where eviction matters.
 
 Prompts
 -------
@@ -69,6 +88,13 @@ MAX_ANSWER_CHARS = 400
 MAX_DIGITS = 12
 TEST_BUCKETS = 16  # generated instances whose hash % 16 == 0 form the test split
 TEST_ROWS = 1_024
+
+# named generator settings: ``load_generated("stargraph", "generated:<name>")`` (ngc_trl.tasks)
+DISTRIBUTIONS: dict[str, dict[str, Any]] = {
+    "standard": dict(degree=(3, 3), path_length=(4, 5), label_range=(0, 99)),
+    # the offline tiny testbed: every label one token of the number tokenizer; ~59-token prompts, ~38-token traces
+    "testbed": dict(degree=(3, 3), path_length=(5, 5), label_range=(0, 99)),
+}
 
 _PATH = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}(?:[ \t]*,[ \t]*[0-9]{{1,{MAX_DIGITS}}})*")
 
@@ -206,6 +232,41 @@ def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None)
     lines += [f"{path[i - 1]}>{path[i]}" for i in range(len(path) - 1, 0, -1)]
     lines.append(f"start {source}")
     return "\n" + "\n".join(lines) + "\n</think>\n<answer>" + ",".join(map(str, path)) + "</answer>"
+
+
+def search_trace(problem: Mapping[str, Any], *, restate_goal: bool = True) -> str:
+    """A forward depth-first search from the source, arm by arm, then the answer (module docstring).
+
+    The arms leaving the source are tried in the order their first edge appears in the prompt; each line
+    walks one arm edge by edge to its end and says ``yes`` if that end is the goal, ``no`` otherwise.
+    Like Countdown's :func:`~ngc_trl.tasks.countdown.search_trace` it is honest (no line claims what the
+    lines above do not imply) and old lines lose value: choosing the next arm needs to know which first
+    edges were tried (the earlier lines), and the answer copies the last line only.
+
+    Parameters
+    ----------
+    problem : mapping
+        ``edges``, ``source``, ``goal`` of a path-star graph whose goal ends one of the source's arms.
+    restate_goal : bool
+        Open every line with ``"goal G: "`` so that the ``yes``/``no`` decision compares the arm's end with
+        a number a few tokens back rather than one in the prompt.
+
+    Returns
+    -------
+    str
+        The completion after a prompt ending in ``<think>``: starts with ``"\\n"``, ends with
+        ``"</think>\\n<answer>S,..,G</answer>"``. ``ValueError`` if no arm ends at the goal.
+    """
+    source, goal = int(problem["source"]), int(problem["goal"])
+    lines = []
+    for arm in arms(problem["edges"], source):
+        walk = [source, *arm]
+        steps = " ".join(f"{a}>{b}" for a, b in zip(walk, walk[1:]))
+        hit = arm[-1] == goal
+        lines.append((f"goal {goal}: " if restate_goal else "") + steps + (" yes" if hit else " no"))
+        if hit:
+            return "\n" + "\n".join(lines) + "\n</think>\n<answer>" + ",".join(map(str, walk)) + "</answer>"
+    raise ValueError(f"no arm from {source} ends at the goal {goal}")
 
 
 # ----------------------------------------------------------------------------- prompts
