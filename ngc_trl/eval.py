@@ -116,8 +116,9 @@ class EvalArguments:
     device: str = field(default="auto", metadata={"help": "'auto' (this process's accelerator, else CPU), 'cpu', 'cuda:0'..."})
     dtype: str = field(default="auto", metadata={"help": "auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU)."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of aime24/aime25/amc23 .jsonl files."})
-    data_source: str | None = field(default=None, metadata={"help": "Generated tasks: 'generated' (default) or "
-                                                                    "'generated:testbed' (the tiny testbed's range); Countdown also "
+    data_source: str | None = field(default=None, metadata={"help": "Generated tasks: 'generated' or 'generated:testbed' "
+                                                                    "(default: the model's training distribution from its "
+                                                                    "ngc_training.json, else 'generated'); Countdown also "
                                                                     "a Hub name or file; math: a Hub name or file (amc25, math)."})
     prompt_format: str = field(default="auto", metadata={"help": "auto|chat|plain (auto: chat iff the tokenizer has a template)."})
     prefill: bool = field(default=True, metadata={"help": "Countdown chat prompts end with TinyZero's assistant prefill."})
@@ -459,6 +460,25 @@ def evaluate(model, tokenizer, problems, task: str, policies="full,ngc", rates="
 
 
 # ----------------------------------------------------------------------------- CLI
+def trained_data_source(folder: Path, task: str) -> str | None:
+    """The generator distribution a model was trained on (``dataset_source`` of its ``ngc_training.json``,
+    e.g. ``"generated:testbed"``) when it was trained on ``task`` from the generator, else ``None``: its
+    held-out split is then the default evaluation set, so a tiny testbed model is not scored on the wider
+    standard range by mistake."""
+    from ngc_trl.hub import TRAINING_FILE
+    from ngc_trl.tasks import GENERATED_TASKS
+
+    path = Path(folder) / TRAINING_FILE
+    if task not in GENERATED_TASKS or not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        return None
+    source = info.get("dataset_source") if isinstance(info, dict) and info.get("task") == task else None
+    return source if isinstance(source, str) and source.startswith("generated:") else None
+
+
 def _prepare(args: EvalArguments) -> dict:
     """Everything but the decoding: validation first (policies, rates, schedule), then model and data."""
     from accelerate import PartialState
@@ -489,6 +509,8 @@ def _prepare(args: EvalArguments) -> dict:
         forced = tokenizer.convert_tokens_to_ids(extras["meta_token"])
         if forced is None or forced == tokenizer.unk_token_id:
             raise ValueError(f"--model: meta_token {extras['meta_token']!r} of {SETTINGS_FILE} is not in the tokenizer")
+    if args.data_source is None and folder is not None:
+        args.data_source = trained_data_source(folder, args.task)
     problems = load_problems(args.task, tokenizer, args.num_problems, args.seed, args.data_source, args.data_dir,
                              args.prompt_format, args.prefill)
     interoception = args.interoception if args.interoception is not None else bool(extras.get("interoception_rates"))

@@ -321,3 +321,17 @@ def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_p
     assert "student (full cache, bc)" in (tmp_path / "all" / "results.md").read_text()
     with pytest.raises(ValueError, match="does not exist"):
         combine([str(tmp_path / "nope")], tmp_path / "x")
+
+
+def test_default_data_source_is_the_models_training_distribution(tmp_path):
+    from ngc_trl.eval import trained_data_source
+
+    (tmp_path / "ngc_training.json").write_text(json.dumps({"task": "countdown", "dataset_source": "generated:testbed"}))
+    assert trained_data_source(tmp_path, "countdown") == "generated:testbed"
+    assert trained_data_source(tmp_path, "stargraph") is None  # trained on another task
+    assert trained_data_source(tmp_path, "aime25") is None
+    (tmp_path / "ngc_training.json").write_text(json.dumps({"task": "countdown", "dataset_source": "my/hub-set"}))
+    assert trained_data_source(tmp_path, "countdown") is None  # only generator distributions are carried over
+    (tmp_path / "ngc_training.json").write_text("{not json")
+    assert trained_data_source(tmp_path, "countdown") is None
+    assert trained_data_source(tmp_path / "missing", "countdown") is None
