@@ -76,9 +76,10 @@ testbed_result:
 # full-cache GRPO teacher (the c = 4 run's), δ = 32 and b = 4 for the short rollouts.
 # Results: outputs/testbed_stargraph/all/{results.md,pareto.png,summary.json}.
 SG_C ?= 2 4 8
-SG_MIN ?= 8
+SG_MIN ?= 10
+SG_RATES ?= 0.25,0.5,0.75
 SG_EVAL = $(PYTHON) -m ngc_trl.eval --task stargraph --data_source generated:testbed --num_problems $(TB_N) \
-	--rates $(TB_RATES) --max_new_tokens 128 --batch_size 64 --prompt_format plain --eviction_interval 32 --block_size 4
+	--rates $(SG_RATES) --max_new_tokens 128 --batch_size 64 --prompt_format plain --eviction_interval 32 --block_size 4
 stargraph_result:
 	test -f outputs/tiny-base-stargraph/config.json || $(PYTHON) -m ngc_trl.testbed --task stargraph \
 		--output_dir outputs/tiny-base-stargraph --max_minutes $(SG_MIN) --max_new_tokens 128
