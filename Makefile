@@ -51,7 +51,7 @@ TB_N ?= 256
 TB_RATES ?= 0.5,0.75
 TB_C ?= 4 8 16
 TB_EVAL = $(PYTHON) -m ngc_trl.eval --task countdown --data_source generated:testbed --num_problems $(TB_N) \
-	--rates $(TB_RATES) --max_new_tokens 512 --batch_size 64 --prompt_format plain
+	--rates $(TB_RATES) --max_new_tokens 576 --batch_size 64 --prompt_format plain
 testbed_result:
 	test -f outputs/tiny-base/config.json || $(PYTHON) -m ngc_trl.testbed --output_dir outputs/tiny-base
 	for r in full_cache ngc kv_dropout token_only; do \
