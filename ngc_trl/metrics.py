@@ -217,12 +217,14 @@ def markdown_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def pareto_auc(rows: Sequence[dict], max_compression: float | None = None) -> dict:
+def pareto_auc(rows: Sequence[dict], max_compression: float | None = None,
+               anchors: dict[str, float] | None = None) -> dict:
     """Area under the accuracy–compression curve of every method, on one shared axis.
 
     Each method's curve is its pass@1 (in [0, 1]) against ``log2(peak compression)``, linearly
-    interpolated between its runs and anchored at ``(1x, full-cache pass@1)`` (the ``full`` row of
-    ``rows``; without one, at the method's least-compressed run); beyond the method's most-compressed
+    interpolated between its runs and anchored at ``(1x, full-cache pass@1)``: ``anchors[policy]`` when
+    given (the uncompressed accuracy of the method's own model, see `combine`), else the ``full`` row of
+    ``rows``, else the method's least-compressed run; beyond the method's most-compressed
     run it counts 0 (no measurement, no credit). The area over ``[1x, max_compression]`` (default: the
     largest compression of any row) is divided by ``log2(max_compression)``, so it reads as the mean
     accuracy over the log-compression range: the full cache alone would score 0, a method that keeps
@@ -241,7 +243,7 @@ def pareto_auc(rows: Sequence[dict], max_compression: float | None = None) -> di
     out = {}
     for policy, rs in by_policy.items():
         pts = sorted((math.log2(max(r["peak_compression"], 1.0)), r["pass@1"]) for r in rs)
-        anchor = full[0]["pass@1"] if full else pts[0][1]
+        anchor = (anchors or {}).get(policy, full[0]["pass@1"] if full else pts[0][1])
         pts = [(0.0, anchor)] + [p for p in pts if p[0] > 0.0]
         area = 0.0
         for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
@@ -325,10 +327,13 @@ def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "")
             the upper bound of the plot and the AUC anchor). In a labelled folder every non-``full`` row is
             renamed ``LABEL`` (one curve per label, e.g. ``outputs/eval-kvd=kv_dropout``) and its ``full``
             row becomes a table-only ``LABEL (full cache)`` reference. Each row keeps the peak compression
-            computed in its own folder (against that model's own ``full`` run when it has one).
+            computed in its own folder (against that model's own ``full`` run when it has one), and a
+            label's AUC curve starts at its own model's full-cache accuracy (the folder of its
+            least-compressed run), not the first folder's: a student that fails at every ratio scores 0.
         output_dir: where ``summary.json``, ``results.md`` and ``pareto.png`` go.
     """
     rows, sources, first_settings = [], [], None
+    own_full: dict[str, tuple[float, float]] = {}  # label -> (least compression of its runs, its model's full pass@1)
     for i, spec in enumerate(runs):
         folder, _, label = str(spec).partition("=")
         path = Path(folder) / "summary.json"
@@ -347,8 +352,15 @@ def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "")
             elif i > 0 and r["policy"] == FULL:
                 r["policy"], r["reference"] = f"full cache ({summary['settings'].get('model')})", True
             rows.append(r)
+        fulls = [r["pass@1"] for r in summary["results"] if r["policy"] == FULL and "pass@1" in r]
+        least = min((r["peak_compression"] for r in summary["results"]
+                     if r["policy"] != FULL and r.get("peak_compression")), default=None)
+        if label and fulls and least is not None and least < own_full.get(label, (float("inf"),))[0]:
+            own_full[label] = (least, fulls[0])
     curves = [r for r in rows if not r.get("reference")]
-    out = {"settings": {**first_settings, "combined_from": sources}, "results": rows, "auc": pareto_auc(curves)}
+    anchors = {label: acc for label, (_, acc) in own_full.items()}
+    out = {"settings": {**first_settings, "combined_from": sources}, "results": rows,
+           "auc": pareto_auc(curves, anchors=anchors)}
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(out, indent=2))

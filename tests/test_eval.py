@@ -121,6 +121,29 @@ def test_pareto_auc_by_hand():
     # a fixed range cuts a segment in its middle: up to sqrt(8)x = log2 1.5
     cut = pareto_auc(rows, max_compression=2 ** 1.5)["auc"]["a"]
     assert cut == pytest.approx((0.7 + 0.5 * (0.6 + 0.4) / 2) / 1.5)
+    # a method's own uncompressed accuracy as its anchor: a student at 0% everywhere scores 0
+    own = pareto_auc(rows + [_row("s", 2.0, 0.0)], anchors={"s": 0.0, "a": 0.6})["auc"]
+    assert own["s"] == 0.0 and own["a"] == pytest.approx((0.6 + 0.4) / 2) and own["b"] == pytest.approx(0.4)
+
+
+def test_combine_anchors_each_label_at_its_own_models_full_cache(tmp_path):
+    def folder(name, rows):
+        stats = dict(compression_source="full_run", **{"pass@1_se": 0.0}, mean_peak_entries_per_layer=1.0,
+                     max_peak_entries_per_layer=1, mean_entries_per_layer=1.0, mean_completion_tokens=1.0,
+                     truncated=0.0, num_problems=1, num_completions=1)
+        rows = [{**stats, **r} for r in rows]
+        (tmp_path / name).mkdir()
+        summary = {"settings": {"task": "countdown", "k": [1], "model": name}, "results": rows}
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+        return str(tmp_path / name)
+
+    base = folder("base", [_row("full", 1.0, 0.8), _row("tova", 2.0, 0.4)])
+    c4 = folder("c4", [_row("full", 1.0, 0.0), _row("breadcrumbs", 2.0, 0.0)])
+    c8 = folder("c8", [_row("full", 1.0, 0.5), _row("breadcrumbs", 4.0, 0.5)])
+    auc = combine([base, f"{c8}=bc", f"{c4}=bc"], tmp_path / "all")["auc"]["auc"]
+    assert auc["tova"] == pytest.approx((0.8 + 0.4) / 2 / 2)  # anchored at the first folder's full
+    # bc starts at the c4 student's own full (0.0, its least-compressed run), not at 0.8
+    assert auc["bc"] == pytest.approx(((0.0 + 0.0) / 2 + (0.0 + 0.5) / 2) / 2)
 
 
 # ----------------------------------------------------------------------------- evaluate(): reports, resume
