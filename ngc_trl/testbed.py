@@ -27,7 +27,8 @@ accuracy 0.99) in 14.5 minutes on 2 cores. Most failures are one wrong ``yes``/`
 with the target) or one wrong arithmetic fact in a trace of ~20 facts. The trace format decides most of
 the accuracy (same budget, n = 384): 12.5-14.1% with the target only in the prompt, 24.0% with it restated
 on every two-number line, 45.1% when the token right after each result also marks a hit (``" yes"``
-against ``","``). Batch 32 reached only loss 0.9 in the same time (4x fewer steps).
+against ``","``; seed 0, final loss 0.016; seed 1 reached loss 0.030 and 16.1%, so the result is not
+robust). Batch 32 reached only loss 0.9 in the same time (4x fewer steps).
 
 Usage: ``ngc-testbed --output_dir outputs/tiny-base`` (14.5 minutes of SFT by default) (``--eval_only`` re-evaluates a
 saved folder).
