@@ -144,6 +144,7 @@ def test_generated_tasks_train_and_evaluate_by_name(tiny_base, tmp_path, task):
                    "--eval_num_problems", "2", "--eval_policies", "full", "--save_strategy", "no",
                    "--log_level", "warning"])
     assert json.loads((out / "ngc_training.json").read_text())["task"] == task
+    assert [r["policy"] for r in result["eval"]["results"]] == ["full"]
     records = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
     assert [r["problem_id"] for r in records] == [f"{task}-0", f"{task}-1"]
     with pytest.raises(ValueError, match="ScriptArguments.dataset_source"):
