@@ -136,13 +136,12 @@ class EvalArguments:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"--{name}={v}: must be positive")
-        if self.task in ("linsys", "stargraph") and self.data_source is not None:
-            from ngc_trl.tasks import distribution
+        from ngc_trl.tasks import check_source
 
-            try:
-                distribution(self.task, self.data_source)
-            except ValueError as e:
-                raise ValueError(f"--data_source: {e}") from None
+        try:
+            check_source(self.task, self.data_source)
+        except ValueError as e:
+            raise ValueError(f"--data_source: {e}") from None
         if self.prompt_format not in ("auto", "chat", "plain"):
             raise ValueError(f"--prompt_format={self.prompt_format!r}: must be auto, chat or plain")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

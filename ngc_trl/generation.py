@@ -14,8 +14,9 @@ completion) and ``t_{i+1}`` right after it, in one forward in which ``t_{i+1}`` 
 the beacon closes; then the window's ``c`` entries are dropped from every layer. The result equals
 feeding the beacon, dropping, then feeding ``t_{i+1}``, with one forward per token instead of
 ``1 + 1/c``; the window is held one token longer (peak entries one above that sequence's). Rows decode
-in lockstep, so beacons fire at the same step in every unfinished row (per-row ``c`` is allowed). Nothing is recorded: `ngc_trl.beacons.beacon_layout` rebuilds the beacons from the
-completion lengths alone.
+in lockstep, so beacons fire at the same step in every unfinished row (per-row ``c`` is allowed).
+Nothing is recorded: `ngc_trl.beacons.beacon_layout` rebuilds the beacons from the completion lengths
+alone.
 """
 
 from __future__ import annotations

@@ -89,17 +89,15 @@ class ScriptArguments(TrlScriptArguments):
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"ScriptArguments.method={self.method!r}: must be one of {', '.join(METHODS)}")
-        from ngc_trl.tasks import GENERATED_TASKS, distribution
+        from ngc_trl.tasks import GENERATED_TASKS, check_source
 
         if self.task not in ("math", *GENERATED_TASKS):
             raise ValueError(f"ScriptArguments.task={self.task!r}: must be one of math, {', '.join(GENERATED_TASKS)}")
         for name in ("dataset_source", "eval_data_source"):
-            source = getattr(self, name)
-            if self.task in ("linsys", "stargraph") and source is not None:
-                try:
-                    distribution(self.task, source)
-                except ValueError as e:
-                    raise ValueError(f"ScriptArguments.{name}: {e}") from None
+            try:
+                check_source(self.task, getattr(self, name))
+            except ValueError as e:
+                raise ValueError(f"ScriptArguments.{name}: {e}") from None
         if self.prompt_format not in ("chat", "plain"):
             raise ValueError(f"ScriptArguments.prompt_format={self.prompt_format!r}: must be chat or plain")
         if self.num_train_problems is not None and self.num_train_problems <= 0:

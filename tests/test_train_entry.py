@@ -105,6 +105,7 @@ def test_unknown_yaml_key_fails_before_model_load(tmp_path, no_model_load):
 @pytest.mark.parametrize("extra,field", [("eviction_rate: 1.5", "eviction_rate"), ("block_size: 0", "block_size"),
                                          ("task: sudoku", "task"), ("prompt_format: xml", "prompt_format"),
                                          ("eval_rates: '2.0'", "eval_"),
+                                         ("dataset_source: 'generated:nope'", "dataset_source"),
                                          ("curriculum_rates: [0.5, 0.1]", "curriculum_rates")])
 def test_bad_value_fails_before_model_load(tmp_path, no_model_load, extra, field):
     with pytest.raises(ValueError, match=field):

@@ -48,6 +48,16 @@ def distribution(name: str, source: str = "generated") -> dict[str, Any]:
     return dict(dists[key])
 
 
+def check_source(name: str, source: str | None) -> None:
+    """Fail early (``ValueError``) on a data source task ``name`` cannot load: an unknown
+    ``"generated:<name>"`` distribution, or anything but the generator for LinSys and StarGraph (Countdown
+    and math also read Hub names and files, checked when they load)."""
+    if source is None or name not in GENERATED_TASKS:
+        return
+    if source.startswith("generated") or name != "countdown":
+        distribution(name, source)
+
+
 def load_generated(name: str, source: str = "generated", n: int | None = None, seed: int = 0,
                    split: str = "train", *, prompt_format: str = "chat", prefill: bool = True):
     """A generated task's problems as a ``datasets.Dataset`` (``prompt`` + the :data:`COLUMNS` of ``name``).
@@ -75,5 +85,5 @@ def score_row(name: str, text: str, row: Mapping[str, Any], format_reward: float
     return get_task(name).score(text, *instance_args(name, row), format_reward=format_reward)
 
 
-__all__ = ["COLUMNS", "GENERATED_TASKS", "TASKS", "countdown", "distribution", "get_task", "instance_args",
+__all__ = ["COLUMNS", "GENERATED_TASKS", "TASKS", "check_source", "countdown", "distribution", "get_task", "instance_args",
            "linsys", "load_generated", "math", "score_row", "stargraph"]
