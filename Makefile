@@ -50,6 +50,8 @@ tiny:
 TB_N ?= 256
 TB_RATES ?= 0.5,0.75
 TB_C ?= 4 8 16
+TB_WARM ?= 2,4,8,16
+TB_WARM_MIN ?= 10
 TB_EVAL = $(PYTHON) -m ngc_trl.eval --task countdown --data_source generated:testbed --num_problems $(TB_N) \
 	--rates $(TB_RATES) --max_new_tokens 576 --batch_size 64 --prompt_format plain
 testbed_result:
@@ -58,6 +60,8 @@ testbed_result:
 		test -f outputs/tiny-$$r/ngc_settings.json || \
 		$(PYTHON) -m ngc_trl.train --config recipes/tiny/countdown_$$r.yaml --output_dir outputs/tiny-$$r \
 			--eval_after_train false || exit 1; done
+	test -f outputs/tiny-base-beacons/ngc_settings.json || $(PYTHON) -m ngc_trl.testbed --init_from outputs/tiny-base \
+		--beacon_ratios $(TB_WARM) --max_minutes $(TB_WARM_MIN) --output_dir outputs/tiny-base-beacons
 	for c in $(TB_C); do test -f outputs/tiny-breadcrumbs-c$$c/ngc_settings.json || \
 		$(PYTHON) -m ngc_trl.train --config recipes/tiny/breadcrumbs_countdown.yaml --compression_ratio $$c \
 			--output_dir outputs/tiny-breadcrumbs-c$$c --eval_after_train false || exit 1; done

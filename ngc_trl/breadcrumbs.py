@@ -86,6 +86,10 @@ class BreadcrumbsConfig(GRPOConfig):
         student_learning_rate (`float` or `None`, defaults to `None`): peak learning rate of the student's
             parameters (their own optimizer groups, same schedule); ``None``: ``learning_rate``. Distillation is
             a supervised loss and tolerates the larger rates of SFT, while the teacher's RL step stays small.
+        student_model_name_or_path (`str` or `None`, defaults to `None`): full fine-tuning only: start the
+            student from this model (e.g. a beacon warm start, `ngc_trl.beacon_sft`; its tokenizer must map
+            ``beacon_token`` to the teacher's beacon id) instead of a copy of the teacher. ``None``: the copy
+            (the paper; ``"none"`` on the command line).
         beacon_token (`str`, defaults to `"<|beacon|>"`), beacon_init (`str`, defaults to `"mean"`): the
             special token and its embedding init (`ngc_trl.beacons.add_beacon_token`: mean | eos | random).
         teacher_adapter_name (`str`, defaults to `"teacher"`), student_adapter_name (`str`, defaults to
@@ -99,6 +103,8 @@ class BreadcrumbsConfig(GRPOConfig):
     distill_chunk_size: int = field(default=512, metadata={"help": "Tokens per chunk of the vocabulary-wide KL."})
     student_learning_rate: float | None = field(default=None, metadata={
         "help": "Peak learning rate of the student (default: learning_rate)."})
+    student_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Full fine-tuning: start the student from this model (e.g. a beacon warm start), not a teacher copy."})
     beacon_token: str = field(default=BEACON_TOKEN, metadata={"help": "The beacon special token."})
     beacon_init: str = field(default="mean", metadata={"help": "Beacon embedding init: mean | eos | random."})
     teacher_adapter_name: str = field(default="teacher", metadata={"help": "LoRA adapter of the teacher."})
@@ -147,6 +153,11 @@ class BreadcrumbsConfig(GRPOConfig):
                 bad(name, "must be a non-empty adapter name without '.' (and not 'ref')")
         if self.teacher_adapter_name == self.student_adapter_name:
             bad("student_adapter_name", "must differ from teacher_adapter_name")
+        path = self.student_model_name_or_path
+        if isinstance(path, str) and path.strip().lower() in ("none", "null"):  # the CLI's way to say None
+            self.student_model_name_or_path = path = None
+        if path is not None and (not isinstance(path, str) or not path.strip()):
+            bad("student_model_name_or_path", "must be a model folder or Hub id, or None")
         if self.use_vllm:
             bad("use_vllm", "not supported (the vocabulary grows by the beacon token; use transformers generation)")
 
@@ -284,6 +295,9 @@ class BreadcrumbsTrainer(GRPOTrainer):
         self._adapter_names = (args.teacher_adapter_name, args.student_adapter_name)
         self.student_model = None
         if self.use_lora:
+            if args.student_model_name_or_path:
+                raise ValueError("BreadcrumbsConfig.student_model_name_or_path needs full fine-tuning (no peft_config): "
+                                 "with LoRA the student adapter starts as the teacher's")
             if args.beta != 0.0:
                 raise ValueError("BreadcrumbsTrainer with LoRA supports beta=0 only (TRL's reference adapter "
                                  "logic assumes a single 'default' adapter)")
@@ -299,6 +313,8 @@ class BreadcrumbsTrainer(GRPOTrainer):
                         p.copy_(params[name.replace(f".{s_name}.", f".{t_name}.")])
             model.set_adapter(t_name)
             self._set_adapter_grads(model)
+        elif args.student_model_name_or_path:
+            self.student_model = self._load_student(args, model, tokenizer)
         else:
             self.student_model = copy.deepcopy(model)  # before TRL patches the forward
         enable_ngc_attention(model if self.use_lora else self.student_model)
@@ -326,6 +342,31 @@ class BreadcrumbsTrainer(GRPOTrainer):
             self._student_params = list(student.parameters())
         self._student_ids = {id(p) for p in self._student_params}
 
+    def _load_student(self, args, teacher, tokenizer):
+        """The student model from ``student_model_name_or_path``: same vocabulary as the teacher (with the
+        beacon) and the same beacon id in its own tokenizer, else a ValueError naming the field."""
+        from transformers import AutoModelForCausalLM
+
+        from ngc_trl.tiny import load_tokenizer
+
+        path = args.student_model_name_or_path
+        try:
+            student = AutoModelForCausalLM.from_pretrained(path, **(args.model_init_kwargs or {}))
+        except OSError as e:
+            raise ValueError(f"BreadcrumbsConfig.student_model_name_or_path={path!r}: cannot load it ({e}); build a "
+                             f"beacon warm start with `python -m ngc_trl.testbed --beacon_ratios ...` or pass None") from e
+        own = load_tokenizer(path)
+        if own.convert_tokens_to_ids(args.beacon_token) != self.beacon_token_id or len(own) != len(tokenizer):
+            raise ValueError(f"BreadcrumbsConfig.student_model_name_or_path={path!r}: its tokenizer must equal the "
+                             f"teacher's plus {args.beacon_token!r} at id {self.beacon_token_id} (a beacon warm start "
+                             f"of the same base)")
+        rows = teacher.get_input_embeddings().weight.shape[0]
+        if student.get_input_embeddings().weight.shape[0] != rows:
+            raise ValueError(f"BreadcrumbsConfig.student_model_name_or_path={path!r}: {rows} embedding rows expected "
+                             f"(the teacher's), got {student.get_input_embeddings().weight.shape[0]}")
+        student.to(teacher.dtype)
+        return student
+
     # ------------------------------------------------------------------ settings
     def eviction_config(self) -> EvictionConfig:
         """How to decode with the student: ``EvictionConfig(policy="breadcrumbs", c, beacon id)``."""
@@ -337,7 +378,8 @@ class BreadcrumbsTrainer(GRPOTrainer):
         a = self.args
         return {"method": "breadcrumbs", "compression_ratios": a.compression_ratios, "beacon_token": a.beacon_token,
                 "beacon_init": a.beacon_init, "kl_direction": a.kl_direction, "distill_loss_coef": a.distill_loss_coef,
-                "use_peft": self.use_lora, "teacher_subfolder": TEACHER_SUBFOLDER, "loss_type": a.loss_type}
+                "use_peft": self.use_lora, "teacher_subfolder": TEACHER_SUBFOLDER, "loss_type": a.loss_type,
+                "student_init": a.student_model_name_or_path or "teacher copy"}
 
     # ------------------------------------------------------------------ teacher / student plumbing
     def _set_adapter_grads(self, peft_model):

@@ -242,11 +242,16 @@ def test_student_learning_rate_gets_its_own_groups(tmp_path, peft):
     [("compression_ratio", 1), ("compression_ratio", [4, 1]), ("compression_ratio", []), ("distill_loss_coef", -1.0),
      ("distill_loss_coef", float("nan")), ("kl_direction", "sideways"), ("beacon_init", "zeros"), ("beacon_token", ""),
      ("distill_chunk_size", 0), ("teacher_adapter_name", "a.b"), ("student_adapter_name", "teacher"),
-     ("student_learning_rate", 0.0), ("student_learning_rate", float("inf"))],
+     ("student_learning_rate", 0.0), ("student_learning_rate", float("inf")), ("student_model_name_or_path", " ")],
 )
 def test_invalid_config_names_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"BreadcrumbsConfig.{field}"):
         BreadcrumbsConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
+
+
+def test_student_init_none_from_the_command_line(tmp_path):
+    a = BreadcrumbsConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, student_model_name_or_path="None")
+    assert a.student_model_name_or_path is None
 
 
 def test_defaults_are_dr_grpo(tmp_path):
@@ -292,10 +297,24 @@ def test_bad_breadcrumbs_recipe_fails_before_model_load(tmp_path, no_model_load,
         main(["--config", _yaml_with(tmp_path, extra)])
 
 
+def _warm_start(base, folder):
+    """What `ngc-testbed --beacon_ratios` saves, untrained: the base with the beacon added."""
+    from ngc_trl.beacons import add_beacon_token
+    from ngc_trl.tiny import load_tokenizer
+
+    model, tok = Qwen2ForCausalLM.from_pretrained(base), load_tokenizer(base)
+    add_beacon_token(tok, model)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def test_tiny_breadcrumbs_recipe_runs_one_step(tiny_base, tmp_path):
     out = tmp_path / "run"
+    warm = _warm_start(tiny_base, tmp_path / "warm")
     result = main(["--config", str(ROOT / "recipes" / "tiny" / "breadcrumbs_countdown.yaml"),
-                   "--model_name_or_path", str(tiny_base), "--output_dir", str(out), "--max_steps", "1",
+                   "--model_name_or_path", str(tiny_base), "--student_model_name_or_path", str(warm),
+                   "--output_dir", str(out), "--max_steps", "1",
                    "--max_completion_length", "32", "--per_device_train_batch_size", "4", "--num_generations", "4",
                    "--num_train_problems", "4", "--save_strategy", "no", "--log_level", "warning"])
     assert result["output_dir"] == str(out)
@@ -304,5 +323,6 @@ def test_tiny_breadcrumbs_recipe_runs_one_step(tiny_base, tmp_path):
     assert settings.policy == "breadcrumbs" and settings.compression_ratio == 8
     training = json.loads((out / "ngc_training.json").read_text())
     assert training["method"] == "breadcrumbs" and training["base_model"] == str(tiny_base)
+    assert training["student_init"] == str(warm)
     card = (out / "README.md").read_text()
     assert "Breadcrumbs" in card and "WITHOUT beacons" in card and "TRL" in card
