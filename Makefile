@@ -48,7 +48,7 @@ tiny:
 # (heuristics on the full-cache GRPO model, as in the paper; NGC, the ablations and Breadcrumbs students on
 # their own models). Results: outputs/testbed/all/{results.md,pareto.png,summary.json}.
 TB_N ?= 256
-TB_RATES ?= 0.5,0.75
+TB_RATES ?= 0.5,0.75,0.875
 TB_C ?= 4 8 16
 TB_WARM ?= 2,4,8,16
 TB_WARM_MIN ?= 10

@@ -22,16 +22,19 @@ an honest depth-first search in canonical move order (:func:`countdown.search_tr
 (95th percentile ~470, longest ~555) with the number tokenizer, so a rollout meets 1-7 rounds of the tiny
 recipes' δ = 64, and the 13-token prompt is shorter than δ, as in the paper's proportions.
 
-What limits accuracy (measured, README): with batch 8 and lr 1e-3 the model reaches loss ~0.03 (token
-accuracy 0.99) in 14.5 minutes on 2 cores. Most failures are one wrong ``yes``/``no`` (a result compared
-with the target) or one wrong arithmetic fact in a trace of ~20 facts. The trace format decides most of
-the accuracy (same budget, n = 384): 12.5-14.1% with the target only in the prompt, 24.0% with it restated
-on every two-number line, 45.1% when the token right after each result also marks a hit (``" yes"``
-against ``","``; seed 0, final loss 0.016; seed 1 reached loss 0.030 and 16.1%, so the result is not
-robust). Batch 32 reached only loss 0.9 in the same time (4x fewer steps).
+What decides accuracy (measured, README): the trace format and how far the loss gets in the wall-clock
+budget. Same budget, n = 384: 12.5-14.1% with the target only in the prompt, 24.0% with it restated on
+every two-number line, 45.1% when the token right after each result also marks a hit (``" yes"`` against
+``","``; batch 8, loss 0.016), 76.0% with batch 4 and eager attention (3105 steps, loss 0.007). At 45%
+most failures were one wrong ``yes``/``no`` (a result compared with the target) or one wrong fact.
 
-Usage: ``ngc-testbed --output_dir outputs/tiny-base`` (14.5 minutes of SFT by default) (``--eval_only`` re-evaluates a
-saved folder).
+Beacon warm start (``--beacon_ratios 2,4,8,16 --init_from outputs/tiny-base``): the same traces, from the
+saved base with the beacon token added, under the beacon mask (:mod:`ngc_trl.beacon_sft`), ``c`` drawn
+per example; evaluated with beacons at each ``c`` (``testbed.json["by_compression_ratio"]``). It is the
+student that ``recipes/tiny/breadcrumbs_countdown.yaml`` starts from.
+
+Usage: ``ngc-testbed --output_dir outputs/tiny-base`` (14.5 minutes of SFT by default; ``--eval_only``
+re-evaluates a saved folder).
 """
 
 from __future__ import annotations
