@@ -1,14 +1,14 @@
 """Beacon SFT: a supervised warm start of a Breadcrumbs student under the beacon mask (not in the paper).
 
-In the paper (method.md §8) the compressing student starts from the pretrained model and learns to read
-its beacons only from the distillation loss of joint training. A pretrained 1.5B model attends to
-summaries well enough for that; the tiny testbed's 1.6M-parameter base does not: after 40 joint steps
-(640 rollouts) its students stay at ~1.5 nats/token KL to the teacher and solve nothing (README). The
-base itself needed ~17k traces to learn the task.
+In the paper (method.md §8) the compressing student starts from the pretrained model (Qwen2.5-1.5B-Instruct)
+and learns to read its beacons only from the distillation loss of joint training. On the tiny testbed that
+does not happen within a CPU budget: after 40 joint steps (640 rollouts) the students of its 1.6M-parameter
+base stayed at ~1.5 nats/token KL to the teacher and solved nothing (README), where the base itself needed
+~12k traces to learn the task.
 
 The warm start teaches the student the beacon regime on the base's own SFT traces before joint training:
 cross-entropy on the trace tokens, in one forward under the beacon layout (`ngc_trl.beacons`), with ``c``
-drawn per row from ``compression_ratios``. The base predicts those traces at ~0.02 nats/token, so this
+drawn per row from ``compression_ratios``. The base predicts those traces at ~0.01 nats/token, so this
 approximates distillation from the base (the teacher at step 0) without a teacher forward. Joint training
 (`ngc_trl.breadcrumbs.BreadcrumbsTrainer`, ``student_model_name_or_path``) then starts its student here.
 

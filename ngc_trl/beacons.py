@@ -181,7 +181,18 @@ def beacon_layout(prompt_ids, prompt_mask, completion_ids, completion_mask, comp
     )
 
 
-def beacon_forward(model, layout: BeaconLayout, logits_to_keep: int | None = None, backend: str = "auto"):
+def backbone_and_head(model):
+    """``(backbone, output_head)`` of a causal LM, through DDP and PEFT wrappers: the decoder that returns
+    the final (normed) hidden states, and the ``(H) -> (V)`` projection applied to them."""
+    from accelerate.utils import extract_model_from_parallel
+
+    net = extract_model_from_parallel(model)
+    net = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return net.base_model, net.get_output_embeddings()
+
+
+def beacon_forward(model, layout: BeaconLayout, logits_to_keep: int | None = None, backend: str = "auto",
+                   return_hidden: bool = False):
     """One forward pass over the interleaved sequence under the beacon mask, with autograd.
 
     Reuses the ``"ngc"`` attention's replay path (`ngc_trl.replay.ReplayContext` with a death tensor
@@ -196,11 +207,15 @@ def beacon_forward(model, layout: BeaconLayout, logits_to_keep: int | None = Non
     logits_to_keep : None for all ``T`` completion tokens, else the last ``k`` of them. The LM head runs
         only from the first slot needed onwards.
     backend : ``"auto"``, ``"dense"`` or ``"flex"`` (see `ReplayContext`).
+    return_hidden : return the final hidden states ``(B, T, H)`` at the same slots instead of logits
+        (``backbone_and_head(model)[1]`` maps them to the logits); the LM head then runs on one slot only,
+        so a caller can project chunk by chunk and never hold ``(B, T, V)`` (`ngc_trl.breadcrumbs.token_kl`).
 
     Returns
     -------
     ``(B, T, V)`` (or ``(B, k, V)``) logits in the model's dtype: ``logits[:, t]`` predicts
-    ``completion_ids[:, t]`` (``[:, -k:]``); beacon slots are never returned.
+    ``completion_ids[:, t]`` (``[:, -k:]``); beacon slots are never returned. ``(B, T, H)`` hidden states
+    with ``return_hidden``.
     """
     index = layout.completion_index if logits_to_keep is None else layout.completion_index[:, -logits_to_keep:]
     s = layout.input_ids.shape[1]
@@ -209,9 +224,20 @@ def beacon_forward(model, layout: BeaconLayout, logits_to_keep: int | None = Non
     offset = valid.long().argmax(1)  # slot of position 0: the replay works in positions
     death = torch.where(layout.death == NEVER, layout.death, layout.death - offset[:, None])
     ctx = ReplayContext(layout.attention_mask, death=death, backend=backend)
-    with use_ngc_attention(model):
-        out = model(input_ids=layout.input_ids, attention_mask=no_mask(model), position_ids=layout.position_ids,
-                    ngc_replay=ctx, use_cache=False, logits_to_keep=s - first)
+    captured = []
+    hook = backbone_and_head(model)[0].register_forward_hook(
+        lambda m, a, out: captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+    ) if return_hidden else None
+    try:
+        with use_ngc_attention(model):
+            out = model(input_ids=layout.input_ids, attention_mask=no_mask(model), position_ids=layout.position_ids,
+                        ngc_replay=ctx, use_cache=False, logits_to_keep=1 if return_hidden else s - first)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if return_hidden:
+        hidden = captured[-1]
+        return hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
     logits = out.logits
     return logits.gather(1, (index - first)[:, :, None].expand(-1, -1, logits.shape[-1]))
 

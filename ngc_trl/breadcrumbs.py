@@ -32,8 +32,9 @@ Teacher and student:
 
 Memory: TRL's fused LM head never materialises the teacher's logits, so the teacher's final hidden
 states are captured (detached) during TRL's own forward and projected chunk by chunk inside the KL
-(``distill_chunk_size`` tokens at a time, under activation checkpointing): besides the student's
-``(B, T, V)`` logits, the KL holds only ``O(chunk · V)``. No extra teacher forward is run.
+(``distill_chunk_size`` tokens at a time, under activation checkpointing); the student's forward returns
+its final hidden states too (`beacon_forward(return_hidden=True)`), projected in the same chunks: the KL
+never holds a ``(B, T, V)`` tensor, only ``O(chunk · V)``. No extra teacher forward is run.
 
 Deviations from / choices beyond the paper (method.md §8 "Choices"): the KL direction and weight, its
 normalisation, temperature 1 for both distributions (TRL's sampling ``temperature`` is not applied),
@@ -61,7 +62,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-from ngc_trl.beacons import BEACON_INITS, BEACON_TOKEN, add_beacon_token, beacon_forward, beacon_layout
+from ngc_trl.beacons import (
+    BEACON_INITS,
+    BEACON_TOKEN,
+    add_beacon_token,
+    backbone_and_head,
+    beacon_forward,
+    beacon_layout,
+)
 from ngc_trl.eviction import EvictionConfig
 
 TEACHER_SUBFOLDER = "teacher"
@@ -168,12 +176,15 @@ class BreadcrumbsConfig(GRPOConfig):
         return [c] if isinstance(c, int) else list(c)
 
 
-def token_kl(student_logits, teacher_hidden, lm_head, mask, direction: str = "forward", chunk_size: int = 512):
+def token_kl(student_logits, teacher_hidden, lm_head, mask, direction: str = "forward", chunk_size: int = 512,
+             student_head=None):
     """Per-token vocabulary-wide KL between the student and the teacher, computed chunk by chunk.
 
     Parameters
     ----------
-    student_logits : ``(B, T, V)`` logits (with autograd), ``[:, t]`` predicting completion token ``t``.
+    student_logits : ``(B, T, V)`` logits (with autograd), ``[:, t]`` predicting completion token ``t``; or,
+        with ``student_head``, the student's final hidden states ``(B, T, H)``, projected inside each chunk
+        (with gradient to the hidden states and the head), so ``(B, T, V)`` is never held.
     teacher_hidden : ``(B, T, H)`` the teacher's final hidden states at the same predictions (detached);
         projected by ``lm_head`` inside each chunk, without gradient.
     lm_head : the teacher's output projection ``(H) -> (V)``.
@@ -181,13 +192,14 @@ def token_kl(student_logits, teacher_hidden, lm_head, mask, direction: str = "fo
     direction : ``"forward"`` KL(p_T ‖ p_S) or ``"reverse"`` KL(p_S ‖ p_T), softmax at temperature 1, fp32.
     chunk_size : tokens per chunk; with grad each chunk runs under activation checkpointing, so only
         ``O(chunk_size · V)`` floats are alive at a time besides ``student_logits``.
+    student_head : the student's output projection when ``student_logits`` are hidden states, else None.
 
     Returns
     -------
     ``(B, T)`` fp32 KL, 0 where ``mask`` is 0.
     """
-    b, t, v = student_logits.shape
-    s_flat, h_flat = student_logits.reshape(b * t, v), teacher_hidden.reshape(b * t, -1)
+    b, t, _ = student_logits.shape
+    s_flat, h_flat = student_logits.reshape(b * t, -1), teacher_hidden.reshape(b * t, -1)
     m_flat = mask.reshape(-1).bool()
     reverse = direction == "reverse"
     out = []
@@ -195,16 +207,16 @@ def token_kl(student_logits, teacher_hidden, lm_head, mask, direction: str = "fo
         if not bool(m.any()):
             out.append(torch.zeros(m.shape, device=s.device))
         elif s.requires_grad:
-            out.append(checkpoint(_kl_chunk, s, h, lm_head, reverse, use_reentrant=False) * m)
+            out.append(checkpoint(_kl_chunk, s, h, lm_head, reverse, student_head, use_reentrant=False) * m)
         else:
-            out.append(_kl_chunk(s, h, lm_head, reverse) * m)
+            out.append(_kl_chunk(s, h, lm_head, reverse, student_head) * m)
     return torch.cat(out).view(b, t)
 
 
-def _kl_chunk(s, h, lm_head, reverse):
+def _kl_chunk(s, h, lm_head, reverse, student_head=None):
     with torch.no_grad():
         t_logp = F.log_softmax(lm_head(h).float(), -1)
-    s_logp = F.log_softmax(s.float(), -1)
+    s_logp = F.log_softmax((s if student_head is None else student_head(s)).float(), -1)
     if reverse:
         return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
@@ -407,9 +419,7 @@ class BreadcrumbsTrainer(GRPOTrainer):
 
     def _teacher_modules(self):
         """(backbone, lm_head) of the teacher: TRL's fused head runs ``backbone`` then ``lm_head``."""
-        net = self.accelerator.unwrap_model(self.model)
-        net = net.get_base_model() if self.use_lora else net
-        return net.base_model, net.get_output_embeddings()
+        return backbone_and_head(self.model)
 
     def _draw_ratios(self, n: int, device):
         """``c`` for each of ``n`` rollouts: the int, or ``(n,)`` draws from the list (reproducible per step)."""
@@ -441,8 +451,9 @@ class BreadcrumbsTrainer(GRPOTrainer):
                                inputs["completion_mask"], ratios, self.beacon_token_id)
         with (self._student(model) as student, torch.set_grad_enabled(torch.is_grad_enabled() and self.train_student),
               self.accelerator.autocast()):
-            logits = beacon_forward(student, layout)  # (B, T, V)
-            kl = token_kl(logits, teacher_hidden, lm_head, mask, self.args.kl_direction, self.args.distill_chunk_size)
+            hidden_s = beacon_forward(student, layout, return_hidden=True)  # (B, T, H): no (B, T, V) logits
+            kl = token_kl(hidden_s, teacher_hidden, lm_head, mask, self.args.kl_direction, self.args.distill_chunk_size,
+                          student_head=backbone_and_head(student)[1])
         if self.loss_type == "dr_grpo":
             norm = mask.shape[0] * self.max_completion_length
         else:

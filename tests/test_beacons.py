@@ -59,6 +59,19 @@ def test_logits_to_keep_returns_the_last_tokens(model):
     torch.testing.assert_close(last, full[:, -7:], atol=1e-5, rtol=1e-5)
 
 
+def test_hidden_states_project_to_the_same_logits(model):
+    """`return_hidden` gives the final hidden states at the same slots; the output head maps them to the logits."""
+    from ngc_trl.beacons import backbone_and_head
+
+    ids, mask, out = rollout(model, 3, n=20)
+    layout = layout_of(ids, mask, out, 3)
+    with torch.no_grad():
+        logits = beacon_forward(model, layout)
+        hidden = beacon_forward(model, layout, return_hidden=True)
+    assert hidden.shape == (4, 20, model.config.hidden_size)
+    torch.testing.assert_close(backbone_and_head(model)[1](hidden), logits, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- (b) cache bound
 @pytest.mark.parametrize("c", [2, 3, torch.tensor([2, 3, 5, 4])], ids=["c2", "c3", "per-row"])
 def test_cache_never_exceeds_prompt_beacons_and_one_window(model, c):

@@ -215,6 +215,25 @@ def test_token_kl_matches_the_definition_in_chunks():
     assert head.weight.grad is None  # the teacher side carries no gradient
 
 
+def test_token_kl_from_student_hidden_states_equals_the_logits_path():
+    """The student side projected inside the chunks: same KL and same gradients (to the hidden states
+    and the head) as from full logits."""
+    torch.manual_seed(0)
+    b, t, h, v = 2, 5, 8, 11
+    t_head, s_head = torch.nn.Linear(h, v, bias=False), torch.nn.Linear(h, v, bias=False)
+    teacher = torch.randn(b, t, h)
+    hs = torch.randn(b, t, h, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    for direction in ("forward", "reverse"):
+        ref = token_kl(s_head(hs), teacher, t_head, mask, direction, 100)
+        g_ref = torch.autograd.grad(ref.sum(), [hs, s_head.weight])
+        for chunk in (1, 3, 100):
+            got = token_kl(hs, teacher, t_head, mask, direction, chunk, student_head=s_head)
+            torch.testing.assert_close(got, ref)
+            for a, r in zip(torch.autograd.grad(got.sum(), [hs, s_head.weight]), g_ref):
+                torch.testing.assert_close(a, r)
+
+
 def test_compression_ratio_drawn_per_rollout(tmp_path):
     tr = make_trainer(tmp_path, compression_ratio=[2, 8])
     assert tr.args.compression_ratio == [2, 8] and tr.eviction_config().compression_ratio == 2
