@@ -85,7 +85,7 @@ SG_RATES ?= 0.25,0.5,0.75
 SG_EVAL = $(PYTHON) -m ngc_trl.eval --task stargraph --data_source generated:testbed --num_problems $(TB_N) \
 	--rates $(SG_RATES) --max_new_tokens 128 --batch_size 64 --prompt_format plain --eviction_interval 32 --block_size 4
 stargraph_result:
-	test -f outputs/tiny-base-stargraph/config.json || $(PYTHON) -m ngc_trl.testbed --task stargraph \
+	test -f outputs/tiny-base-stargraph/config.json || $(PYTHON) -m ngc_trl.testbed --task stargraph --tokenizer number_sep \
 		--output_dir outputs/tiny-base-stargraph --max_minutes $(SG_MIN) --max_new_tokens 128
 	for c in $(SG_C); do test -f outputs/tiny-breadcrumbs-stargraph-c$$c/ngc_settings.json || \
 		$(PYTHON) -m ngc_trl.train --config recipes/tiny/breadcrumbs_stargraph.yaml --compression_ratio $$c \

@@ -71,7 +71,9 @@ class TestbedArgs:
     max_minutes: float = field(default=14.5, metadata={"help": "wall-clock cap on SFT"})
     seed: int = 0
     eval_only: bool = False
-    tokenizer: str = field(default="number", metadata={"help": "'number' (one token per integer) or 'char'"})
+    tokenizer: str = field(default="number", metadata={
+        "help": "'number' (one token per integer), 'number_sep' (also ' n' and '>n' tokens for n <= 99, so a StarGraph "
+                "edge lookup is one induction step) or 'char'"})
     number_init: str = field(default="digits", metadata={
         "help": "number tokenizer: 'digits' (a number's embedding starts as the sum of its digits' place-value "
                 "embeddings) or 'random'"})
@@ -147,9 +149,11 @@ def build_tokenizer(kind: str):
     """The testbed tokenizer named by ``--tokenizer`` (fails early on an unknown name)."""
     if kind == "number":
         return number_tokenizer()
+    if kind == "number_sep":
+        return number_tokenizer(prefixes=" >", max_prefixed=99)
     if kind == "char":
         return char_tokenizer()
-    raise ValueError(f"tokenizer must be 'number' or 'char', got {kind!r}")
+    raise ValueError(f"tokenizer must be 'number', 'number_sep' or 'char', got {kind!r}")
 
 
 def init_number_embeddings(model, tok, scheme: str, seed: int = 0) -> None:
@@ -159,7 +163,9 @@ def init_number_embeddings(model, tok, scheme: str, seed: int = 0) -> None:
     (``N(0, initializer_range²)``, divided by sqrt(places)), plus a little noise, so that 84 and 87 start out
     close and arithmetic facts learned for some numbers transfer to others. The rows stay ordinary
     trainable parameters of a plain Qwen2 (tied to the output head), so the saved folder needs no custom
-    code. ``"random"``: the model's own initialisation (no change).
+    code. A prefixed number token (``" 27"``, ``">64"``; ``--tokenizer number_sep``) gets
+    ``(row(n) + P[prefix]) / sqrt(2)`` with one random vector per prefix character, plus the same noise.
+    ``"random"``: the model's own initialisation (no change).
     """
     if scheme == "random":
         return
@@ -174,11 +180,20 @@ def init_number_embeddings(model, tok, scheme: str, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     places = len(str(numbers[-1]))
     table = torch.randn(places, 10, emb.shape[1], generator=g) * std
+    prefixed = sorted((t, t[0], int(t[1:])) for t in vocab
+                      if len(t) > 1 and not t[0].isdigit() and t[1:].isdigit() and str(int(t[1:])) == t[1:])
+    prefix_rows = {p: torch.randn(emb.shape[1], generator=g) * std for p in sorted({p for _, p, _ in prefixed})}
+
+    def digits_row(n):
+        digits = [int(d) for d in reversed(str(n))]
+        return sum(table[k, d] for k, d in enumerate(digits)) / math.sqrt(len(digits))
+
     with torch.no_grad():
         for n in numbers:
-            digits = [int(d) for d in reversed(str(n))]
-            row = sum(table[k, d] for k, d in enumerate(digits)) / math.sqrt(len(digits))
-            emb[vocab[str(n)]] = row + 0.25 * std * torch.randn(emb.shape[1], generator=g)
+            emb[vocab[str(n)]] = digits_row(n) + 0.25 * std * torch.randn(emb.shape[1], generator=g)
+        for t, p, n in prefixed:
+            emb[vocab[t]] = (digits_row(n) + prefix_rows[p]) / math.sqrt(2) + 0.25 * std * torch.randn(
+                emb.shape[1], generator=g)
 
 
 def sft_examples(a: TestbedArgs, eos: str) -> list[dict]:
@@ -258,7 +273,7 @@ def train(a: TestbedArgs) -> dict:
                                                    max_positions=1024))
         model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
         model.set_attn_implementation(a.attn_implementation)
-        if a.tokenizer == "number":
+        if a.tokenizer.startswith("number"):
             init_number_embeddings(model, tok, a.number_init, a.seed)
     rows = sft_examples(a, tok.eos_token)
     ds = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])

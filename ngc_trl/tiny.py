@@ -56,25 +56,37 @@ TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 
 def number_tokenizer(max_number: int = 1999, words: list[str] | None = None, chars: str = DEFAULT_CHARS,
-                     extra_special: list[str] | None = None) -> PreTrainedTokenizerFast:
+                     extra_special: list[str] | None = None, prefixes: str = "",
+                     max_prefixed: int = 99) -> PreTrainedTokenizerFast:
     """A lossless word-level fast tokenizer for the tiny testbed: ids 0-3 are ``<pad> <bos> <eos> <unk>``,
     then ``extra_special``, the tags ``<think> </think> <answer> </answer>``, every integer ``0..max_number``,
-    ``words`` (default :data:`TRACE_WORDS`) and finally one id per character of ``chars``.
+    ``words`` (default :data:`TRACE_WORDS`), the prefixed numbers and finally one id per character of ``chars``.
 
-    Pre-tokenization is one regex: a tag, a listed word, the longest number prefix that is ``<= max_number``
-    (``"12345"`` -> ``"1234" "5"`` for 1999), else a single character, so every string round-trips through
-    ``decode(encode(s))`` exactly as with :func:`char_tokenizer`. It has no chat template (plain prompts).
-    A search-trace step ``12*7=84`` is 5 tokens instead of 7 characters, and copying a number from the
-    prompt is one token.
+    Pre-tokenization is one regex: a tag, a listed word, a prefixed number, the longest number prefix that
+    is ``<= max_number`` (``"12345"`` -> ``"1234" "5"`` for 1999), else a single character, so every string
+    round-trips through ``decode(encode(s))`` exactly as with :func:`char_tokenizer`. It has no chat
+    template (plain prompts). A search-trace step ``12*7=84`` is 5 tokens instead of 7 characters, and
+    copying a number from the prompt is one token.
+
+    ``prefixes`` (e.g. ``" >"``): every character ``p`` of it joined to every whole number ``n <=
+    max_prefixed`` is one token ``p + str(n)`` (``" 27"``, ``">64"``; ``" 123"`` stays ``" " "123"``). With
+    them a StarGraph edge lookup is one induction step: in ``"... 27>64 ..."`` the token after ``" 27"`` is
+    ``">64"``, where with bare numbers the node after ``27`` is two tokens away.
     """
     from tokenizers import Regex, pre_tokenizers
 
     if max_number < 9:
         raise ValueError(f"max_number must be >= 9, got {max_number}")
+    if not 0 <= max_prefixed <= max_number or any(ch.isdigit() for ch in prefixes):
+        raise ValueError(f"prefixes={prefixes!r} must not hold digits and 0 <= max_prefixed <= max_number, "
+                         f"got {max_prefixed}")
     words = sorted(set(words if words is not None else TRACE_WORDS), key=len, reverse=True)
     extra = list(extra_special or [])
-    tokens = SPECIALS + extra + TAG_TOKENS + [str(n) for n in range(max_number + 1)] + words + list(chars)
-    pattern = "|".join([re.escape(t) for t in TAG_TOKENS] + [re.escape(w) for w in words]
+    prefixes = "".join(dict.fromkeys(prefixes))
+    prefixed = [p + str(n) for p in prefixes for n in range(max_prefixed + 1)]
+    tokens = SPECIALS + extra + TAG_TOKENS + [str(n) for n in range(max_number + 1)] + words + prefixed + list(chars)
+    prefix_rx = [f"[{re.escape(prefixes)}]{_number_regex(max_prefixed)}(?![0-9])"] if prefixes else []
+    pattern = "|".join([re.escape(t) for t in TAG_TOKENS] + [re.escape(w) for w in words] + prefix_rx
                        + [_number_regex(max_number), r"[\s\S]"])
     # no chat template: the testbed's prompts are plain text, and `ngc-eval --prompt_format auto` then
     # renders them as the model was trained

@@ -41,6 +41,31 @@ def test_number_tokenizer_is_lossless_and_numbers_are_single_tokens():
         assert tok.decode(tok(s)["input_ids"]) == s
 
 
+def test_prefixed_number_tokens_make_an_edge_lookup_one_induction_step():
+    import random
+
+    from ngc_trl.tasks import stargraph
+    from ngc_trl.tiny import DEFAULT_CHARS, number_tokenizer
+
+    tok = number_tokenizer(prefixes=" >", max_prefixed=99)
+    assert len(tok) == len(number_tokenizer()) + 200
+    pieces = tok.convert_ids_to_tokens(tok("edges 62>51 27>64 from 5 to 74 123>100")["input_ids"])
+    assert pieces == ["edges", " 62", ">51", " 27", ">64", " ", "from", " 5", " ", "to", " 74", " ", "123", ">",
+                      "100"]
+    p = stargraph.generate_problems(1, 0, split="train", **stargraph.DISTRIBUTIONS["testbed"])[0]
+    prompt, trace = stargraph.build_plain_prompt(*[p[k] for k in ("edges", "source", "goal")]), stargraph.search_trace(p)
+    prompt_toks, trace_toks = (tok.convert_ids_to_tokens(tok(x)["input_ids"]) for x in (prompt, trace))
+    for i, t in enumerate(trace_toks[:-1]):  # every next node of a walk follows its node in the prompt
+        if t.startswith(" ") and trace_toks[i + 1].startswith(">") and t[1:].isdigit() and i > 2:
+            assert trace_toks[i + 1] in {prompt_toks[j + 1] for j, u in enumerate(prompt_toks[:-1]) if u == t}
+    rng = random.Random(0)
+    for _ in range(300):
+        s = "".join(rng.choice(DEFAULT_CHARS) for _ in range(rng.randint(0, 40)))
+        assert tok.decode(tok(s)["input_ids"]) == s
+    with pytest.raises(ValueError, match="prefixes"):
+        number_tokenizer(prefixes="1")
+
+
 def test_digit_initialised_number_embeddings_share_place_values():
     from transformers import Qwen2ForCausalLM
 
@@ -55,6 +80,11 @@ def test_digit_initialised_number_embeddings_share_place_values():
         return torch.cosine_similarity(emb[v[a]], emb[v[b]], dim=0).item()
 
     assert cos("84", "87") > 0.3 > abs(cos("84", "31"))  # shared tens digit vs. nothing shared
+    sep = number_tokenizer(max_number=199, prefixes=" >", max_prefixed=99)
+    model = Qwen2ForCausalLM(tiny_qwen2_config(len(sep), num_layers=1, hidden=64))
+    testbed.init_number_embeddings(model, sep, "digits")
+    emb, v = model.get_input_embeddings().weight, sep.get_vocab()
+    assert cos(" 84", ">84") > 0.3 and cos(" 84", " 87") > cos(" 84", ">31")  # same number / same prefix
     with pytest.raises(ValueError, match="number_init"):
         testbed.init_number_embeddings(model, tok, "fancy")
 
