@@ -71,9 +71,12 @@ testbed_result:
 		--output_dir outputs/testbed/$$r || exit 1; done
 	for c in $(TB_C); do $(TB_EVAL) --model outputs/tiny-breadcrumbs-c$$c --policies full,breadcrumbs \
 		--compression_ratios $$c --output_dir outputs/testbed/breadcrumbs_c$$c || exit 1; done
+	$(TB_EVAL) --model outputs/tiny-base-beacons --policies full,breadcrumbs --compression_ratios $(TB_WARM) \
+		--output_dir outputs/testbed/breadcrumbs_warm_start
 	$(PYTHON) -m ngc_trl.metrics --runs outputs/testbed/full_cache outputs/testbed/ngc=ngc \
 		outputs/testbed/token_only=token_only outputs/testbed/kv_dropout=kv_dropout \
 		$(foreach c,$(TB_C),outputs/testbed/breadcrumbs_c$(c)=breadcrumbs) \
+		outputs/testbed/breadcrumbs_warm_start=breadcrumbs_warm_start \
 		--output_dir outputs/testbed/all --title "tiny Countdown testbed"
 
 # issue 7's second task: Breadcrumbs students on StarGraph (arm-by-arm search traces) next to the heuristics on a
