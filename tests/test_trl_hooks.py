@@ -55,10 +55,20 @@ def test_overridden_breadcrumbs_hooks_keep_their_signature():
         assert got == params, f"GRPOTrainer.{name} changed: {got}; update BreadcrumbsTrainer.{name}"
 
 
+def test_beacon_sft_overrides_only_sft_compute_loss_with_its_signature():
+    from trl import SFTTrainer
+
+    from ngc_trl.beacon_sft import BeaconSFTTrainer
+
+    got = list(inspect.signature(SFTTrainer.compute_loss).parameters)
+    assert got == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"], f"SFTTrainer.compute_loss: {got}"
+    assert {n for n, f in vars(BeaconSFTTrainer).items() if callable(f) and not n.startswith("__")} == {"compute_loss"}
+
+
 def test_every_breadcrumbs_override_exists_on_grpo_trainer():
     from ngc_trl.breadcrumbs import BreadcrumbsTrainer
 
-    helpers = ("_set_adapter_grads", "_student", "_teacher_modules", "_draw_ratios")
+    helpers = ("_set_adapter_grads", "_student", "_teacher_modules", "_draw_ratios", "_load_student")
     for name, fn in vars(BreadcrumbsTrainer).items():
         if name.startswith("_") and not name.startswith("__") and callable(fn) and name not in helpers:
             assert hasattr(GRPOTrainer, name), f"BreadcrumbsTrainer overrides {name}, which GRPOTrainer no longer has"
