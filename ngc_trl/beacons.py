@@ -181,6 +181,11 @@ def beacon_layout(prompt_ids, prompt_mask, completion_ids, completion_mask, comp
     )
 
 
+def last_hidden(output):
+    """The final hidden states of a backbone's output (a `ModelOutput` or a tuple)."""
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
 def backbone_and_head(model):
     """``(backbone, output_head)`` of a causal LM, through DDP and PEFT wrappers: the decoder that returns
     the final (normed) hidden states, and the ``(H) -> (V)`` projection applied to them."""
@@ -226,7 +231,7 @@ def beacon_forward(model, layout: BeaconLayout, logits_to_keep: int | None = Non
     ctx = ReplayContext(layout.attention_mask, death=death, backend=backend)
     captured = []
     hook = backbone_and_head(model)[0].register_forward_hook(
-        lambda m, a, out: captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+        lambda m, a, out: captured.append(last_hidden(out))
     ) if return_hidden else None
     try:
         with use_ngc_attention(model):

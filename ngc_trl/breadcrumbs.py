@@ -69,6 +69,7 @@ from ngc_trl.beacons import (
     backbone_and_head,
     beacon_forward,
     beacon_layout,
+    last_hidden,
 )
 from ngc_trl.eviction import EvictionConfig
 
@@ -220,10 +221,6 @@ def _kl_chunk(s, h, lm_head, reverse, student_head=None):
     if reverse:
         return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-
-
-def _last_hidden(output):
-    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
 def _pin_checkpoint_adapters(model) -> None:
@@ -436,7 +433,7 @@ class BreadcrumbsTrainer(GRPOTrainer):
             _pin_checkpoint_adapters(self.accelerator.unwrap_model(model))
         backbone, lm_head = self._teacher_modules()
         hidden = []
-        handle = backbone.register_forward_hook(lambda m, a, out: hidden.append(_last_hidden(out).detach()))
+        handle = backbone.register_forward_hook(lambda m, a, out: hidden.append(last_hidden(out).detach()))
         try:
             grpo_loss = super()._compute_loss(model, inputs)  # TRL's teacher loss (already / GA in train)
         finally:
