@@ -14,7 +14,9 @@ NGC pipeline (rollouts with eviction, GRPO) be exercised end to end offline on a
 
 ``--task stargraph`` trains the same model on path-star graphs (``stargraph.DISTRIBUTIONS["testbed"]``:
 3 arms of 4 edges, labels 0-99) with arm-by-arm search traces (:func:`stargraph.search_trace`), the second
-task of the Breadcrumbs testbed (``make stargraph_result``).
+task of the Breadcrumbs testbed (``make stargraph_result``). ``--task linsys`` trains it on 2x2 linear systems
+(``linsys.DISTRIBUTIONS["testbed"]``) with elimination traces that write every product and difference as
+a two-operand step (:func:`linsys.solution_trace` with ``show_work=True``; ``make linsys_result``).
 
 Restricted distribution (``countdown.DISTRIBUTIONS["testbed"]``, recorded in ``testbed.json["settings"]``):
 3 numbers from 1-12, targets 10-60, a 1/4 hash split of the ~2,600 solvable instances held out. Traces are
@@ -55,8 +57,12 @@ from transformers import (
     TrainerCallback,
 )
 
-from ngc_trl.tasks import countdown, get_task, instance_args, score_row, stargraph
-from ngc_trl.tiny import char_tokenizer, load_tokenizer, number_tokenizer, tiny_qwen2_config
+from ngc_trl.tasks import countdown, get_task, instance_args, linsys, score_row, stargraph
+from ngc_trl.tiny import TRACE_WORDS, char_tokenizer, load_tokenizer, number_tokenizer, tiny_qwen2_config
+
+# words of a task's traces and prompts that the number tokenizer keeps whole (Countdown's are TRACE_WORDS)
+TASK_WORDS = {"linsys": ["solve", "eliminate", "with", "gives", "so", "rhs"]}
+TASKS = ("countdown", "stargraph", "linsys")
 
 
 @dataclass
@@ -65,7 +71,8 @@ class TestbedArgs:
 
     output_dir: str = field(default="outputs/tiny-base", metadata={"help": "where the HF folder goes"})
     task: str = field(default="countdown", metadata={
-        "help": "'countdown' (search traces) or 'stargraph' (arm-by-arm search; stargraph.DISTRIBUTIONS['testbed'])"})
+        "help": "'countdown' (search traces), 'stargraph' (arm-by-arm search; stargraph.DISTRIBUTIONS['testbed']) "
+                "or 'linsys' (elimination with every step written out; linsys.DISTRIBUTIONS['testbed'])"})
     num_train: int = field(default=30000, metadata={"help": "SFT examples (one epoch at most; time usually stops first)"})
     num_test: int = field(default=384, metadata={"help": "held-out split='test' problems"})
     max_minutes: float = field(default=14.5, metadata={"help": "wall-clock cap on SFT"})
@@ -118,10 +125,10 @@ class TestbedArgs:
 def problem_kwargs(a: TestbedArgs) -> dict:
     """The generator ranges of the (restricted) testbed distribution of ``a.task``; the defaults equal the
     task's ``DISTRIBUTIONS["testbed"]``, which RL and evaluation read as ``"generated:testbed"``."""
-    if a.task == "stargraph":
-        return dict(stargraph.DISTRIBUTIONS["testbed"])
+    if a.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {a.task!r}")
     if a.task != "countdown":
-        raise ValueError(f"task must be 'countdown' or 'stargraph', got {a.task!r}")
+        return dict(get_task(a.task).DISTRIBUTIONS["testbed"])
     return dict(count_range=(a.count_min, a.count_max), num_range=(a.num_min, a.num_max),
                 target_range=(a.target_min, a.target_max), test_buckets=a.test_buckets)
 
@@ -139,18 +146,23 @@ def plain_prompt(a: TestbedArgs, p: dict) -> str:
 
 def trace(a: TestbedArgs, p: dict, rng: random.Random | None) -> str | None:
     """The SFT completion of instance ``p``: a Countdown search trace (``None`` when longer than
-    ``max_trace_chars``: the instance is skipped) or a StarGraph forward search (:func:`stargraph.search_trace`)."""
+    ``max_trace_chars``: the instance is skipped), a StarGraph forward search (:func:`stargraph.search_trace`)
+    or a LinSys elimination in natural order with its arithmetic written out."""
     if a.task == "countdown":
         return countdown.search_trace(p["nums"], p["target"], rng, max_chars=a.max_trace_chars)
+    if a.task == "linsys":
+        return linsys.solution_trace(p, show_work=True)
     return stargraph.search_trace(p)
 
 
-def build_tokenizer(kind: str):
-    """The testbed tokenizer named by ``--tokenizer`` (fails early on an unknown name)."""
+def build_tokenizer(kind: str, task: str = "countdown"):
+    """The testbed tokenizer named by ``--tokenizer`` (fails early on an unknown name); the number tokenizers
+    also keep ``task``'s :data:`TASK_WORDS` whole."""
+    words = TRACE_WORDS + TASK_WORDS.get(task, [])
     if kind == "number":
-        return number_tokenizer()
+        return number_tokenizer(words=words)
     if kind == "number_sep":
-        return number_tokenizer(prefixes=" >", max_prefixed=99)
+        return number_tokenizer(words=words, prefixes=" >", max_prefixed=99)
     if kind == "char":
         return char_tokenizer()
     raise ValueError(f"tokenizer must be 'number', 'number_sep' or 'char', got {kind!r}")
@@ -268,7 +280,7 @@ def train(a: TestbedArgs) -> dict:
                  "compression_ratios": beacon_ratios(a)}
         trainer_cls = BeaconSFTTrainer
     else:
-        tok = build_tokenizer(a.tokenizer)
+        tok = build_tokenizer(a.tokenizer, a.task)
         model = Qwen2ForCausalLM(tiny_qwen2_config(len(tok), a.num_layers, a.hidden, a.heads, a.kv_heads,
                                                    max_positions=1024))
         model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id

@@ -2,6 +2,7 @@
 
 import builtins
 import random
+import re
 import time
 from fractions import Fraction
 
@@ -255,6 +256,25 @@ def test_solution_traces_verify():
         assert "/" not in body.replace(")/", "")  # integers only, except the gcd divisions
         lengths.append(len(trace))
     assert 80 <= min(lengths) and max(lengths) <= 1000
+
+
+def test_show_work_steps_are_true_two_operand_facts_and_end_in_the_compact_results():
+    step = re.compile(r"(-?\d+)([*+-])(-?\d+)=(-?\d+)")
+    ops = {"*": lambda x, y: x * y, "+": lambda x, y: x + y, "-": lambda x, y: x - y}
+    problems = generate_problems(200, seed=5) + generate_problems(50, seed=6, **linsys.DISTRIBUTIONS["testbed"])
+    for i, p in enumerate(problems):
+        rng_seed = None if i % 2 else i
+        worked = solution_trace(p, random.Random(rng_seed) if rng_seed is not None else None, show_work=True)
+        compact = solution_trace(p, random.Random(rng_seed) if rng_seed is not None else None)
+        assert score(worked, p["coeffs"], p["rhs"]) == 1.0
+        facts = step.findall(worked)
+        assert facts and all(ops[op](int(x), int(y)) == int(z) for x, op, y, z in facts)
+        # the compact lines are all still there, in order; the work only adds text
+        kept = [line.split(":")[0] if line[:1] in "xyzwuv" else line for line in compact.split("\n")]
+        lines = iter(worked.split("\n"))
+        assert all(any(w.startswith(k) for w in lines) for k in kept)
+    # the back substitution's running value is the rhs minus the known terms
+    assert "x: e1 with y=1: 3*1=3, 7-3=4 gives 2x=4 so x=2" in solution_trace(P2, show_work=True)
 
 
 def test_solution_trace_example_determinism_and_errors():

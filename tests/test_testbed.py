@@ -19,6 +19,29 @@ def test_sft_example_is_prompt_plus_verifying_trace():
         assert len(ex["prompt"]) < 64  # shorter than the tiny recipes' eviction interval
 
 
+def test_linsys_testbed_examples_verify_and_its_words_are_single_tokens():
+    from ngc_trl.tasks import linsys
+
+    args = testbed.TestbedArgs(task="linsys", num_train=20)
+    tok = testbed.build_tokenizer("number", "linsys")
+    examples, lengths = testbed.sft_examples(args, "<eos>"), []
+    assert len(examples) == 20
+    for ex in examples:
+        assert ex["prompt"] == linsys.build_plain_prompt(ex["coeffs"], ex["rhs"])
+        assert len(ex["coeffs"]) == 2 and max(abs(c) for row in ex["coeffs"] for c in row) <= 4
+        assert linsys.score(ex["completion"], ex["coeffs"], ex["rhs"]) == 1.0
+        text = ex["prompt"] + ex["completion"]
+        ids = tok(text)["input_ids"]
+        assert tok.decode(ids) == text and tok.unk_token_id not in ids
+        lengths.append(len(ids))
+    assert sum("*" in ex["completion"] for ex in examples) >= 15  # only a diagonal system needs no arithmetic
+    lengths.sort()
+    assert lengths[10] >= 100 and lengths[-1] <= 300  # a few eviction intervals of the tiny recipes' delta = 64
+    assert len(tok("eliminate")["input_ids"]) == 1 and len(testbed.build_tokenizer("number")("eliminate")["input_ids"]) > 1
+    with pytest.raises(ValueError, match="task"):
+        testbed.problem_kwargs(testbed.TestbedArgs(task="sudoku"))
+
+
 def test_number_tokenizer_is_lossless_and_numbers_are_single_tokens():
     import random
 

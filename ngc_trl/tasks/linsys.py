@@ -86,6 +86,9 @@ TEST_ROWS = 1_024
 # named generator settings: ``load_generated("linsys", "generated:<name>")`` (ngc_trl.tasks)
 DISTRIBUTIONS: dict[str, dict[str, Any]] = {
     "standard": dict(num_vars=(2, 3), coef_range=(-9, 9), solution_range=(-9, 9)),
+    # the offline tiny testbed (ngc_trl.testbed --task linsys): 2x2 systems whose written-out elimination
+    # (solution_trace(show_work=True)) is ~170 tokens with numbers up to ~160
+    "testbed": dict(num_vars=(2, 2), coef_range=(-4, 4), solution_range=(-5, 5)),
 }
 
 _PAIR = re.compile(rf"([A-Za-z][A-Za-z0-9_]{{0,7}})[ \t]*=[ \t]*([+-]?)[ \t]*([0-9]{{1,{MAX_DIGITS}}})")
@@ -221,7 +224,25 @@ def _combination(a: int, i: int, b: int, k: int) -> str:
     return first + ("-" if b > 0 else "+") + second
 
 
-def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None) -> str:
+def _product_and_sum(pairs: Sequence[tuple[int, int]], start: int | None = None) -> tuple[list[str], int]:
+    """Binary arithmetic steps of ``start - sum(a * b)`` (or of ``p_1 - p_2`` for two pairs without ``start``).
+
+    Each product is one step ``a*b=p`` and each subtraction one step ``r-p=r'`` (``r+|p|=r'`` when ``p < 0``),
+    so every step is a two-operand lookup, as in a Countdown search trace.
+    """
+    steps, products = [], []
+    for a, b in pairs:
+        products.append(a * b)
+        steps.append(f"{a}*{b}={a * b}")
+    acc = products.pop(0) if start is None else start
+    for q in products:
+        new = acc - q
+        steps.append(f"{acc}-{q}={new}" if q >= 0 else f"{acc}+{-q}={new}")
+        acc = new
+    return steps, acc
+
+
+def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None, *, show_work: bool = False) -> str:
     """Fraction-free elimination and back substitution ending in a verifying answer (module docstring).
 
     Parameters
@@ -230,6 +251,11 @@ def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None)
         ``coeffs`` and ``rhs``; the system must have a unique integer solution.
     rng : random.Random, optional
         Draws the elimination order of the variables and the pivot equations.
+    show_work : bool
+        Write the arithmetic of every new coefficient and every back substitution as two-operand steps
+        (:func:`_product_and_sum`) before its result, e.g. ``2e2-e1 y: 2*-1=-2, 1*3=3, -2-3=-5; rhs: ...``
+        on the line before ``e3 = ...``, and ``x: e1 with y=1: 3*1=3, 7-3=4 gives 2x=4 so x=2``.
+        Longer traces a small model can learn (the tiny LinSys testbed); the default is the compact form.
 
     Returns
     -------
@@ -279,6 +305,11 @@ def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None)
             label = len(rows) + 1
             rows[label] = (new, new_b)
             combo = _combination(a, lab, f, pivot)
+            if show_work:
+                work = [f"{names[j]}: " + ", ".join(_product_and_sum([(a, c[j]), (f, pc[j])])[0])
+                        for j in range(n) if j != var and (c[j] or pc[j])]
+                work.append("rhs: " + ", ".join(_product_and_sum([(a, b), (f, pb)])[0]))
+                lines.append(f"{combo} " + "; ".join(work))
             lhs = f"({combo})/{g}" if g > 1 else combo
             lines.append(f"e{label} = {lhs}: {format_equation(new, new_b, spaced=False)}")
             kept.append(label)
@@ -295,6 +326,8 @@ def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None)
         line = f"{names[var]}: e{lab}"
         if known:
             line += " with " + ", ".join(f"{names[j]}={values[j]}" for j in sorted(known))
+            if show_work:
+                line += ": " + ", ".join(_product_and_sum([(c[j], values[j]) for j in sorted(known)], start=b)[0])
         term = format_equation([c[var] if j == var else 0 for j in range(n)], rest, spaced=False)
         line += f" gives {term}" + ("" if c[var] == 1 else f" so {names[var]}={values[var]}")
         lines.append(line)
