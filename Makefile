@@ -10,7 +10,7 @@ DATA ?=
 OUT ?= outputs/eval
 EXTRA ?=
 
-.PHONY: install test slow_test quality style bench eval testbed tiny testbed_result stargraph_result
+.PHONY: install test slow_test quality style bench eval testbed tiny testbed_result stargraph_result linsys_result
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -100,3 +100,35 @@ stargraph_result:
 	$(PYTHON) -m ngc_trl.metrics --runs outputs/testbed_stargraph/teacher \
 		$(foreach c,$(SG_C),outputs/testbed_stargraph/breadcrumbs_c$(c)=breadcrumbs) \
 		--output_dir outputs/testbed_stargraph/all --title "tiny StarGraph testbed"
+
+# issue 7's second task: LinSys (2x2 systems, elimination traces with the arithmetic written out). The same pipeline as
+# testbed_result at δ = 32, b = 4 (rollouts are ~190 tokens): base, beacon warm start, Breadcrumbs students from it, NGC,
+# and the heuristics on the full-cache GRPO teacher of the c = 8 run.
+# Results: outputs/testbed_linsys/all/{results.md,pareto.png,summary.json}.
+LS_C ?= 4 8 16
+LS_WARM ?= 2,4,8,16
+LS_RATES ?= 0.5,0.75,0.875
+LS_EVAL = $(PYTHON) -m ngc_trl.eval --task linsys --data_source generated:testbed --num_problems $(TB_N) \
+	--rates $(LS_RATES) --max_new_tokens 256 --batch_size 64 --prompt_format plain --eviction_interval 32 --block_size 4
+linsys_result:
+	test -f outputs/tiny-base-linsys/config.json || $(PYTHON) -m ngc_trl.testbed --task linsys \
+		--output_dir outputs/tiny-base-linsys --max_new_tokens 320
+	test -f outputs/tiny-base-linsys-beacons/ngc_settings.json || $(PYTHON) -m ngc_trl.testbed --task linsys \
+		--init_from outputs/tiny-base-linsys --beacon_ratios $(LS_WARM) --max_minutes $(TB_WARM_MIN) \
+		--max_new_tokens 320 --output_dir outputs/tiny-base-linsys-beacons
+	for c in $(LS_C); do test -f outputs/tiny-breadcrumbs-linsys-c$$c/ngc_settings.json || \
+		$(PYTHON) -m ngc_trl.train --config recipes/tiny/breadcrumbs_linsys.yaml --compression_ratio $$c \
+			--output_dir outputs/tiny-breadcrumbs-linsys-c$$c --eval_after_train false || exit 1; done
+	test -f outputs/tiny-ngc-linsys/ngc_settings.json || $(PYTHON) -m ngc_trl.train --config recipes/tiny/linsys_ngc.yaml \
+		--eval_after_train false
+	$(LS_EVAL) --model outputs/tiny-breadcrumbs-linsys-c8/teacher \
+		--policies full,keydiff,snapkv,knorm,h2o,tova,streaming_llm,random --output_dir outputs/testbed_linsys/full_cache
+	$(LS_EVAL) --model outputs/tiny-ngc-linsys --policies full,ngc --output_dir outputs/testbed_linsys/ngc
+	for c in $(LS_C); do $(LS_EVAL) --model outputs/tiny-breadcrumbs-linsys-c$$c --policies full,breadcrumbs \
+		--compression_ratios $$c --output_dir outputs/testbed_linsys/breadcrumbs_c$$c || exit 1; done
+	$(LS_EVAL) --model outputs/tiny-base-linsys-beacons --policies full,breadcrumbs --compression_ratios $(LS_WARM) \
+		--output_dir outputs/testbed_linsys/breadcrumbs_warm_start
+	$(PYTHON) -m ngc_trl.metrics --runs outputs/testbed_linsys/full_cache outputs/testbed_linsys/ngc=ngc \
+		$(foreach c,$(LS_C),outputs/testbed_linsys/breadcrumbs_c$(c)=breadcrumbs) \
+		outputs/testbed_linsys/breadcrumbs_warm_start=breadcrumbs_warm_start \
+		--output_dir outputs/testbed_linsys/all --title "tiny LinSys testbed"
