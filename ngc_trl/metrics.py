@@ -255,6 +255,45 @@ def pareto_auc(rows: Sequence[dict], max_compression: float | None = None,
     return {"max_compression": top, "auc": out}
 
 
+def common_range_auc(rows: Sequence[dict]) -> dict:
+    """Mean pass@1 of every method over the compression range that *every* method measured, with no anchor.
+
+    `pareto_auc` anchors each curve at 1x, so a method whose first run is at 2x is credited with the straight
+    line from its model's full-cache accuracy, and one measured only to 2.5x gets 0 beyond. Here the range is
+    ``[lo, hi]`` with ``lo`` the largest least-compressed run and ``hi`` the smallest most-compressed run over
+    the methods with at least two runs; each curve is interpolated linearly in ``log2(compression)`` between
+    its own measured points only, and its area is divided by ``log2(hi / lo)``.
+
+    Returns:
+        ``{"range": [lo, hi], "auc": {policy: value}}``; ``auc`` is empty (and ``range`` ``None``) when the
+        methods' ranges do not overlap. Methods with one run (no curve) are left out.
+    """
+    by_policy = defaultdict(list)
+    for r in rows:
+        if "pass@1" in r and r.get("peak_compression") and r["policy"] != FULL:
+            by_policy[r["policy"]].append((math.log2(max(r["peak_compression"], 1.0)), r["pass@1"]))
+    curves = {p: sorted(pts) for p, pts in by_policy.items() if len({x for x, _ in pts}) >= 2}
+    if not curves:
+        return {"range": None, "auc": {}}
+    lo = max(pts[0][0] for pts in curves.values())
+    hi = min(pts[-1][0] for pts in curves.values())
+    if hi <= lo:
+        return {"range": None, "auc": {}}
+
+    def at(pts, x):
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x0 <= x <= x1 and x1 > x0:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return pts[-1][1] if x >= pts[-1][0] else pts[0][1]
+
+    out = {}
+    for policy, pts in curves.items():
+        xs = sorted({lo, hi, *(x for x, _ in pts if lo < x < hi)})
+        area = sum((x1 - x0) * (at(pts, x0) + at(pts, x1)) / 2 for x0, x1 in zip(xs, xs[1:]))
+        out[policy] = area / (hi - lo)
+    return {"range": [2 ** lo, 2 ** hi], "auc": out}
+
+
 def plot_pareto(rows: Sequence[dict], path: str, title: str = "") -> None:
     """pass@1 against peak compression, one line per policy, ``full`` as a dashed horizontal line (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -296,6 +335,12 @@ def auc_table(auc: dict) -> str:
              "| method | AUC (%) |", "|---|---|"]
     for policy, v in sorted(auc["auc"].items(), key=lambda kv: -(kv[1] or 0)):
         lines.append(f"| {policy} | {_fmt(v, scale=100)} |")
+    common = auc.get("common_range")
+    if common and common["range"]:
+        lo, hi = common["range"]
+        lines += [f"\nThe same, over {lo:.2f}×–{hi:.2f}× only (the range every method with ≥ 2 runs measured; no 1× "
+                  "anchor, interpolated between measured points):\n", "| method | AUC (%) |", "|---|---|"]
+        lines += [f"| {p} | {_fmt(v, scale=100)} |" for p, v in sorted(common["auc"].items(), key=lambda kv: -kv[1])]
     return "\n".join(lines) + "\n"
 
 
@@ -303,7 +348,7 @@ def write_reports(output_dir: str | os.PathLike, summary: dict, title: str = "")
     """``summary.json``, ``results.md`` and ``pareto.png`` from `ngc_trl.eval.evaluate`'s summary (the AUC
     of every method is added to it as ``summary["auc"]``)."""
     output_dir, s = Path(output_dir), summary["settings"]
-    summary["auc"] = pareto_auc(summary["results"])
+    summary["auc"] = dict(pareto_auc(summary["results"]), common_range=common_range_auc(summary["results"]))
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     ev = s["eviction"]
     sampling = f"T={s['temperature']}, top_p={s['top_p']}, top_k={s['top_k']}" if s["do_sample"] else "greedy"
@@ -360,7 +405,7 @@ def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "")
     curves = [r for r in rows if not r.get("reference")]
     anchors = {label: acc for label, (_, acc) in own_full.items()}
     out = {"settings": {**first_settings, "combined_from": sources}, "results": rows,
-           "auc": pareto_auc(curves, anchors=anchors)}
+           "auc": dict(pareto_auc(curves, anchors=anchors), common_range=common_range_auc(curves))}
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(out, indent=2))

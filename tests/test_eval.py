@@ -126,6 +126,24 @@ def test_pareto_auc_by_hand():
     assert own["s"] == 0.0 and own["a"] == pytest.approx((0.6 + 0.4) / 2) and own["b"] == pytest.approx(0.4)
 
 
+def test_common_range_auc_by_hand():
+    from ngc_trl.metrics import common_range_auc
+
+    rows = [_row("full", 1.0, 0.8), _row("a", 2.0, 0.6), _row("a", 8.0, 0.2),
+            _row("b", 1.5, 0.1), _row("b", 2.0, 0.9), _row("b", 4.0, 0.5), _row("one", 3.0, 1.0)]
+    out = common_range_auc(rows)
+    # range: the largest first run (2x) to the smallest last run (4x); "one" has no curve
+    assert out["range"] == pytest.approx([2.0, 4.0]) and set(out["auc"]) == {"a", "b"}
+    # a is linear in log2 from 0.6 at 1 to 0.2 at 3: 0.4 at 2, mean over [1, 2] = 0.5; b: (0.9 + 0.5) / 2
+    assert out["auc"]["a"] == pytest.approx(0.5) and out["auc"]["b"] == pytest.approx(0.7)
+    # the anchored AUC would rank them the other way round: b is cut at 4x of 8x
+    anchored = pareto_auc(rows)["auc"]
+    assert anchored["a"] > anchored["b"]
+    # disjoint ranges: no common AUC
+    assert common_range_auc([_row("a", 1.5, 0.5), _row("a", 2.0, 0.5), _row("b", 3.0, 0.1), _row("b", 4.0, 0.1)]) == {
+        "range": None, "auc": {}}
+
+
 def test_combine_anchors_each_label_at_its_own_models_full_cache(tmp_path):
     def folder(name, rows):
         stats = dict(compression_source="full_run", **{"pass@1_se": 0.0}, mean_peak_entries_per_layer=1.0,
