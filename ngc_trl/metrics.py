@@ -201,10 +201,10 @@ def markdown_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "pass@1" not in r:
-            cells = [r["policy"], setting_label(r["policy"], r["rate"]), "—", "—"] + ["—"] * len(extra_k) + ["—"] * 5 + ["0", "0"]
+            cells = [r["policy"], setting_label(r.get("scorer", r["policy"]), r["rate"]), "—", "—"] + ["—"] * len(extra_k) + ["—"] * 5 + ["0", "0"]
         else:
             comp = _fmt(r["peak_compression"], ".2f") + "×" + ("" if r["compression_source"] == "full_run" else "*")
-            cells = [r["policy"], setting_label(r["policy"], r["rate"]), comp,
+            cells = [r["policy"], setting_label(r.get("scorer", r["policy"]), r["rate"]), comp,
                      f"{_fmt(r['pass@1'], scale=100)} ± {_fmt(r['pass@1_se'], scale=100)}"]
             cells += [_fmt(r.get(f"pass@{k}"), scale=100) for k in extra_k]
             cells += [_fmt(r["mean_peak_entries_per_layer"]), str(r["max_peak_entries_per_layer"]),
@@ -388,7 +388,7 @@ def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "")
         first_settings = first_settings or summary["settings"]
         sources.append({"dir": folder, "label": label or None, "model": summary["settings"].get("model")})
         for r in summary["results"]:
-            r = dict(r, source=folder)
+            r = dict(r, source=folder, scorer=r["policy"])  # the policy it ran with, for its setting's label
             if label:
                 if r["policy"] == FULL:
                     r["policy"], r["reference"] = f"{label} (full cache, {Path(folder).name})", True

@@ -155,13 +155,16 @@ def test_combine_anchors_each_label_at_its_own_models_full_cache(tmp_path):
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
         return str(tmp_path / name)
 
-    base = folder("base", [_row("full", 1.0, 0.8), _row("tova", 2.0, 0.4)])
-    c4 = folder("c4", [_row("full", 1.0, 0.0), _row("breadcrumbs", 2.0, 0.0)])
-    c8 = folder("c8", [_row("full", 1.0, 0.5), _row("breadcrumbs", 4.0, 0.5)])
+    base = folder("base", [_row("full", 1.0, 0.8), dict(_row("tova", 2.0, 0.4), rate=0.5)])
+    c4 = folder("c4", [_row("full", 1.0, 0.0), dict(_row("breadcrumbs", 2.0, 0.0), rate=4)])
+    c8 = folder("c8", [_row("full", 1.0, 0.5), dict(_row("breadcrumbs", 4.0, 0.5), rate=8)])
     auc = combine([base, f"{c8}=bc", f"{c4}=bc"], tmp_path / "all")["auc"]["auc"]
     assert auc["tova"] == pytest.approx((0.8 + 0.4) / 2 / 2)  # anchored at the first folder's full
     # bc starts at the c4 student's own full (0.0, its least-compressed run), not at 0.8
     assert auc["bc"] == pytest.approx(((0.0 + 0.0) / 2 + (0.0 + 0.5) / 2) / 2)
+    # a relabelled Breadcrumbs run keeps its "c=" setting; the tova row its "ε="
+    table = (tmp_path / "all" / "results.md").read_text()
+    assert "| bc | c=4 |" in table and "| tova | ε=0.50 |" in table and "| bc | ε=" not in table
 
 
 # ----------------------------------------------------------------------------- evaluate(): reports, resume
