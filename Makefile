@@ -107,7 +107,7 @@ stargraph_result:
 # Results: outputs/testbed_linsys/all/{results.md,pareto.png,summary.json}.
 LS_C ?= 4 8 16
 LS_WARM ?= 2,4,8,16
-LS_RATES ?= 0.5,0.75,0.875
+LS_RATES ?= 0.25,0.5,0.75,0.875
 LS_EVAL = $(PYTHON) -m ngc_trl.eval --task linsys --data_source generated:testbed --num_problems $(TB_N) \
 	--rates $(LS_RATES) --max_new_tokens 256 --batch_size 64 --prompt_format plain --eviction_interval 32 --block_size 4
 linsys_result:
