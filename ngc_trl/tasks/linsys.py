@@ -57,6 +57,11 @@ The elimination order of the variables and the pivot equations are drawn from ``
 and the first usable equation when ``rng`` is ``None``). Traces of the default instances measure
 ~100-330 characters.
 
+``show_work=True`` (the tiny LinSys testbed) also writes the arithmetic as two-operand steps: a line
+``2e2-e1 y: 2*-1=-2, 1*3=3, -2-3=-5; rhs: 2*1=2, 1*7=7, 2-7=-5`` before each new equation, and the
+products and running differences in each back substitution (``x: e1 with y=1: 3*1=3, 7-3=4 gives 2x=4
+so x=2``), so that no token needs more than one fact; ~170 tokens for ``DISTRIBUTIONS["testbed"]``.
+
 Prompts
 -------
 * :func:`build_prompt`: chat messages in the wording of the Countdown prompt (``<think>`` tags,
