@@ -79,7 +79,7 @@ testbed_result:
 		outputs/testbed/breadcrumbs_warm_start=breadcrumbs_warm_start \
 		--output_dir outputs/testbed/all --title "tiny Countdown testbed"
 
-# issue 7's second task: Breadcrumbs students on StarGraph (arm-by-arm search traces) next to the heuristics on a
+# a third task: Breadcrumbs students on StarGraph (arm-by-arm search traces) next to the heuristics on a
 # full-cache GRPO teacher (the c = 4 run's), δ = 32 and b = 4 for the short rollouts.
 # Results: outputs/testbed_stargraph/all/{results.md,pareto.png,summary.json}.
 SG_C ?= 2 4 8
