@@ -13,10 +13,11 @@ Why: a base model that already searches, but whose traces are several eviction i
 NGC pipeline (rollouts with eviction, GRPO) be exercised end to end offline on a laptop CPU.
 
 ``--task stargraph`` trains the same model on path-star graphs (``stargraph.DISTRIBUTIONS["testbed"]``:
-3 arms of 4 edges, labels 0-99) with arm-by-arm search traces (:func:`stargraph.search_trace`), the second
-task of the Breadcrumbs testbed (``make stargraph_result``). ``--task linsys`` trains it on 2x2 linear systems
-(``linsys.DISTRIBUTIONS["testbed"]``) with elimination traces that write every product and difference as
-a two-operand step (:func:`linsys.solution_trace` with ``show_work=True``; ``make linsys_result``).
+3 arms of 4 edges, labels 0-99) with arm-by-arm search traces (:func:`stargraph.search_trace`)
+(``make stargraph_result``; not learned in the budget so far). ``--task linsys`` trains it on 2x2 linear
+systems (``linsys.DISTRIBUTIONS["testbed"]``) with elimination traces that write every product and
+difference as a two-operand step (:func:`linsys.solution_trace` with ``show_work=True``), the second task of
+the Breadcrumbs testbed (``make linsys_result``; 82% in 14.5 min).
 
 Restricted distribution (``countdown.DISTRIBUTIONS["testbed"]``, recorded in ``testbed.json["settings"]``):
 3 numbers from 1-12, targets 10-60, a 1/4 hash split of the ~2,600 solvable instances held out. Traces are
