@@ -22,6 +22,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 FULL = "full"
 BEACONS = "breadcrumbs"  # its runs' ``rate`` slot holds the compression ratio c
 
@@ -280,17 +282,11 @@ def common_range_auc(rows: Sequence[dict]) -> dict:
     if hi <= lo:
         return {"range": None, "auc": {}}
 
-    def at(pts, x):
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            if x0 <= x <= x1 and x1 > x0:
-                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-        return pts[-1][1] if x >= pts[-1][0] else pts[0][1]
-
     out = {}
     for policy, pts in curves.items():
-        xs = sorted({lo, hi, *(x for x, _ in pts if lo < x < hi)})
-        area = sum((x1 - x0) * (at(pts, x0) + at(pts, x1)) / 2 for x0, x1 in zip(xs, xs[1:]))
-        out[policy] = area / (hi - lo)
+        xs = np.array(sorted({lo, hi, *(x for x, _ in pts if lo < x < hi)}))
+        ys = np.interp(xs, [x for x, _ in pts], [y for _, y in pts])  # piecewise linear between measured points
+        out[policy] = float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2)) / (hi - lo)
     return {"range": [2 ** lo, 2 ** hi], "auc": out}
 
 
