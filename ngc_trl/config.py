@@ -36,6 +36,8 @@ class NGCConfig(GRPOConfig):
         replay_masks (`bool`, defaults to `True`): per-layer replay masks in the training forward (False:
             "targeted KV dropout", tokens scored on the full context).
         replay_backend (`str`, defaults to `"auto"`): `"dense"` SDPA masks, `"flex"` FlexAttention, or auto.
+        replay_chunk_tokens (`int`, defaults to `0`): run the replay forward in length-sorted chunks of at most
+            this many padded tokens, each trimmed to its longest row (0: one chunk per micro-batch). Exact.
         min_length_penalty (`bool`, defaults to `False`): reward 0 for rollouts that never reached a round
             (the paper's DAPO-Math setting).
 
@@ -67,10 +69,13 @@ class NGCConfig(GRPOConfig):
     num_recent: int = field(default=0, metadata={"help": "Never evict the N newest entries (not in the paper)."})
     block_reduction: str = field(default="mean", metadata={"help": "Key-to-block score reduction: mean|max|sum."})
     eviction_logit_scale: float = field(default=1.0, metadata={"help": "Multiplier of block scores used as logits."})
-    eviction_logit_transform: str = field(default="none", metadata={"help": "'none' (paper) or 'log'."})
+    eviction_logit_transform: str = field(default="none", metadata={"help": "'none' (paper), 'log' or 'relative' (score / mean candidate score)."})
     eviction_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the eviction policy-gradient loss."})
     replay_masks: bool = field(default=True, metadata={"help": "Per-layer replay masks in the training forward."})
     replay_backend: str = field(default="auto", metadata={"help": "'dense', 'flex' or 'auto'."})
+    replay_chunk_tokens: int = field(default=0, metadata={
+        "help": "Replay forward in length-sorted chunks of at most this many padded tokens (rows x length), each "
+                "trimmed to its longest row; 0: one chunk per micro-batch (still trimmed). Exact either way."})
     min_length_penalty: bool = field(default=False, metadata={"help": "Reward 0 when no eviction round fired."})
     curriculum_rates: list[float] | None = field(default=None, metadata={"help": "ε levels of the Eq. 6 staircase."})
     curriculum_stage_steps: int = field(default=20, metadata={"help": "Δ: steps per curriculum stage."})
@@ -90,6 +95,9 @@ class NGCConfig(GRPOConfig):
         self.eviction_config()  # validates every eviction field, naming it
         if self.eviction_loss_coef < 0:
             raise ValueError(f"NGCConfig.eviction_loss_coef={self.eviction_loss_coef}: must be >= 0")
+        if isinstance(self.replay_chunk_tokens, bool) or not isinstance(self.replay_chunk_tokens, int) \
+                or self.replay_chunk_tokens < 0:
+            raise ValueError(f"NGCConfig.replay_chunk_tokens={self.replay_chunk_tokens!r}: must be an integer >= 0")
         if self.replay_backend not in ("auto", "dense", "flex"):
             raise ValueError(f"NGCConfig.replay_backend={self.replay_backend!r}: must be auto, dense or flex")
         for name in ("curriculum_rates", "interoception_rates"):

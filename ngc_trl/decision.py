@@ -36,7 +36,8 @@ def score_blocks(policy: EvictionPolicy, view: LayerView, cfg: EvictionConfig) -
     n_blocks = (view.live.sum(-1) + cfg.block_size - 1) // cfg.block_size
     n_max = max(int(n_blocks.max()), 1) if n_blocks.numel() else 1
     bs, forced, exists = reduce_blocks(scores, view.bid, n_max, cfg.block_reduction)
-    return BlockInputs(block_logits(bs, cfg), exists & ~forced, forced & exists, exists, n_blocks)
+    pool = exists & ~forced
+    return BlockInputs(block_logits(bs, cfg, pool), pool, forced & exists, exists, n_blocks)
 
 
 def num_kept(n_blocks: torch.Tensor, eviction_rate: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ Outputs in ``--output_dir``: ``samples.jsonl`` (one line per completion, flushed
 resumes from it), ``settings.json``, ``summary.json``, ``results.md`` and ``pareto.png``. Under several
 processes each rank writes ``samples.rank{i}.jsonl``; rank 0 merges them into ``samples.jsonl``.
 Metrics: `ngc_trl.metrics`.
+
+``oracle`` is an evaluation-only hindsight ceiling (`ngc_trl.policies.oracle`), not a method: each of its
+batches teacher-forces the greedy full-cache completion of its prompts (the ``full`` run's, which then
+runs first, when it is greedy and in this call; else decoded for the batch) to know which blocks the
+rest of that completion attends to.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from ngc_trl.metrics import (
     write_reports,
 )
 from ngc_trl.policies import DECODERS, POLICIES
+from ngc_trl.policies.oracle import oracle_for_batch
 
 MATH_TASKS = ("amc23", "aime24", "aime25", "amc25", "math")
 TASKS = ("countdown", "linsys", "stargraph", *MATH_TASKS)
@@ -93,7 +99,8 @@ class EvalArguments:
     model: str = field(metadata={"help": "Model folder or Hub id; a PEFT adapter folder is merged into its base. "
                                          f"A {SETTINGS_FILE} in the folder sets δ/b/w (CLI flags win)."})
     task: str = field(default="countdown", metadata={"help": f"One of {', '.join(TASKS)} ('math' needs --data_source)."})
-    policies: str = field(default="full,ngc", metadata={"help": "Comma-separated policies ('full' = upper bound)."})
+    policies: str = field(default="full,ngc", metadata={"help": "Comma-separated policies ('full' = upper bound; "
+                                                                 "'oracle' = evaluation-only hindsight ceiling)."})
     rates: str = field(default="0.5", metadata={"help": "Comma-separated eviction rates ε in [0, 1)."})
     compression_ratios: str = field(default="2,4,8,16,32", metadata={
         "help": "Comma-separated Breadcrumbs ratios c (policy 'breadcrumbs': a beacon every c tokens)."})
@@ -379,7 +386,8 @@ def evaluate(model, tokenizer, problems, task: str, policies="full,ngc", rates="
     # ---- the work of this rank: (run, problem, sample) keys not done yet, batched within a run
     shard = problems[state.process_index::state.num_processes]
     batches = []
-    for policy, rate, cfg in runs:
+    hindsight = any(getattr(POLICIES.get(r[0]), "hindsight", False) for r in runs)
+    for policy, rate, cfg in sorted(runs, key=lambda r: not (hindsight and r[0] == FULL)):  # oracle: full first
         todo = [(p, j) for p in shard for j in range(num_samples) if (*run_key(policy, rate), p["id"], j) not in done]
         batches += [(policy, rate, cfg, todo[i:i + batch_size]) for i in range(0, len(todo), batch_size)]
     text_cfg = model.config.get_text_config()
@@ -396,6 +404,7 @@ def evaluate(model, tokenizer, problems, task: str, policies="full,ngc", rates="
         read_records(path, repair=True)
         fh = open(path, "a", encoding="utf-8")  # closed below
     new_records = []
+    full_ids: dict[str, list[int]] = {}  # problem id -> greedy full-cache completion (the oracle's hindsight)
     bar = tqdm(total=sum(len(b[3]) for b in batches), desc="ngc-eval", disable=not (progress and state.is_main_process))
     try:
         for policy, rate, cfg, items in batches:
@@ -405,11 +414,18 @@ def evaluate(model, tokenizer, problems, task: str, policies="full,ngc", rates="
                             add_special_tokens=False).to(device)
             digest = hashlib.sha256(f"{seed}|{policy}|{rate}|{items[0][0]['id']}|{items[0][1]}".encode()).hexdigest()
             gen = torch.Generator(device=device).manual_seed(int(digest[:15], 16))
+            oracle = None
+            if getattr(POLICIES.get(policy), "hindsight", False):
+                oracle, ids = oracle_for_batch(model, enc["input_ids"], enc["attention_mask"], cfg,
+                                               [full_ids.get(p["id"]) for p, _ in items], max_new_tokens, eos, pad)
+                full_ids.update((p["id"], c) for (p, _), c in zip(items, ids))
             out = generate_with_eviction(
                 model, enc["input_ids"], enc["attention_mask"], eviction=cfg, max_new_tokens=max_new_tokens,
                 do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_p=top_p, top_k=top_k,
                 sample_evictions=False, generator=gen, eos_token_id=eos, pad_token_id=pad,
-                forced_token_id=forced_token_id)
+                forced_token_id=forced_token_id, policy=oracle)
+            if policy == FULL and hindsight and not do_sample:
+                full_ids.update((p["id"], c) for (p, _), c in zip(items, out.completion_ids))
             st = out.cache_stats
             comp_len = out.completion_mask.sum(1).tolist()
             n_rounds = (out.records.positions >= 0).sum(1).tolist()

@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 BLOCK_REDUCTIONS = ("mean", "max", "sum")
-LOGIT_TRANSFORMS = ("none", "log")
+LOGIT_TRANSFORMS = ("none", "log", "relative")
 
 
 @dataclass
@@ -42,7 +42,8 @@ class EvictionConfig:
         logit_scale (`float`, defaults to 1.0): multiplies block scores before they are used as
             Plackett–Luce logits (paper: 1, raw means). Acts as an inverse temperature.
         logit_transform (`str`, defaults to ``"none"``): ``"log"`` uses ``log(score)`` as logits instead of
-            the raw score (not in the paper).
+            the raw score; ``"relative"`` divides each block's score by the mean score of the row's candidate
+            blocks (scale-free; `ngc_trl.scoring.block_logits`). Neither is in the paper.
         window_size (`int` or None): a policy's own observation window (SnapKV's native 64, H2O's recent
             window...). ``None`` uses each policy's documented default.
         compression_ratio (`int`, defaults to 0): Breadcrumbs only (``policy="breadcrumbs"``, method.md §8):

@@ -30,7 +30,7 @@ from ngc_trl.attention import no_mask, use_ngc_attention
 from ngc_trl.cache import NGCCache
 from ngc_trl.decision import decide, score_blocks
 from ngc_trl.eviction import EvictionConfig
-from ngc_trl.policies import LayerView, get_policy
+from ngc_trl.policies import EvictionPolicy, LayerView, get_policy
 from ngc_trl.scoring import block_ids
 
 
@@ -211,10 +211,11 @@ class _RecordBuilder:
         )
 
 
-def _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample, generator):
-    """Run one round for the sequences ``rows`` (long ``(R,)``) in every layer; return per-layer decisions."""
+def _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample, generator, round_pos=None):
+    """Run one round for the sequences ``rows`` (long ``(R,)``) in every layer; return per-layer decisions.
+    ``round_pos (R,)``: absolute position of the round in each row (handed to the policy's view)."""
     per_layer = []
-    for layer in cache.layers:
+    for layer_idx, layer in enumerate(cache.layers):
         s = layer.num_slots
         live = layer.live
         view = LayerView(
@@ -225,7 +226,7 @@ def _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample, generator
             q_valid=None if layer.q_valid is None else layer.q_valid[rows],
             scale=cache.scale, prompt_len=prompt_len[rows],
             attention_sum=None if layer.attention_sum is None else layer.attention_sum[rows, :s],
-            generator=generator,
+            generator=generator, rows=rows, layer_idx=layer_idx, round_pos=round_pos,
         )
         blocks = score_blocks(policy, view, cfg)
         dec = decide(blocks, eps[rows], sample, generator)
@@ -255,6 +256,7 @@ def generate_with_eviction(
     forced_token_id: int | None = None,
     cache_growth: int = 16,
     compression_ratio: torch.Tensor | None = None,
+    policy: EvictionPolicy | None = None,
 ) -> EvictionOutput:
     """Decode with a cache pruned every ``δ`` tokens, independently per layer and per sequence.
 
@@ -275,12 +277,18 @@ def generate_with_eviction(
         cache_growth: slots added when a layer's storage is full (amortises re-allocation).
         compression_ratio: optional ``(B,)`` Breadcrumbs ``c`` per sequence (each ``>= 2``), else
             ``eviction.compression_ratio``; ignored by other policies.
+        policy: a prebuilt policy for ``eviction.policy`` (default ``get_policy(eviction)``); the
+            evaluation-only ``oracle`` is built per batch with its hindsight data (`ngc_trl.policies.oracle`).
 
     Returns:
         `EvictionOutput`.
     """
     cfg = eviction or EvictionConfig()
-    policy = get_policy(cfg)
+    if policy is None:
+        policy = get_policy(cfg)
+    elif policy.name != cfg.policy:
+        raise ValueError(f"policy: a {policy.name!r} policy was given for EvictionConfig.policy={cfg.policy!r}")
+    policy.check_batch(input_ids.shape[0])
     sample_evictions = do_sample if sample_evictions is None else sample_evictions
     device = input_ids.device
     bsz, plen = input_ids.shape
@@ -365,7 +373,8 @@ def generate_with_eviction(
                 if bool(due.any()):
                     t0 = time.perf_counter()
                     rows = torch.nonzero(due).flatten().to(device)
-                    per_layer = _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample_evictions, generator)
+                    per_layer = _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample_evictions, generator,
+                                                n_fed[rows])
                     records.add(rows, n_fed[rows], per_layer)
                     evict_time += time.perf_counter() - t0
             # Breadcrumbs: `step` generated tokens are cached and t_{step+1} comes next; where a window

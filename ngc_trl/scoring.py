@@ -86,12 +86,27 @@ def reduce_blocks(scores: torch.Tensor, bid: torch.Tensor, num_blocks: int, redu
     return out[:, :num_blocks], forced[:, :num_blocks], counts[:, :num_blocks] > 0
 
 
-def block_logits(block_scores: torch.Tensor, cfg: EvictionConfig) -> torch.Tensor:
-    """Block scores to Plackett–Luce logits. Paper (Eq. 2): the raw mean, no log, no temperature.
-    ``logit_transform="log"`` uses ``log(max(score, 1e-30))``; ``logit_scale`` multiplies the result."""
+def block_logits(block_scores: torch.Tensor, cfg: EvictionConfig, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Block scores ``(R, N)`` to Plackett–Luce logits ``(R, N)``; ``logit_scale`` multiplies the result.
+
+    * ``"none"`` (paper, Eq. 2): the raw block mean. Attention means are ``≤ 1/b``, so with Gumbel(0, 1) noise
+      the training-time draw is close to uniform.
+    * ``"log"``: ``log(max(score, 1e-30))`` (not in the paper).
+    * ``"relative"``: ``score / mean_{i ∈ pool} score_i`` (not in the paper): each block's score relative to the
+      average candidate block of its row (``pool (R, N)`` bool, the blocks the action samples from). For the
+      ``ngc`` scorer this is the block's attention mass times the number of blocks: 1 for a block that gets
+      its fair share, scale-free in the cache length and the block size, so the policy's sharpness does not
+      shrink as the cache grows.
+    """
     x = block_scores.float()
     if cfg.logit_transform == "log":
         x = torch.log(x.clamp(min=1e-30))
+    elif cfg.logit_transform == "relative":
+        if pool is None:
+            raise ValueError("block_logits: logit_transform='relative' needs the pool of candidate blocks")
+        m = pool.to(x.dtype)
+        mean = (x * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        x = x / mean.clamp(min=1e-30)
     return x * cfg.logit_scale
 
 

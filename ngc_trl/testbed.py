@@ -36,7 +36,7 @@ saved base with the beacon token added, under the beacon mask (:mod:`ngc_trl.bea
 per example; evaluated with beacons at each ``c`` (``testbed.json["by_compression_ratio"]``). It is the
 student that ``recipes/tiny/breadcrumbs_countdown.yaml`` starts from.
 
-Usage: ``ngc-testbed --output_dir outputs/tiny-base`` (14.5 minutes of SFT by default; ``--eval_only``
+Usage: ``ngc-testbed --output_dir outputs/tiny-base`` (3600 SFT steps by default, ~15 min on 2 cores; ``--eval_only``
 re-evaluates a saved folder).
 """
 
@@ -76,7 +76,12 @@ class TestbedArgs:
                 "or 'linsys' (elimination with every step written out; linsys.DISTRIBUTIONS['testbed'])"})
     num_train: int = field(default=30000, metadata={"help": "SFT examples (one epoch at most; time usually stops first)"})
     num_test: int = field(default=384, metadata={"help": "held-out split='test' problems"})
-    max_minutes: float = field(default=14.5, metadata={"help": "wall-clock cap on SFT"})
+    max_steps: int = field(default=3600, metadata={
+        "help": "SFT optimizer steps; the learning rate's warmup + cosine runs over them, so the same command gives the "
+                "same base on any machine (3600 batch-4 steps take ~15 min on 2 idle CPU cores). -1: the wall clock "
+                "(--max_minutes) sets both the length and the schedule"})
+    max_minutes: float = field(default=30.0, metadata={
+        "help": "wall-clock safety cap on SFT; with max_steps=-1 it is the budget the schedule runs over"})
     seed: int = 0
     eval_only: bool = False
     tokenizer: str = field(default="number", metadata={
@@ -110,12 +115,11 @@ class TestbedArgs:
     # optimisation
     learning_rate: float = 1e-3
     batch_size: int = 4  # many small steps: batch 4 reached loss 0.007 / 76% where batch 8 reached 0.016 / 45%
-    warmup_ratio: float = 0.03  # of the wall-clock budget
+    warmup_ratio: float = 0.03  # of the step budget (of the wall-clock budget with max_steps=-1)
     max_length: int = 700
     attn_implementation: str = field(default="eager", metadata={
         "help": "attention kernel for SFT only (not saved): 'eager' is ~15% faster than 'sdpa' on 2 CPU cores "
                 "at this size (bench: 0.28 s against 0.34 s per batch-8 step)"})
-    max_steps: int = -1
     logging_steps: int = 50
     # evaluation
     max_new_tokens: int = 640
@@ -223,7 +227,7 @@ def sft_examples(a: TestbedArgs, eos: str) -> list[dict]:
 class TimeLimit(TrainerCallback):
     """Stops training once ``max_minutes`` of wall clock have passed since ``on_train_begin``.
 
-    ``fraction()`` (elapsed / budget) drives :func:`time_cosine`, so the learning rate completes its
+    ``fraction()`` (elapsed / budget) drives :func:`budget_cosine` when ``max_steps=-1``, so the learning rate completes its
     warmup + cosine within the wall-clock budget whatever the throughput (the CPUs are shared).
     """
 
@@ -242,10 +246,11 @@ class TimeLimit(TrainerCallback):
         return control
 
 
-def time_cosine(limit: TimeLimit, warmup: float, floor: float = 0.05):
-    """LR multiplier: linear warmup over the first ``warmup`` of the time budget, then cosine to ``floor``."""
-    def factor(_step: int) -> float:
-        f = limit.fraction()
+def budget_cosine(limit: TimeLimit, max_steps: int, warmup: float, floor: float = 0.05):
+    """LR multiplier: linear warmup over the first ``warmup`` of the budget, then cosine to ``floor``. The budget
+    is ``max_steps`` optimizer steps when it is > 0 (reproducible), else ``limit``'s wall-clock budget."""
+    def factor(step: int) -> float:
+        f = min(step / max_steps, 1.0) if max_steps > 0 else limit.fraction()
         if f < warmup:
             return max(f / warmup, 0.01)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (f - warmup) / (1 - warmup)))
@@ -299,7 +304,7 @@ def train(a: TestbedArgs) -> dict:
     )
     limit = TimeLimit(a.max_minutes)
     opt = torch.optim.AdamW(model.parameters(), lr=a.learning_rate, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, time_cosine(limit, a.warmup_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, budget_cosine(limit, a.max_steps, a.warmup_ratio))
     trainer = trainer_cls(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[limit],
                           optimizers=(opt, sched), **extra)
     t0 = time.perf_counter()

@@ -33,6 +33,30 @@ from ngc_trl.replay import ReplayContext
 RATE_TAG = "<eviction_rate>{pct}%</eviction_rate>"
 
 
+def replay_chunks(attention_mask: torch.Tensor, max_rows: int, max_tokens: int = 0):
+    """Split a right-padded batch into length-sorted chunks for the replay forward.
+
+    ``attention_mask (B, T)`` (left-padded prompts, right-padded completions). Rows are sorted by the end of
+    their last valid token; each chunk holds at most ``max_rows`` rows and, if ``max_tokens > 0``, at most
+    ``max_tokens`` padded tokens (``rows × end``). Yields ``(rows (n,) long, end int)``: the chunk's row ids
+    and the width its inputs are trimmed to. Trimming right padding is exact (causal attention; padded
+    positions carry no loss), and sorting keeps short completions from being padded to the longest one.
+    """
+    t = attention_mask.shape[1]
+    idx = torch.arange(1, t + 1, device=attention_mask.device)
+    ends = (attention_mask.bool() * idx).amax(1).clamp(min=1)
+    order = ends.argsort(stable=True)
+    start, n = 0, order.numel()
+    while start < n:
+        stop = min(start + max_rows, n)
+        if max_tokens > 0:
+            while stop - start > 1 and (stop - start) * int(ends[order[stop - 1]]) > max_tokens:
+                stop -= 1
+        rows = order[start:stop]
+        yield rows, int(ends[rows].max())
+        start = stop
+
+
 def rate_tag(rate: float) -> str:
     """The interoception tag for an eviction rate, e.g. ``<eviction_rate>50%</eviction_rate>``."""
     return RATE_TAG.format(pct=round(rate * 100))
@@ -185,34 +209,40 @@ class NGCTrainer(GRPOTrainer):
         if any(v is not None for v in multimodal.values()):
             raise ValueError("NGCTrainer supports text-only models")
         records, prompt_len = self._replay_records if self._replay_records is not None else (None, None)
-        batch_size = batch_size or input_ids.size(0)
-        logps, entropies, evict, evict_ent = [], [], [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            sl = slice(start, start + batch_size)
-            ids, am = input_ids[sl], attention_mask[sl]
-            rec = records.select(sl) if records is not None else None
+        n_rows, width = input_ids.shape
+        logps = input_ids.new_zeros((n_rows, logits_to_keep), dtype=torch.float32)
+        entropies = torch.zeros_like(logps) if compute_entropy else None
+        evict, evict_ent = [], []
+        for rows, end in replay_chunks(attention_mask, batch_size or n_rows, self.args.replay_chunk_tokens):
+            end = max(end, width - logits_to_keep + 1)  # at least one completion position
+            ids, am = input_ids[rows, :end], attention_mask[rows, :end]
+            keep = logits_to_keep - (width - end)  # completion positions left after trimming the right padding
+            rec = records.select(rows) if records is not None else None
             ctx = ReplayContext(
-                am, rec, self.eviction, prompt_len=None if prompt_len is None else prompt_len[sl],
+                am, rec, self.eviction, prompt_len=None if prompt_len is None else prompt_len[rows],
                 replay_masks=self.args.replay_masks, eviction_logps=rec is not None, backend=self.args.replay_backend,
             )
             labels = ids.masked_fill(am == 0, -100)
-            labels[:, :-logits_to_keep] = -100
+            labels[:, :-keep] = -100
             with self.accelerator.autocast():
                 o = model(input_ids=ids, attention_mask=no_mask(self.model), position_ids=ctx.position_ids,
                           labels=labels, fused_lm_head=True, ngc_replay=ctx)
-            logps.append(o.log_probs[:, -logits_to_keep:])
+            logps = logps.index_put((rows[:, None], torch.arange(keep, device=rows.device)[None]),
+                                    o.log_probs[:, -keep:].float())
             if compute_entropy:
-                entropies.append(o.entropy[:, -logits_to_keep:])
+                entropies = entropies.index_put((rows[:, None], torch.arange(keep, device=rows.device)[None]),
+                                                o.entropy[:, -keep:].float())
             if ctx.records is not None:
-                evict.append(ctx.eviction_logp(self.num_layers))
-                evict_ent.append(ctx.eviction_entropy(self.num_layers))
+                evict.append((rows, ctx.eviction_logp(self.num_layers), ctx.eviction_entropy(self.num_layers)))
         if evict:
-            self._evict_logp, self._evict_entropy = torch.cat(evict), torch.cat(evict_ent)
+            order = torch.cat([r for r, _, _ in evict]).argsort()  # back to the batch's row order
+            self._evict_logp = torch.cat([lp for _, lp, _ in evict])[order]
+            self._evict_entropy = torch.cat([e for _, _, e in evict])[order]
             if not torch.is_grad_enabled():
                 self._no_grad_evict_logps.append(self._evict_logp)
         else:
             self._evict_logp = self._evict_entropy = None
-        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+        return logps, entropies, None
 
     def _compute_loss(self, model, inputs):
         records = EvictionRecords.from_dict(inputs) if "ngc_positions" in inputs else None
@@ -240,6 +270,12 @@ class NGCTrainer(GRPOTrainer):
         self._metrics[mode]["ngc/evict_entropy"].append(gather(ent.detach()).mean().item())
         self._metrics[mode]["ngc/evict_logp"].append(
             gather((new.detach() * m).sum() / m.sum().clamp(min=1)).mean().item())
+        # L_mem itself is ~0 by construction (advantages sum to zero in a group); what moves is the log-prob of
+        # the actions of rollouts that did better (A > 0) against worse (A < 0) than their group
+        for name, sign in (("pos", 1), ("neg", -1)):
+            sel = m * (inputs["advantages"] * sign > 0).to(m.dtype)[:, None, None]
+            lp = (new.detach() * sel).sum() / sel.sum().clamp(min=1)
+            self._metrics[mode][f"ngc/evict_logp_adv_{name}"].append(gather(lp).mean().item())
         if self.args.eviction_loss_coef == 0:
             return loss
         return loss + self.args.eviction_loss_coef * evict_loss

@@ -6,6 +6,10 @@ Add a policy: one file with one `EvictionPolicy` subclass and its `token_scores`
 `DECODERS` holds the valid ``EvictionConfig.policy`` names that are not a score rule under the δ/ε/b
 schedule (Breadcrumbs beacon decoding): they have their own settings and decode path, so the baseline
 sweeps and the score-rule tests, which iterate over `POLICIES`, leave them out.
+
+``oracle`` (`OraclePolicy`, flag ``hindsight``) is in `POLICIES` but is an evaluation-only ceiling, not a
+method: it reads the future attention of the full-cache completion, built per batch by
+`ngc_trl.policies.oracle.oracle_for_batch`, and refuses to run without it (tests/test_oracle.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ngc_trl.policies.h2o import H2OPolicy
 from ngc_trl.policies.keydiff import KeyDiffPolicy
 from ngc_trl.policies.knorm import KNormPolicy
 from ngc_trl.policies.ngc import NGCPolicy
+from ngc_trl.policies.oracle import OraclePolicy
 from ngc_trl.policies.random import RandomPolicy
 from ngc_trl.policies.snapkv import SnapKVPolicy
 from ngc_trl.policies.streaming_llm import StreamingLLMPolicy
@@ -32,6 +37,7 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     H2OPolicy.name: H2OPolicy,
     TOVAPolicy.name: TOVAPolicy,
     RandomPolicy.name: RandomPolicy,
+    OraclePolicy.name: OraclePolicy,
 }
 DECODERS: dict[str, type[EvictionPolicy]] = {BreadcrumbsPolicy.name: BreadcrumbsPolicy}
 
@@ -57,6 +63,7 @@ __all__ = [
     "KeyDiffPolicy",
     "LayerView",
     "NGCPolicy",
+    "OraclePolicy",
     "RandomPolicy",
     "SnapKVPolicy",
     "StreamingLLMPolicy",

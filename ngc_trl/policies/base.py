@@ -30,6 +30,10 @@ class LayerView:
             `EvictionPolicy.query_window`), oldest first.  q_pos / q_valid: ``(R, W)``.
         scale: ``1/√d_h``.  attention_sum: ``(R, S)`` accumulated attention (H2O) or None.
         prompt_len: ``(R,)`` long.  generator: noise source for stochastic policies.
+        rows: ``(R,)`` long indices of these rows in the decoded batch; layer_idx: the layer;
+            round_pos: ``(R,)`` long absolute position ``p`` of the round (the token fed next). Filled
+            by `ngc_trl.generation`; None elsewhere (the replay forward). Only policies that read
+            per-row data of the batch need them (`oracle`).
     """
 
     keys: torch.Tensor
@@ -44,6 +48,9 @@ class LayerView:
     prompt_len: torch.Tensor
     attention_sum: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    rows: torch.Tensor | None = None
+    layer_idx: int | None = None
+    round_pos: torch.Tensor | None = None
 
     def window_probs(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention ``(R, H, w, S)`` (fp32) of the ``w`` most recent queries over live keys, causal,
@@ -62,6 +69,8 @@ class EvictionPolicy:
         tracks_attention: True if the policy needs attention summed over *every* decoding step (H2O).
         learned: True for the policy trained by NGC (its scores carry the eviction gradient in replay).
         beacons: True for Breadcrumbs beacon decoding (`ngc_trl.beacons`) instead of eviction rounds.
+        hindsight: True for an evaluation-only ceiling that reads the future of a full-cache completion
+            (`oracle`): it is built per batch with that data and cannot roll out in training.
     """
 
     name: ClassVar[str] = ""
@@ -69,6 +78,7 @@ class EvictionPolicy:
     tracks_attention: ClassVar[bool] = False
     learned: ClassVar[bool] = False
     beacons: ClassVar[bool] = False
+    hindsight: ClassVar[bool] = False
 
     def __init__(self, cfg: EvictionConfig):
         self.cfg = cfg
@@ -77,6 +87,10 @@ class EvictionPolicy:
     def query_window(self) -> int:
         """How many recent queries the cache must keep for this policy (0: none)."""
         return 0
+
+    def check_batch(self, batch_size: int) -> None:
+        """Raise ``ValueError`` if this policy cannot decode a batch of ``batch_size`` rows (called by
+        `ngc_trl.generation.generate_with_eviction` before the prefill; every score rule can)."""
 
     def token_scores(self, view: LayerView) -> torch.Tensor:
         """``(R, S)`` keep score per slot (higher keeps; ``+inf`` protects). Non-live slots are ignored."""
