@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -46,6 +47,14 @@ class NGCConfig(GRPOConfig):
         curriculum_rates (`list[float]` or `None`): ε levels ε_0 ≤ … ≤ ε_K; None = constant `eviction_rate`.
         curriculum_stage_steps (`int`, defaults to `20`): Δ, steps per stage.
         curriculum_alpha (`float`, defaults to `0.6`): α, share of a stage spent ramping.
+        curriculum_gate (`float` or `None`, defaults to `None`): beyond the paper. None = the paper's
+            time-driven Eq. 6. g in (0, 1]: the staircase's stage clock advances only over steps trained on
+            rollout batches whose mean reward is >= g × the reference reward, and holds otherwise (see
+            `ngc_trl.curriculum.GatedCurriculum`). Needs `curriculum_rates`.
+        curriculum_gate_reference (`float` or `None`, defaults to `None`): the reference reward, a fixed
+            full-cache reward measured once (> 0). None: the EMA of the batch rewards at the lowest level
+            `curriculum_rates[0]` (put 0 there for a reward truly without eviction).
+        curriculum_gate_ema (`float`, defaults to `0.9`): decay in [0, 1) of that EMA (bias-corrected).
 
         > Budget-aware interoception (§5.3)
 
@@ -80,6 +89,11 @@ class NGCConfig(GRPOConfig):
     curriculum_rates: list[float] | None = field(default=None, metadata={"help": "ε levels of the Eq. 6 staircase."})
     curriculum_stage_steps: int = field(default=20, metadata={"help": "Δ: steps per curriculum stage."})
     curriculum_alpha: float = field(default=0.6, metadata={"help": "α: share of a stage spent ramping."})
+    curriculum_gate: float | None = field(default=None, metadata={
+        "help": "Beyond the paper: advance the curriculum only while reward >= gate × reference (None: Eq. 6)."})
+    curriculum_gate_reference: float | None = field(default=None, metadata={
+        "help": "Fixed full-cache reference reward of the gate (None: EMA of rewards at curriculum_rates[0])."})
+    curriculum_gate_ema: float = field(default=0.9, metadata={"help": "Decay of the gate's reference EMA."})
     interoception_rates: list[float] | None = field(
         default=None, metadata={"help": "Rates drawn per prompt group and written into the prompt."}
     )
@@ -118,11 +132,28 @@ class NGCConfig(GRPOConfig):
             raise ValueError(f"NGCConfig.curriculum_stage_steps={self.curriculum_stage_steps}: must be > 0")
         if not 0.0 < self.curriculum_alpha <= 1.0:
             raise ValueError(f"NGCConfig.curriculum_alpha={self.curriculum_alpha}: must be in (0, 1]")
+        self._check_curriculum_gate()
         if self.eviction_loss_coef > 0 and self.eviction_policy != "ngc":
             raise ValueError(
                 f"NGCConfig.eviction_policy={self.eviction_policy!r}: the eviction loss trains the 'ngc' scorer; "
                 "set eviction_loss_coef=0 to roll out with a heuristic"
             )
+
+    def _check_curriculum_gate(self) -> None:
+        """Validate the reward-gated curriculum fields (errors name the field)."""
+        gate, ref = self.curriculum_gate, self.curriculum_gate_reference
+        if gate is not None:
+            if not (isinstance(gate, (int, float)) and 0.0 < gate <= 1.0):
+                raise ValueError(f"NGCConfig.curriculum_gate={gate}: must be None or in (0, 1]")
+            if self.curriculum_rates is None:
+                raise ValueError("NGCConfig.curriculum_gate: needs curriculum_rates (the staircase it gates)")
+        if ref is not None:
+            if gate is None:
+                raise ValueError("NGCConfig.curriculum_gate_reference: only used with curriculum_gate; set both")
+            if not (isinstance(ref, (int, float)) and math.isfinite(ref) and ref > 0):
+                raise ValueError(f"NGCConfig.curriculum_gate_reference={ref}: must be a finite reward > 0")
+        if not (isinstance(self.curriculum_gate_ema, (int, float)) and 0.0 <= self.curriculum_gate_ema < 1.0):
+            raise ValueError(f"NGCConfig.curriculum_gate_ema={self.curriculum_gate_ema}: must be in [0, 1)")
 
     def eviction_config(self) -> EvictionConfig:
         """The `EvictionConfig` of rollouts (errors name the `EvictionConfig` field)."""

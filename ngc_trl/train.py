@@ -68,6 +68,12 @@ class ScriptArguments(TrlScriptArguments):
         Generated tasks: reward of a well-formatted but wrong answer (paper: 0).
     eval_after_train, eval_num_problems, eval_policies, eval_rates, eval_compression_ratios, eval_data_source
         A short `ngc_trl.eval.evaluate` on held-out problems after training, written to ``output_dir/eval``.
+    curve_every, curve_num_problems, curve_policies, curve_batch_size, curve_max_new_tokens
+        Method ``ngc``, generated tasks: a learning curve (`ngc_trl.learning_curve.LearningCurveCallback`)
+        every ``curve_every`` optimizer steps (0 = off) and at the end: greedy accuracy of
+        ``curve_num_problems`` validation problems (the training distribution minus the training set, never
+        the test split) for ``curve_policies`` at the final ``eviction_rate`` (``full`` at rate 0), with
+        ``curve_max_new_tokens`` tokens (default ``max_completion_length``); ``output_dir/learning_curve.json``.
     """
 
     method: str = field(default="ngc", metadata={"help": "ngc | breadcrumbs (picks the trainer and its config)."})
@@ -85,6 +91,14 @@ class ScriptArguments(TrlScriptArguments):
         "help": "Breadcrumbs: comma-separated c of the 'breadcrumbs' policy's evaluation runs."})
     eval_data_source: str | None = field(default=None, metadata={
         "help": "Evaluation problems (generated tasks: default dataset_source's test split; math: e.g. aime25)."})
+    curve_every: int = field(default=0, metadata={
+        "help": "Learning curve: evaluate on validation problems every N optimizer steps (0 = off)."})
+    curve_num_problems: int = field(default=64, metadata={"help": "Validation problems of the learning curve."})
+    curve_policies: str = field(default="ngc", metadata={
+        "help": "Comma-separated policies of the learning curve ('full' runs at rate 0)."})
+    curve_batch_size: int = field(default=64, metadata={"help": "Sequences decoded together by the curve."})
+    curve_max_new_tokens: int | None = field(default=None, metadata={
+        "help": "Completion budget of the curve (default: max_completion_length)."})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -112,6 +126,29 @@ class ScriptArguments(TrlScriptArguments):
             plan_runs(self.eval_policies, self.eval_rates, beacon, self.eval_compression_ratios)
         except ValueError as e:
             raise ValueError(f"ScriptArguments.eval_policies/eval_rates/eval_compression_ratios: {e}") from None
+        self._check_curve(plan_runs)
+
+    def _check_curve(self, plan_runs) -> None:
+        """Validate the learning-curve fields (errors name the field)."""
+        for name in ("curve_num_problems", "curve_batch_size", "curve_max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"ScriptArguments.{name}={value}: must be > 0")
+        if self.curve_every < 0:
+            raise ValueError(f"ScriptArguments.curve_every={self.curve_every}: must be >= 0 (0 = off)")
+        try:
+            plan_runs(self.curve_policies, "0.5")
+        except ValueError as e:
+            raise ValueError(f"ScriptArguments.curve_policies={self.curve_policies!r}: {e}") from None
+        if self.curve_every == 0:
+            return
+        if self.method != "ngc":
+            raise ValueError(f"ScriptArguments.curve_every={self.curve_every}: the learning curve runs with "
+                             "method 'ngc' only")
+        source = self.dataset_name if self.dataset_source == "generated" and self.dataset_name else self.dataset_source
+        if self.task == "math" or not source.startswith("generated"):
+            raise ValueError(f"ScriptArguments.curve_every={self.curve_every}: the learning curve needs a generated "
+                             f"task and dataset_source 'generated[:<name>]' (got task {self.task!r}, {source!r})")
 
 
 def read_method(argv: list[str] | None = None) -> str:
@@ -328,10 +365,15 @@ def _ngc_setup(script_args, training_args, model_args, model, tokenizer, peft_co
         logger.info(f"Meta token {training_args.meta_token!r} -> id {meta_token_id}")
     trainer = NGCTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train_dataset,
                          processing_class=tokenizer, peft_config=peft_config)
+    if script_args.curve_every > 0:
+        trainer.add_callback(_curve_callback(script_args, training_args, trainer, train_dataset))
     curriculum = None
     if training_args.curriculum_rates is not None:
         curriculum = {"rates": list(training_args.curriculum_rates),
                       "stage_steps": training_args.curriculum_stage_steps, "alpha": training_args.curriculum_alpha}
+        if training_args.curriculum_gate is not None:
+            curriculum.update(gate=training_args.curriculum_gate, gate_reference=training_args.curriculum_gate_reference,
+                              gate_ema=training_args.curriculum_gate_ema)
     card_kwargs = dict(curriculum=curriculum, interoception_rates=training_args.interoception_rates,
                        meta_token=training_args.meta_token, task=script_args.task, is_adapter=peft_config is not None)
     extra = {"interoception_rates": training_args.interoception_rates, "meta_token": training_args.meta_token,
@@ -339,6 +381,22 @@ def _ngc_setup(script_args, training_args, model_args, model, tokenizer, peft_co
              is not None else None, "curriculum": curriculum, "eviction_loss_coef": training_args.eviction_loss_coef,
              "replay_masks": training_args.replay_masks, "min_length_penalty": training_args.min_length_penalty}
     return trainer, training_args.eviction_config(), card_kwargs, extra, meta_token_id
+
+
+def _curve_callback(script_args, training_args, trainer, train_dataset):
+    """The `LearningCurveCallback` of an NGC run: validation problems of the training distribution that
+    are not in ``train_dataset`` (seeded apart from the training and test problems)."""
+    from ngc_trl.learning_curve import LearningCurveCallback, load_validation_problems
+
+    source = script_args.dataset_source
+    if source == "generated" and script_args.dataset_name:
+        source = script_args.dataset_name
+    problems = load_validation_problems(script_args.task, source, script_args.curve_num_problems, training_args.seed,
+                                        exclude=train_dataset, prompt_format=script_args.prompt_format)
+    logger.info(f"Learning curve: {len(problems)} validation problems every {script_args.curve_every} steps")
+    return LearningCurveCallback(trainer, problems, script_args.task, script_args.curve_every,
+                                 policies=script_args.curve_policies, max_new_tokens=script_args.curve_max_new_tokens,
+                                 batch_size=script_args.curve_batch_size)
 
 
 def _breadcrumbs_setup(script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset,

@@ -14,11 +14,17 @@ signatures change):
   eviction actions with the same group advantages, summed over layers, averaged over each rollout's
   rounds, then divided by Dr. GRPO's ``B · max_completion_length`` (paper Eq. 4–5, method.md §5.1).
 * `_calculate_rewards`: the optional minimum-length penalty.
+* `_prepare_inputs`, `_save_checkpoint`, `_load_optimizer_and_scheduler`: the optional reward-gated
+  curriculum (``curriculum_gate``, beyond the paper): each training batch's mean reward updates the gate,
+  whose state is saved in every checkpoint and restored on resume.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 
 import torch
 from trl import GRPOTrainer
@@ -26,11 +32,14 @@ from trl.models.utils import unwrap_model_for_generation
 
 from ngc_trl.attention import enable_ngc_attention, no_mask
 from ngc_trl.config import NGCConfig
-from ngc_trl.curriculum import curriculum_rate
+from ngc_trl.curriculum import GatedCurriculum, curriculum_rate
 from ngc_trl.generation import EvictionRecords, generate_with_eviction
 from ngc_trl.replay import ReplayContext
 
+logger = logging.getLogger(__name__)
+
 RATE_TAG = "<eviction_rate>{pct}%</eviction_rate>"
+GATE_FILE = "ngc_curriculum_gate.json"  # the reward-gated curriculum's state, in every checkpoint folder
 
 
 def replay_chunks(attention_mask: torch.Tensor, max_rows: int, max_tokens: int = 0):
@@ -113,14 +122,22 @@ class NGCTrainer(GRPOTrainer):
         self._replay_records = None  # (records, prompt_len) the replay forward uses
         self._no_grad_evict_logps = []
         self._evict_logp = self._evict_entropy = None
+        a = self.args
+        self.curriculum_gate = None if a.curriculum_gate is None else GatedCurriculum(
+            a.curriculum_rates, a.curriculum_stage_steps, a.curriculum_alpha, gate=a.curriculum_gate,
+            reference=a.curriculum_gate_reference, ema=a.curriculum_gate_ema)
 
     # ------------------------------------------------------------------ rates
     def rate_in_force(self, step: int | None = None) -> float:
-        """ε of the curriculum at ``step`` (default: the current global step), else the constant rate."""
+        """ε of the curriculum at ``step`` (default: the current global step), else the constant rate. With
+        ``curriculum_gate`` (beyond the paper) the staircase runs on the gate's stage clock instead of the
+        global step (`GatedCurriculum`)."""
         a = self.args
         if a.curriculum_rates is None:
             return a.eviction_rate
         step = self.state.global_step if step is None else step
+        if self.curriculum_gate is not None:
+            return self.curriculum_gate.rate(step)
         return curriculum_rate(step, a.curriculum_rates, a.curriculum_stage_steps, a.curriculum_alpha)
 
     def _group_rate(self, prompt) -> float:
@@ -128,6 +145,59 @@ class NGCTrainer(GRPOTrainer):
         rates = self.args.interoception_rates
         key = f"{self.state.global_step}|{prompt}".encode()
         return rates[int(hashlib.sha256(key).hexdigest(), 16) % len(rates)]
+
+    # ------------------------------------------------------------------ reward-gated curriculum
+    def _prepare_inputs(self, generation_batch):
+        """TRL's; after a training rollout batch was scored, feeds its mean reward (TRL's ``reward``
+        metric, computed from the rewards gathered over all processes) to `curriculum_after_rollout`."""
+        rewards = self._metrics["train"]["reward"]
+        seen = len(rewards)
+        out = super()._prepare_inputs(generation_batch)
+        rewards = self._metrics["train"]["reward"]
+        if self.model.training and len(rewards) > seen:
+            self.curriculum_after_rollout(rewards[-1])
+        return out
+
+    def curriculum_after_rollout(self, mean_reward: float) -> None:
+        """Log the stage clock the batch was generated at (``ngc/curriculum_stage_step``: the global step
+        under Eq. 6) and, with ``curriculum_gate``, update the gate with the batch's mean reward (logs
+        ``ngc/curriculum_gate_pass`` and ``ngc/curriculum_gate_reference``)."""
+        if self.args.curriculum_rates is None:
+            return
+        step, metrics = self.state.global_step, self._metrics["train"]
+        gate = self.curriculum_gate
+        metrics["ngc/curriculum_stage_step"].append(float(step if gate is None else gate.effective_step(step)))
+        if gate is None:
+            return
+        metrics["ngc/curriculum_gate_pass"].append(float(gate.update(step, mean_reward)))
+        ref = gate.reference_reward()
+        if ref is not None:
+            metrics["ngc/curriculum_gate_reference"].append(ref)
+
+    def _save_checkpoint(self, model, trial):
+        """TRL's, plus the gate's state in ``checkpoint-N/ngc_curriculum_gate.json`` (written atomically)."""
+        super()._save_checkpoint(model, trial)
+        if self.curriculum_gate is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            tmp = os.path.join(folder, GATE_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(self.curriculum_gate.state_dict(), f)
+            os.replace(tmp, os.path.join(folder, GATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """TRL's, plus the gate's state from the checkpoint (called on resume by every backend). A checkpoint
+        without one (e.g. from a run without the gate) resumes with the clock at the global step."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.curriculum_gate is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, GATE_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.curriculum_gate.load_state_dict(json.load(f))
+        else:
+            logger.warning(f"{path} not found: the gated curriculum resumes at stage step "
+                           f"{self.state.global_step} with no reference reward")
+            self.curriculum_gate.stage_step = self.curriculum_gate.anchor_step = self.state.global_step
 
     # ------------------------------------------------------------------ generation
     def _generate(self, prompts: list):
@@ -212,7 +282,7 @@ class NGCTrainer(GRPOTrainer):
         n_rows, width = input_ids.shape
         logps = input_ids.new_zeros((n_rows, logits_to_keep), dtype=torch.float32)
         entropies = torch.zeros_like(logps) if compute_entropy else None
-        evict, evict_ent = [], []
+        evict = []
         for rows, end in replay_chunks(attention_mask, batch_size or n_rows, self.args.replay_chunk_tokens):
             end = max(end, width - logits_to_keep + 1)  # at least one completion position
             ids, am = input_ids[rows, :end], attention_mask[rows, :end]
