@@ -44,7 +44,7 @@ def parse_settings(value: str) -> list[tuple[str, float]]:
 
 
 def rollouts(model, tok, prompts, cfg, rate, max_new, sample_evictions, seed, batch):
-    """Sampled-token rollouts of ``prompts``; returns (texts, EvictionOutput per chunk, chunks)."""
+    """Sampled-token rollouts of ``prompts``; returns ``(texts, [(encoded prompts, EvictionOutput)] per chunk)``."""
     texts, outs = [], []
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(prompts), batch):
@@ -107,7 +107,6 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1234, help="training-distribution prompts, not the test split")
     ap.add_argument("--out", default="outputs/bench/eviction_logits.json")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()

@@ -133,6 +133,11 @@ class NGCConfig(GRPOConfig):
         if not 0.0 < self.curriculum_alpha <= 1.0:
             raise ValueError(f"NGCConfig.curriculum_alpha={self.curriculum_alpha}: must be in (0, 1]")
         self._check_curriculum_gate()
+        from ngc_trl.policies import POLICIES
+
+        if POLICIES.get(self.eviction_policy) is not None and POLICIES[self.eviction_policy].hindsight:
+            raise ValueError(f"NGCConfig.eviction_policy={self.eviction_policy!r}: an evaluation-only hindsight "
+                             "policy (it reads the full-cache completion); rollouts cannot use it")
         if self.eviction_loss_coef > 0 and self.eviction_policy != "ngc":
             raise ValueError(
                 f"NGCConfig.eviction_policy={self.eviction_policy!r}: the eviction loss trains the 'ngc' scorer; "

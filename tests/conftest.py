@@ -21,6 +21,19 @@ def tiny_qwen2(num_layers=3, vocab=96, hidden=64, heads=4, kv_heads=2, seed=0, d
     return model
 
 
+@pytest.fixture(scope="module")
+def eval_one_thread():
+    """For modules that call `ngc_trl.eval.evaluate`: one intra-op thread (tiny matmuls on a shared 2-core box
+    cost more in threading than they save), and no accelerate state left behind for other modules."""
+    from accelerate import PartialState
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    PartialState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def model():
     return tiny_qwen2()

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_qwen2
 
 import ngc_trl.eval as ev
@@ -19,16 +18,7 @@ SMALL = EvictionConfig(eviction_interval=8, block_size=4, score_window=3)  # pro
 MATH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls on a shared 2-core box: intra-op threads cost 1000x more than they save
-    from accelerate import PartialState
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    PartialState._reset_state()  # evaluate() made one; leave none behind for other test modules
+pytestmark = pytest.mark.usefixtures("eval_one_thread")
 
 
 @pytest.fixture(scope="module")

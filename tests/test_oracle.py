@@ -31,15 +31,7 @@ from ngc_trl.tiny import char_tokenizer
 SMALL = EvictionConfig(eviction_interval=8, block_size=4, score_window=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    from accelerate import PartialState
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    PartialState._reset_state()  # evaluate() made one; leave none behind for other test modules
+pytestmark = pytest.mark.usefixtures("eval_one_thread")
 
 
 # ----------------------------------------------------------------------------- the score rule, by hand
@@ -222,3 +214,11 @@ def test_eval_full_then_oracle_reuses_completions_and_resumes(tok, tmp_path, mon
                                                           .read_text().splitlines())}
     assert got == {r["problem_id"]: r["completion"] for r in lines if r["policy"] == "oracle"}
     assert [r["policy"] for r in alone["results"]] == ["oracle"]
+
+
+def test_training_config_refuses_the_oracle():
+    from ngc_trl import NGCConfig
+
+    with pytest.raises(ValueError, match="NGCConfig.eviction_policy='oracle'"):
+        NGCConfig(output_dir="unused", eviction_policy="oracle", eviction_loss_coef=0.0, use_cpu=True, bf16=False,
+                  report_to="none")
