@@ -20,6 +20,14 @@ Examples::
         --eviction_interval 256 --out outputs/bench/train_step_r1.json                  # GPU, 1.5B shape
     python bench/train_step.py --model_shape r1-1.5b --device cuda --completion_len 1024 --lora \\
         --compression_ratio 8 --out outputs/bench/train_step_r1_lora.json               # Breadcrumbs as in its recipe
+
+``--recipe`` instead runs a few real steps of a training recipe (the CLI's own code path, any
+``--override value`` pairs after ``--``) and reports its throughput: rollouts/s, and each step split into
+rollout decoding, the no-grad replay (old log-probs), the training replay forward, backward and the
+rest (rewards, optimizer, logging). The first step is a warm-up and is not counted::
+
+    python bench/train_step.py --recipe recipes/tiny/countdown_ngc.yaml --steps 3 \\
+        --out outputs/bench/tiny_recipe.json -- --per_device_train_batch_size 64 --num_generations 8
 """
 
 from __future__ import annotations
@@ -114,8 +122,106 @@ def time_steps(trainer, device):
     return statistics.median(steps), (torch.cuda.max_memory_allocated() if device == "cuda" else None)
 
 
+class PhaseTimer:
+    """Wall-clock seconds per phase of each optimizer step, by wrapping the trainer's own hooks."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self.current: dict = {}
+        self.rollouts = 0
+
+    def wrap(self, cls, name, phase):
+        fn = getattr(cls, name)
+        timer = self
+
+        def timed(*args, **kwargs):
+            key = phase(*args) if callable(phase) else phase
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timer.current[key] = timer.current.get(key, 0.0) + time.perf_counter() - t0
+
+        setattr(cls, name, timed)
+        return fn
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _Steps(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                timer.current = {}
+                timer.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                timer.current["step"] = time.perf_counter() - timer.t0
+                timer.steps.append(timer.current)
+
+        return _Steps()
+
+
+def recipe_throughput(a, overrides: list[str]) -> dict:
+    """Run ``a.steps + 1`` steps of ``a.recipe`` through `ngc_trl.train` and time each phase (first step dropped)."""
+    import tempfile
+
+    from accelerate import Accelerator
+    from transformers import Trainer
+
+    import ngc_trl.train as train_cli
+
+    timer = PhaseTimer()
+    rows = []
+    originals = []
+    cls = NGCTrainer
+    originals.append((cls, "_generate_single_turn", timer.wrap(cls, "_generate_single_turn", "rollout")))
+    replay = "_get_per_token_logps_and_entropies"
+    originals.append((cls, replay, timer.wrap(
+        cls, replay, lambda *_: "replay_forward" if torch.is_grad_enabled() else "replay_no_grad")))
+    originals.append((Accelerator, "backward", timer.wrap(Accelerator, "backward", "backward")))
+    gen = cls._generate_single_turn
+
+    def counted(self, prompt_ids, *args, **kwargs):
+        rows.append(len(prompt_ids))
+        return gen(self, prompt_ids, *args, **kwargs)
+
+    cls._generate_single_turn = counted
+    add_callback = Trainer.__init__
+
+    def init_with_timer(self, *args, **kwargs):
+        add_callback(self, *args, **kwargs)
+        self.add_callback(timer.callback())
+
+    Trainer.__init__ = init_with_timer
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_cli.main(["--config", a.recipe, "--max_steps", str(a.steps + 1), "--output_dir", tmp,
+                            "--save_strategy", "no", "--eval_after_train", "false", "--report_to", "none",
+                            *overrides])
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+        Trainer.__init__ = add_callback
+    measured = timer.steps[1:]
+    phases = ["rollout", "replay_no_grad", "replay_forward", "backward"]
+    total = sum(s["step"] for s in measured)
+    per_step = {k: sum(s.get(k, 0.0) for s in measured) / len(measured) for k in phases + ["step"]}
+    per_step["other"] = per_step["step"] - sum(per_step[k] for k in phases)
+    rollouts_per_step = sum(rows) / len(timer.steps)
+    return {
+        "benchmark": "train_step_recipe", "command": " ".join(sys.argv), "recipe": a.recipe, "overrides": overrides,
+        "machine": {"torch": torch.__version__, "platform": platform.platform(), "cpus": torch.get_num_threads()},
+        "steps_measured": len(measured), "rollouts_per_step": rollouts_per_step,
+        "rollouts_per_s": rollouts_per_step * len(measured) / total,
+        "rollouts_in_45_min": rollouts_per_step * len(measured) / total * 45 * 60,
+        "seconds_per_step": per_step, "share": {k: per_step[k] / per_step["step"] for k in phases + ["other"]},
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default=None, help="time real steps of this training recipe instead")
     p.add_argument("--model_shape", choices=["tiny", "r1-1.5b"], default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch_size", type=int, default=4)
@@ -131,7 +237,15 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--grad_ckpt", action="store_true")
     p.add_argument("--out", default="outputs/bench/train_step.json")
-    a = p.parse_args()
+    argv = sys.argv[1:]
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if a.recipe is not None:
+        out = recipe_throughput(a, overrides)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2))
+        return
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     tok = char_tokenizer()
     ngc = make_trainer("ngc", a, tok, a.device, dtype)
