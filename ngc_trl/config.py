@@ -107,6 +107,11 @@ class NGCConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         self.eviction_config()  # validates every eviction field, naming it
+        if self.mask_truncated_completions:
+            # TRL masks truncated rows after the rollout, but the eviction records are not masked with them and
+            # the first step fails with an index error; refuse it until the records follow the mask
+            raise ValueError("NGCConfig.mask_truncated_completions=True is not supported: eviction records are not "
+                             "masked with truncated completions; leave it False")
         if self.eviction_loss_coef < 0:
             raise ValueError(f"NGCConfig.eviction_loss_coef={self.eviction_loss_coef}: must be >= 0")
         if isinstance(self.replay_chunk_tokens, bool) or not isinstance(self.replay_chunk_tokens, int) \
