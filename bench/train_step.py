@@ -128,7 +128,6 @@ class PhaseTimer:
     def __init__(self):
         self.steps: list[dict] = []
         self.current: dict = {}
-        self.rollouts = 0
 
     def wrap(self, cls, name, phase):
         fn = getattr(cls, name)
@@ -187,10 +186,10 @@ def recipe_throughput(a, overrides: list[str]) -> dict:
         return gen(self, prompt_ids, *args, **kwargs)
 
     cls._generate_single_turn = counted
-    add_callback = Trainer.__init__
+    trainer_init = Trainer.__init__
 
-    def init_with_timer(self, *args, **kwargs):
-        add_callback(self, *args, **kwargs)
+    def init_with_timer(self, *args, **kwargs):  # the CLI builds the trainer itself: attach the step timer there
+        trainer_init(self, *args, **kwargs)
         self.add_callback(timer.callback())
 
     Trainer.__init__ = init_with_timer
@@ -202,7 +201,7 @@ def recipe_throughput(a, overrides: list[str]) -> dict:
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
-        Trainer.__init__ = add_callback
+        Trainer.__init__ = trainer_init
     measured = timer.steps[1:]
     phases = ["rollout", "replay_no_grad", "replay_forward", "backward"]
     total = sum(s["step"] for s in measured)
