@@ -80,7 +80,9 @@ def number_tokenizer(max_number: int = 1999, words: list[str] | None = None, cha
     if not 0 <= max_prefixed <= max_number or any(ch.isdigit() for ch in prefixes):
         raise ValueError(f"prefixes={prefixes!r} must not hold digits and 0 <= max_prefixed <= max_number, "
                          f"got {max_prefixed}")
-    words = sorted(set(words if words is not None else TRACE_WORDS), key=len, reverse=True)
+    # longest first (the regex tries them in order), ties by spelling: set order depends on PYTHONHASHSEED,
+    # and token ids must not, or the same command builds a different base in every process
+    words = sorted(set(words if words is not None else TRACE_WORDS), key=lambda w: (-len(w), w))
     extra = list(extra_special or [])
     prefixes = "".join(dict.fromkeys(prefixes))
     prefixed = [p + str(n) for p in prefixes for n in range(max_prefixed + 1)]

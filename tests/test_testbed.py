@@ -143,3 +143,18 @@ def test_saved_local_tokenizers_load_back_unchanged_beside_a_qwen2_config(tmp_pa
         back = load_tokenizer(str(folder))
         assert back(text)["input_ids"] == tok(text)["input_ids"], name
         assert back.decode(back(text)["input_ids"]) == text
+
+
+def test_testbed_tokenizer_ids_do_not_depend_on_the_hash_seed():
+    """The same command must build the same base in every process: token ids (and so the digit-initialised
+    embeddings and every trained weight) may not follow Python's per-process string-hash order."""
+    import os
+    import subprocess
+    import sys
+
+    pairs = [("number", "countdown"), ("number_sep", "stargraph"), ("number", "linsys"), ("char", "countdown")]
+    code = ("import json; from ngc_trl.testbed import build_tokenizer; "
+            f"print(json.dumps([sorted(build_tokenizer(k, t).get_vocab().items()) for k, t in {pairs!r}]))")
+    vocabs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert vocabs[0] and vocabs[0] == vocabs[1]
