@@ -92,6 +92,7 @@ class ReplayContext:
             self.death = None
         self._evict_logp: dict[int, torch.Tensor] = {}
         self._entropy: dict[int, torch.Tensor] = {}
+        self._written: list[int] = []  # layers whose log-probs the current layer call wrote (checkpoint routing)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -112,8 +113,9 @@ class ReplayContext:
 
     def attend(self, module, query, key, value, scaling):
         """Attention of layer ``module.layer_idx`` under its replay mask, ``(B, T, H, D)``; also records
-        the layer's eviction log-probs. Safe under non-reentrant gradient checkpointing (a recompute
-        overwrites the same entry)."""
+        the layer's eviction log-probs. Under gradient checkpointing (reentrant or not) the log-probs leave
+        the checkpointed layer as extra outputs of its checkpoint (`route_eviction_logps_through_checkpoints`),
+        so they keep their gradient."""
         layer = module.layer_idx
         if self.backend == "flex":
             out = self._flex(layer, query, key, value, scaling)
@@ -121,6 +123,7 @@ class ReplayContext:
             out = masked_sdpa(query, key, value, self.visible(layer), scaling)
         if self.eviction_logps:
             self._evict_logp[layer], self._entropy[layer] = self._layer_eviction_logp(layer, query, key, value, scaling)
+            self._written.append(layer)
         return out
 
     def _flex(self, layer, query, key, value, scaling):
@@ -182,6 +185,50 @@ class ReplayContext:
     def _stack(self, per_layer: dict, num_layers: int) -> torch.Tensor:
         zero = torch.zeros(self.records.positions.shape, device=self.valid.device)
         return torch.stack([per_layer.get(i, zero) for i in range(num_layers)], -1)
+
+
+def route_eviction_logps_through_checkpoints(model) -> None:
+    """Make the eviction log-probs of every gradient-checkpointed layer outputs of its checkpoint.
+
+    A checkpointed layer call returns only the hidden states; the log-probs it computes inside are side
+    outputs. Non-reentrant checkpointing keeps their graph, but reentrant checkpointing (``use_reentrant=True``,
+    which TRL forces for PEFT + ZeRO-3) runs the layer under ``no_grad``: they would not require grad and
+    ``L_mem`` would be silently 0. Wrapping each layer's ``_gradient_checkpointing_func`` so that the layer
+    function returns ``(hidden, *log-probs)`` gives them the checkpoint's ``grad_fn`` in every mode: backward
+    recomputes the layer and back-propagates their gradient with the hidden states'. Idempotent; call it after
+    ``gradient_checkpointing_enable`` (the trainer calls it before every replay). Layers without a checkpoint
+    function, forwards without an ``ngc_replay`` context and no-grad forwards are untouched.
+    """
+    for module in model.modules():
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if fn is not None and not getattr(fn, "_ngc_routed", False):
+            module._gradient_checkpointing_func = _routed_checkpoint(fn)
+
+
+def _routed_checkpoint(checkpoint_fn):
+    def run(function, *args, **kwargs):
+        ctx = getattr(function, "keywords", {}).get("ngc_replay")
+        if not isinstance(ctx, ReplayContext) or not ctx.eviction_logps or not torch.is_grad_enabled():
+            return checkpoint_fn(function, *args, **kwargs)
+        layers, shape = [], {}
+
+        def layer_with_logps(*a):  # runs in the forward and again in backward's recomputation
+            ctx._written = []
+            out = function(*a)
+            layers[:] = ctx._written
+            shape["tuple"] = isinstance(out, tuple)
+            logps = tuple(ctx._evict_logp.pop(i) for i in layers)  # the checkpoint's outputs replace them
+            return (*out, *logps) if shape["tuple"] else (out, *logps)
+
+        res = checkpoint_fn(layer_with_logps, *args, **kwargs)
+        n = len(layers)
+        outs = res[:len(res) - n]
+        for i, lp in zip(layers, res[len(res) - n:]):
+            ctx._evict_logp[i] = lp
+        return tuple(outs) if shape["tuple"] else outs[0]
+
+    run._ngc_routed = True
+    return run
 
 
 _COMPILED = None

@@ -9,7 +9,9 @@ signatures change):
 * `_generate_and_score_completions`: adds the records to the batch as padded per-sample tensors (first
   dim ``B``, so TRL's shuffle/split keep them aligned), and the "old" eviction log-probs when TRL computes
   old token log-probs (``num_iterations > 1``).
-* `_get_per_token_logps_and_entropies`: the replay forward — per-layer masks, eviction log-probs with grad.
+* `_get_per_token_logps_and_entropies`: the replay forward — per-layer masks, eviction log-probs with grad
+  (under reentrant or non-reentrant gradient checkpointing too: they leave each checkpointed layer as
+  outputs of its checkpoint).
 * `_compute_loss`: ``L = L_token + eviction_loss_coef · L_mem``; ``L_mem`` is the clipped surrogate over
   eviction actions with the same group advantages, summed over layers, averaged over each rollout's
   rounds, then divided by Dr. GRPO's ``B · max_completion_length`` (paper Eq. 4–5, method.md §5.1).
@@ -34,7 +36,7 @@ from ngc_trl.attention import enable_ngc_attention, no_mask
 from ngc_trl.config import NGCConfig
 from ngc_trl.curriculum import GatedCurriculum, curriculum_rate
 from ngc_trl.generation import EvictionRecords, generate_with_eviction
-from ngc_trl.replay import ReplayContext
+from ngc_trl.replay import ReplayContext, route_eviction_logps_through_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +281,7 @@ class NGCTrainer(GRPOTrainer):
         if any(v is not None for v in multimodal.values()):
             raise ValueError("NGCTrainer supports text-only models")
         records, prompt_len = self._replay_records if self._replay_records is not None else (None, None)
+        route_eviction_logps_through_checkpoints(model)  # L_mem's gradient under any checkpointing mode
         n_rows, width = input_ids.shape
         logps = input_ids.new_zeros((n_rows, logits_to_keep), dtype=torch.float32)
         entropies = torch.zeros_like(logps) if compute_entropy else None
