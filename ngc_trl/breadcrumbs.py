@@ -169,6 +169,13 @@ class BreadcrumbsConfig(GRPOConfig):
             bad("student_model_name_or_path", "must be a model folder or Hub id, or None")
         if self.use_vllm:
             bad("use_vllm", "not supported (the vocabulary grows by the beacon token; use transformers generation)")
+        for name in ("use_transformers_paged", "use_transformers_continuous_batching"):
+            if getattr(self, name, False):
+                bad(name, "not supported (the teacher's rollouts must suppress the beacon token, which only the "
+                          "plain transformers generation path is tested to do)")
+        if self.use_liger_kernel:
+            bad("use_liger_kernel", "not supported (Liger patches the teacher when training starts but not the "
+                                    "student copy, and the beacon replay has not been checked with its kernels)")
 
     @property
     def compression_ratios(self) -> list[int]:

@@ -107,11 +107,7 @@ class NGCConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         self.eviction_config()  # validates every eviction field, naming it
-        if self.mask_truncated_completions:
-            # TRL masks truncated rows after the rollout, but the eviction records are not masked with them and
-            # the first step fails with an index error; refuse it until the records follow the mask
-            raise ValueError("NGCConfig.mask_truncated_completions=True is not supported: eviction records are not "
-                             "masked with truncated completions; leave it False")
+        self._check_trl_options()
         if self.eviction_loss_coef < 0:
             raise ValueError(f"NGCConfig.eviction_loss_coef={self.eviction_loss_coef}: must be >= 0")
         if isinstance(self.replay_chunk_tokens, bool) or not isinstance(self.replay_chunk_tokens, int) \
@@ -148,6 +144,38 @@ class NGCConfig(GRPOConfig):
                 f"NGCConfig.eviction_policy={self.eviction_policy!r}: the eviction loss trains the 'ngc' scorer; "
                 "set eviction_loss_coef=0 to roll out with a heuristic"
             )
+
+    # TRL options the evicting rollouts or L_mem cannot honour (each would crash or be silently ignored)
+    LOSS_TYPES = ("dr_grpo", "grpo", "bnpo", "dapo")  # the clipped-ratio surrogates L_mem shares
+
+    def _check_trl_options(self) -> None:
+        """Refuse the GRPOConfig options NGC does not support, naming the field. Everything else TRL offers
+        (``num_iterations``, ``steps_per_generation``, ``generation_batch_size``, ``mask_truncated_completions``,
+        ``importance_sampling_level``, ``delta``, ``top_entropy_quantile``, ``off_policy_mask_threshold``,
+        ``entropy_coef``, ``beta``, ``cast_lm_head_to_fp32``, ...) works with NGC and is tested."""
+        def no(name, why):
+            raise ValueError(f"NGCConfig.{name}={getattr(self, name)!r} is not supported: {why}")
+
+        decode = "the evicting decode loop samples with temperature, top_p and top_k only"
+        if self.use_vllm:
+            no("use_vllm", "vLLM cannot evict from its paged cache; rollouts need the evicting decode loop")
+        for name in ("use_transformers_paged", "use_transformers_continuous_batching"):
+            if getattr(self, name, False):
+                no(name, "rollouts need the evicting decode loop, not transformers' paged / continuous batching")
+        if self.generation_kwargs:
+            no("generation_kwargs", decode)
+        if self.min_p is not None:
+            no("min_p", decode)
+        if self.repetition_penalty != 1.0:
+            no("repetition_penalty", decode)
+        if self.cache_implementation is not None:
+            no("cache_implementation", "the evicting decode loop keeps its own per-layer cache")
+        if self.loss_type not in self.LOSS_TYPES:
+            no("loss_type", f"L_mem is the clipped-ratio surrogate of {self.LOSS_TYPES} (the paper: dr_grpo); "
+               "cispo / sapo / vespo / luspo define no eviction-action loss here")
+        if self.use_liger_kernel:
+            no("use_liger_kernel", "Liger's kernels patch the model when training starts, and neither the evicting "
+               "rollout nor the replay parity has been checked with them")
 
     def _check_curriculum_gate(self) -> None:
         """Validate the reward-gated curriculum fields (errors name the field)."""

@@ -66,6 +66,19 @@ class EvictionRecords:
         """The records of ``rows`` (a slice or index tensor)."""
         return EvictionRecords(**{k: v[rows] for k, v in self.__dict__.items()})
 
+    def cleared(self, rows: torch.Tensor) -> EvictionRecords:
+        """A copy with no action for the rows where ``rows (B,)`` is True (no round, nothing evicted): what a
+        rollout whose completion is masked out of the loss (``mask_truncated_completions``) replays as."""
+        r = rows.to(self.positions.device)
+
+        def fill(t, v):
+            return torch.where(r.view(-1, *([1] * (t.dim() - 1))), torch.full_like(t, v), t)
+
+        return EvictionRecords(positions=fill(self.positions, -1), acted=fill(self.acted, False),
+                               kept=fill(self.kept, -1), n_sampled=fill(self.n_sampled, 0),
+                               evicted=fill(self.evicted, -1), n_blocks=fill(self.n_blocks, 0),
+                               logp=fill(self.logp, 0.0), eviction_rate=self.eviction_rate)
+
     def as_dict(self, prefix: str = "ngc_") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in self.__dict__.items()}
 

@@ -101,11 +101,15 @@ class NGCTrainer(GRPOTrainer):
     }
 
     def __init__(self, *args, **kwargs):
+        if kwargs.get("tools") or kwargs.get("environment_factory"):
+            raise ValueError("NGCTrainer: tools / environments are not supported (a tool loop re-enters the rollout "
+                             "and the eviction records of its turns are not joined); pass tools=None")
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, NGCConfig):
             raise TypeError("NGCTrainer needs args=NGCConfig(...)")
-        if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
-            raise ValueError("NGCTrainer: use_vllm / continuous batching cannot evict; set them to False")
+        if self.aux_loss_enabled:
+            raise ValueError("NGCTrainer: the MoE router auxiliary loss is not supported by the replay forward; set "
+                             "NGCConfig.router_aux_loss_coef=0")
         self.eviction = self.args.eviction_config()
         # for good, not in a context: checkpointed layers are recomputed in backward()
         enable_ngc_attention(self.model)
@@ -261,6 +265,9 @@ class NGCTrainer(GRPOTrainer):
         self._no_grad_evict_logps = []
         out = super()._generate_and_score_completions(inputs)
         records, prompt_len = self._replay_records
+        masked = out["completion_mask"].sum(1) == 0  # mask_truncated_completions: no token loss, so no L_mem
+        if masked.any():
+            records = records.cleared(masked)
         out.update(records.as_dict())
         out["ngc_prompt_len"] = prompt_len
         if out.get("old_per_token_logps") is not None and self._no_grad_evict_logps:
@@ -291,6 +298,10 @@ class NGCTrainer(GRPOTrainer):
             ids, am = input_ids[rows, :end], attention_mask[rows, :end]
             keep = logits_to_keep - (width - end)  # completion positions left after trimming the right padding
             rec = records.select(rows) if records is not None else None
+            if rec is not None and prompt_len is not None:
+                masked = am.sum(1) <= prompt_len[rows]  # completion masked out (mask_truncated_completions)
+                if masked.any():
+                    rec = rec.cleared(masked)
             ctx = ReplayContext(
                 am, rec, self.eviction, prompt_len=None if prompt_len is None else prompt_len[rows],
                 replay_masks=self.args.replay_masks, eviction_logps=rec is not None, backend=self.args.replay_backend,
@@ -329,8 +340,13 @@ class NGCTrainer(GRPOTrainer):
         m = acted.to(new.dtype)
         old = inputs.get("ngc_old_logp", new.detach())
         adv = inputs["advantages"][:, None, None]
-        ratio = torch.exp(new - old)
+        log_ratio = new - old
+        if self.importance_sampling_level == "sequence":  # GSPO: one ratio per rollout, over all its actions
+            log_ratio = ((log_ratio * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1))[:, None, None].expand_as(new)
+        ratio = torch.exp(log_ratio)
         clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
+        if self.args.delta is not None:  # TRL's two-sided clipping of the unclipped term
+            ratio = ratio.clamp(max=self.args.delta)
         per_action = -torch.min(ratio * adv, clipped * adv) * m  # (B, R, L)
         # paper Eq. 4: mean over each rollout's rounds (per layer), sum over layers; then Dr. GRPO's constant
         per_rollout = (per_action.sum(1) / m.sum(1).clamp(min=1)).sum(-1)  # (B,)

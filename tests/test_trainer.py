@@ -186,9 +186,3 @@ def test_length_sorted_replay_chunks_are_exact(tmp_path):
         outs.append((lp * batch["completion_mask"], ent * batch["completion_mask"], ev, grad))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
-
-
-def test_mask_truncated_completions_is_refused_when_the_config_is_built(tmp_path):
-    """It used to crash at the first step (records not masked with the completions): refused, naming the field."""
-    with pytest.raises(ValueError, match="mask_truncated_completions"):
-        NGCConfig(output_dir=str(tmp_path), mask_truncated_completions=True, use_cpu=True, report_to="none")
