@@ -10,7 +10,7 @@ DATA ?=
 OUT ?= outputs/eval
 EXTRA ?=
 
-.PHONY: install test slow_test quality style bench eval testbed tiny testbed_result stargraph_result linsys_result
+.PHONY: install test slow_test quality style bench gpu_check eval testbed tiny testbed_result stargraph_result linsys_result
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -31,6 +31,11 @@ style:
 bench:
 	$(PYTHON) bench/decode.py --out outputs/bench/decode.json
 	$(PYTHON) bench/train_step.py --out outputs/bench/train_step.json
+
+# one H100/H200, about 8 minutes: replay parity, decode, train step and fixed-KV-budget checks in one JSON
+# (bench/README.md); `python bench/gpu_check.py --dry_run` runs the same code on CPU
+gpu_check:
+	$(PYTHON) bench/gpu_check.py --out outputs/bench/gpu_check.json
 
 eval:
 	$(PYTHON) -m ngc_trl.eval --model $(MODEL) --task $(TASK) --policies $(POLICIES) --rates $(RATES) \

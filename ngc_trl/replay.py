@@ -130,7 +130,7 @@ class ReplayContext:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         pos, valid = self.pos, self.valid
-        death = self.layer_death(layer) if (self.replay_masks and self.death is not None) else None
+        death = self.layer_death(layer).contiguous() if (self.replay_masks and self.death is not None) else None
 
         def mask_mod(b, h, q, k):
             ok = valid[b, k] & (pos[b, k] <= pos[b, q])
