@@ -247,3 +247,76 @@ class LearningCurveCallback(TrainerCallback):
                 "compression_source": row.get("compression_source"),
                 "mean_completion_tokens": _finite(row.get("mean_completion_tokens")),
                 "max_new_tokens": self.max_new_tokens}
+
+
+# ----------------------------------------------------------------------------- the plot
+def plot_curves(runs: Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike, title: str = "",
+                references: Sequence[tuple[str, float, float | None]] = ()) -> Path:
+    """One plot of validation accuracy under eviction vs optimizer step.
+
+    ``runs``: ``(label, learning_curve.json)`` pairs; every (policy, rate) of a file is one line with
+    ±1 standard-error bars (label ``"<label> · <policy>@<rate>"``). ``references``: ``(label, accuracy,
+    stderr)`` drawn as horizontal lines (e.g. the untrained base at step 0). Writes a PNG; returns its path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, path in runs:
+        lines: dict[tuple, list[dict]] = {}
+        for p in read_curve(path):
+            if p.get("accuracy") is not None:
+                lines.setdefault((p["policy"], float(p["rate"])), []).append(p)
+        for (policy, rate), pts in sorted(lines.items()):
+            ax.errorbar([p["step"] for p in pts], [100 * p["accuracy"] for p in pts],
+                        yerr=[100 * (p.get("stderr") or 0.0) for p in pts], marker="o", capsize=3,
+                        label=f"{label} · {policy}@{rate:g}")
+    for label, acc, se in references:
+        ax.axhline(100 * acc, linestyle="--", linewidth=1, color="gray")
+        if se:
+            ax.axhspan(100 * (acc - se), 100 * (acc + se), color="gray", alpha=0.12)
+        ax.annotate(label, (0, 100 * acc), textcoords="offset points", xytext=(2, 3), fontsize=8, color="dimgray")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation accuracy under eviction (%)")
+    ax.set_title(title or "learning curve (greedy, top-k eviction)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m ngc_trl.learning_curve --runs LABEL=PATH ... --out curve.png [--ref LABEL=ACC[±SE]]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Plot learning_curve.json files (accuracy under eviction vs step).")
+    p.add_argument("--runs", nargs="+", required=True, help="LABEL=path/to/learning_curve.json")
+    p.add_argument("--ref", nargs="*", default=[], help="LABEL=ACC or LABEL=ACC±SE (fractions), a horizontal line")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="")
+    a = p.parse_args(argv)
+
+    def pair(text, what):
+        label, sep, value = text.partition("=")
+        if not sep or not label or not value:
+            raise SystemExit(f"--{what} {text!r}: expected LABEL=VALUE")
+        return label, value
+
+    runs = [pair(r, "runs") for r in a.runs]
+    refs = []
+    for r in a.ref:
+        label, value = pair(r, "ref")
+        acc, _, se = value.partition("±")
+        try:
+            refs.append((label, float(acc), float(se) if se else None))
+        except ValueError:
+            raise SystemExit(f"--ref {r!r}: ACC and SE must be numbers") from None
+    return plot_curves(runs, a.out, a.title, refs)
+
+
+if __name__ == "__main__":
+    main()

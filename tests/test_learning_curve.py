@@ -120,3 +120,17 @@ def _yaml_with(tmp_path, extra: str) -> str:
 def test_bad_curve_value_fails_before_model_load(tmp_path, no_model_load, extra, field):
     with pytest.raises(ValueError, match=f"ScriptArguments.{field}"):
         main(["--config", _yaml_with(tmp_path, extra)])
+
+
+def test_plot_curves_writes_a_png_and_the_cli_checks_its_arguments(tmp_path):
+    from ngc_trl.learning_curve import main as curve_main
+    from ngc_trl.learning_curve import write_curve
+
+    pts = [{"step": s, "policy": "ngc", "rate": 0.5, "accuracy": a, "stderr": 0.05} for s, a in ((8, 0.2), (16, 0.3))]
+    write_curve(tmp_path / "c.json", pts + [{"step": 16, "policy": "full", "rate": 0.0, "accuracy": None}])
+    out = curve_main(["--runs", f"NGC={tmp_path / 'c.json'}", "--ref", "base=0.25±0.03", "--out",
+                      str(tmp_path / "p.png")])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in (["--runs", "nolabel"], ["--runs", f"a={tmp_path / 'c.json'}", "--ref", "b=x"]):
+        with pytest.raises(SystemExit):
+            curve_main([*bad, "--out", str(tmp_path / "q.png")])
