@@ -147,5 +147,7 @@ def use_ngc_attention(model):
 def no_mask(model) -> dict:
     """The ``attention_mask`` to pass to a forward that builds its masks itself: one ``None`` per layer
     type (a dict bypasses transformers' mask creation, which assumes one shared cache length)."""
+    while not hasattr(model, "config") and hasattr(model, "module"):  # DDP / DeepSpeed wrappers
+        model = model.module
     types = set(getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"])
     return {t: None for t in types}

@@ -1,7 +1,7 @@
 """A learning curve during training: greedy accuracy under eviction on a fixed validation split.
 
-`LearningCurveCallback` evaluates the model being trained every ``every`` optimizer steps (and at the end
-of training) with `ngc_trl.eval.evaluate`: greedy decoding, deterministic top-k eviction at the trainer's
+`LearningCurveCallback` evaluates the model being trained before the first step of a fresh run (step 0:
+the untrained control), every ``every`` optimizer steps and at the end of training with `ngc_trl.eval.evaluate`: greedy decoding, deterministic top-k eviction at the trainer's
 final rate ``eviction_rate`` with its δ/b/w/protections (policy ``ngc``, plus any other policies asked for;
 ``full`` runs at rate 0). Each evaluation is logged as trainer metrics (``eval/curve_accuracy``,
 ``eval/curve_peak_compression`` for ``ngc``; ``eval/curve_accuracy_<policy>`` ... for the others) and
@@ -174,6 +174,12 @@ class LearningCurveCallback(TrainerCallback):
         self.last_step = None  # global step of the latest evaluation
 
     # ---------------------------------------------------------------- events
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A fresh run (step 0) first evaluates the untrained model: the curve's control point."""
+        if state.global_step == 0:
+            self.evaluate(state)
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
             self.evaluate(state)

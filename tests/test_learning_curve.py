@@ -36,7 +36,8 @@ def test_tiny_run_writes_the_curve_and_a_resumed_run_appends(tiny_base, tmp_path
     out = tmp_path / "run"
     tiny_run(tiny_base, out, 2)
     points = json.loads((out / CURVE_FILE).read_text())
-    assert sorted((p["step"], p["policy"]) for p in points) == [(1, "full"), (1, "ngc"), (2, "full"), (2, "ngc")]
+    assert sorted((p["step"], p["policy"]) for p in points) == [(0, "full"), (0, "ngc"), (1, "full"), (1, "ngc"),
+                                                                (2, "full"), (2, "ngc")]  # step 0: untrained
     for p in points:
         assert 0.0 <= p["accuracy"] <= 1.0 and p["n"] == 3 and p["stderr"] is not None
         assert p["rate"] == (0.0 if p["policy"] == "full" else 0.5)  # the final eviction_rate, not the curriculum's
@@ -46,13 +47,13 @@ def test_tiny_run_writes_the_curve_and_a_resumed_run_appends(tiny_base, tmp_path
     # the metric is in the trainer's log history too
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [h for h in state["log_history"] if "eval/curve_accuracy" in h]
-    assert [h["step"] for h in logged] == [1, 2] and all("eval/curve_accuracy_full" in h for h in logged)
+    assert [h["step"] for h in logged] == [0, 1, 2] and all("eval/curve_accuracy_full" in h for h in logged)
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2]  # the steps' own logs are kept
 
     tiny_run(tiny_base, out, 3)  # resumes from checkpoint-2 (the entry point finds it)
     again = json.loads((out / CURVE_FILE).read_text())
-    assert [(p["step"], p["policy"]) for p in again[:4]] == [(p["step"], p["policy"]) for p in points]
-    assert sorted((p["step"], p["policy"]) for p in again[4:]) == [(3, "full"), (3, "ngc")]
+    assert [(p["step"], p["policy"]) for p in again[:6]] == [(p["step"], p["policy"]) for p in points]
+    assert sorted((p["step"], p["policy"]) for p in again[6:]) == [(3, "full"), (3, "ngc")]  # no new step 0
 
 
 def test_curve_file_merge_replaces_same_point_and_keeps_others(tmp_path):

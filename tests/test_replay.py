@@ -96,3 +96,15 @@ def test_flex_backend_matches_dense_forward(model):
         b = replay_forward(model, out.sequences, full_mask.long(), flex)
     m = full_mask[:, 1:] & full_mask[:, :-1]  # predictions made from real tokens
     assert (a[m] - b[m]).abs().max() < 1e-4
+
+
+def test_no_mask_reads_the_config_through_ddp_style_wrappers(model):
+    """Breadcrumbs' full-fine-tuning student is called through its DDP wrapper (no ``.config``)."""
+    from ngc_trl.attention import no_mask
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert no_mask(Wrapper(Wrapper(model))) == no_mask(model) == {"full_attention": None}
