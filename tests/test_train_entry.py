@@ -130,7 +130,7 @@ def test_one_training_step_end_to_end(tiny_base, tmp_path):
     assert "δ" in card and "WITHOUT eviction" in card and "generate_with_eviction" in card
     assert "TRL" in card  # TRL's own card is kept, the NGC section appended
     assert (out / "eval" / "summary.json").is_file()
-    assert {r["policy"] for r in result["eval"]["results"]} == {"full", "ngc"}
+    assert {r["policy"] for r in result["eval"]["results"]} == {"full", "ngc", "tova", "keydiff"}
 
 
 @pytest.mark.parametrize("task", ["stargraph", "linsys"])
