@@ -4,9 +4,9 @@ with NGC and Breadcrumbs (one tiny training step each) or is refused when the co
 import math
 
 import pytest
-import torch
 import test_breadcrumbs_trainer as bc
 import test_trainer as ngc
+import torch
 
 from ngc_trl import BreadcrumbsConfig, NGCConfig, NGCTrainer
 
