@@ -184,5 +184,7 @@ def test_length_sorted_replay_chunks_are_exact(tmp_path):
         ((lp * batch["completion_mask"]).sum() + ev.sum()).backward()
         grad = tr.model.model.layers[0].self_attn.q_proj.weight.grad.clone()
         outs.append((lp * batch["completion_mask"], ent * batch["completion_mask"], ev, grad))
-    for a, b in zip(*outs):
-        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # fp32 summation order differs between chunk shapes: compare to the tensor's scale (the gradient's entries
+    # reach ~17 here, where 1e-5 absolute is below float noise; a wrong mask moves values by >> 1e-3)
+    for name, a, b in zip(("token logp", "entropy", "eviction logp", "grad"), *outs):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), (name, (a - b).abs().max())
