@@ -1,9 +1,10 @@
 """A learning curve during training: greedy accuracy under eviction on a fixed validation split.
 
 `LearningCurveCallback` evaluates the model being trained before the first step of a fresh run (step 0:
-the untrained control), every ``every`` optimizer steps and at the end of training with `ngc_trl.eval.evaluate`: greedy decoding, deterministic top-k eviction at the trainer's
-final rate ``eviction_rate`` with its δ/b/w/protections (policy ``ngc``, plus any other policies asked for;
-``full`` runs at rate 0). Each evaluation is logged as trainer metrics (``eval/curve_accuracy``,
+the untrained control), every ``every`` optimizer steps and at the end of training, with
+`ngc_trl.eval.evaluate`: greedy decoding, deterministic top-k eviction at the trainer's final rate
+``eviction_rate`` with its δ/b/w/protections (policy ``ngc``, plus any other policies asked for; ``full``
+runs at rate 0). Each evaluation is logged as trainer metrics (``eval/curve_accuracy``,
 ``eval/curve_peak_compression`` for ``ngc``; ``eval/curve_accuracy_<policy>`` ... for the others) and
 merged into ``output_dir/learning_curve.json``::
 
