@@ -50,13 +50,38 @@ from ngc_trl.policies import DECODERS, POLICIES, get_policy
 NAMES = [*POLICIES, *DECODERS]
 
 SHAPES = {  # name -> (Qwen2Config kwargs, default δ, default batch size)
-    "tiny": (dict(num_hidden_layers=4, hidden_size=256, intermediate_size=768, num_attention_heads=8,
-                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192,
-                  tie_word_embeddings=True), 64, 4),
-    "r1-1.5b": (dict(num_hidden_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
-                     num_key_value_heads=2, head_dim=128, vocab_size=151936, rope_theta=10000.0,
-                     max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                     use_sliding_window=False), 256, 16),
+    "tiny": (
+        dict(
+            num_hidden_layers=4,
+            hidden_size=256,
+            intermediate_size=768,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+        ),
+        64,
+        4,
+    ),
+    "r1-1.5b": (
+        dict(
+            num_hidden_layers=28,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            head_dim=128,
+            vocab_size=151936,
+            rope_theta=10000.0,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        ),
+        256,
+        16,
+    ),
 }
 TOLERANCE = 0.05  # both targets: eviction share ≤ 5%, peak-bytes ratio within 5% of the schedule's
 
@@ -73,7 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=32)
     p.add_argument("--compression_ratio", type=int, default=8, help="c of the breadcrumbs variant")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell (median reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/bench/decode.json")
@@ -142,8 +169,15 @@ def run_once(model, ids, cfg, length, device):
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
-    out = generate_with_eviction(model, ids, torch.ones_like(ids), eviction=cfg, max_new_tokens=length,
-                                 do_sample=False, eos_token_id=[])
+    out = generate_with_eviction(
+        model,
+        ids,
+        torch.ones_like(ids),
+        eviction=cfg,
+        max_new_tokens=length,
+        do_sample=False,
+        eos_token_id=[],
+    )
     sync(device)
     wall = time.perf_counter() - t0
     assert out.sequences.shape[1] == ids.shape[1] + length, "EOS must be disabled"
@@ -163,10 +197,17 @@ def decode_kernel(device) -> str:
 
 
 def machine_info(device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(device), "decode_kernel": decode_kernel(device)}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "decode_kernel": decode_kernel(device),
+    }
     if hasattr(os, "sched_getaffinity"):
         info["cpu_affinity"] = len(os.sched_getaffinity(0))
     if device.type == "cuda":
@@ -178,8 +219,13 @@ def bench_cell(model, args, policy, length, device, warmed: set) -> dict:
     vocab = model.config.vocab_size
     crumbs = policy in DECODERS
     beacon = dict(compression_ratio=args.compression_ratio, beacon_token_id=vocab - 1) if crumbs else {}
-    cfg = EvictionConfig(policy=policy, eviction_interval=args.eviction_interval,
-                         eviction_rate=args.eviction_rate, block_size=args.block_size, **beacon)
+    cfg = EvictionConfig(
+        policy=policy,
+        eviction_interval=args.eviction_interval,
+        eviction_rate=args.eviction_rate,
+        block_size=args.block_size,
+        **beacon,
+    )
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, vocab, (args.batch_size, args.prompt_len), generator=g).to(device)
     if policy not in warmed:  # one warmup per policy (kernels, allocator), at the shortest length
@@ -198,9 +244,15 @@ def bench_cell(model, args, policy, length, device, warmed: set) -> dict:
         peak, full = schedule_peak(cfg, args.prompt_len, length)
         peak = peak if get_policy(cfg).evicts else full
     return {
-        "length": length, "policy": policy, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
-        "wall_s": wall, "wall_s_runs": walls, "tokens_per_s": args.batch_size * length / wall,
-        "eviction_time_s": out.eviction_time, "eviction_share": out.eviction_time / wall,
+        "length": length,
+        "policy": policy,
+        "batch_size": args.batch_size,
+        "prompt_len": args.prompt_len,
+        "wall_s": wall,
+        "wall_s_runs": walls,
+        "tokens_per_s": args.batch_size * length / wall,
+        "eviction_time_s": out.eviction_time,
+        "eviction_share": out.eviction_time / wall,
         "rounds": int((out.records.positions[0] >= 0).sum()),
         "compression_ratio": args.compression_ratio if crumbs else None,
         "beacons": max(length - 2, 0) // args.compression_ratio if crumbs else 0,
@@ -209,7 +261,8 @@ def bench_cell(model, args, policy, length, device, warmed: set) -> dict:
         "peak_entries_total": int(st.peak_total.max()),
         "full_entries_total": int(st.full_entries.max()) * n_layers,
         "compression": float(st.compression.mean()),
-        "schedule_peak_entries_per_layer": peak, "schedule_full_entries_per_layer": full,
+        "schedule_peak_entries_per_layer": peak,
+        "schedule_full_entries_per_layer": full,
         "expected_bytes_ratio": peak / full,
         "cuda_max_memory_allocated": mem,
     }
@@ -231,15 +284,19 @@ def add_ratios(rows: list[dict]):
 
 
 def print_table(rows: list[dict]):
-    head = f"{'len':>6} {'policy':<14} {'wall s':>8} {'tok/s':>9} {'x full':>6} {'KV MiB':>8} " \
-           f"{'bytes':>6} {'expect':>6} {'evict%':>6}  targets"
+    head = (
+        f"{'len':>6} {'policy':<14} {'wall s':>8} {'tok/s':>9} {'x full':>6} {'KV MiB':>8} "
+        f"{'bytes':>6} {'expect':>6} {'evict%':>6}  targets"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         ok = "".join("ok " if v else "NO " for v in r["targets"].values())
-        print(f"{r['length']:>6} {r['policy']:<14} {r['wall_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['tokens_per_s_ratio']:>6.2f} {r['peak_kv_bytes'] / 2**20:>8.2f} {r['peak_kv_bytes_ratio']:>6.3f} "
-              f"{r['expected_bytes_ratio']:>6.3f} {100 * r['eviction_share']:>6.2f}  {ok}")
+        print(
+            f"{r['length']:>6} {r['policy']:<14} {r['wall_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
+            f"{r['tokens_per_s_ratio']:>6.2f} {r['peak_kv_bytes'] / 2**20:>8.2f} {r['peak_kv_bytes_ratio']:>6.3f} "
+            f"{r['expected_bytes_ratio']:>6.3f} {100 * r['eviction_share']:>6.2f}  {ok}"
+        )
     print("targets: eviction share ≤ 5% | peak KV bytes / full within 5% of 1/schedule compression")
 
 
@@ -250,8 +307,10 @@ def main(argv=None):
     model = build_model(args.model_shape, args.device, dtype, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    print(f"{args.model_shape}: {n_params / 1e6:.1f}M params, {args.dtype}, {device}, batch {args.batch_size}, "
-          f"prompt {args.prompt_len}, δ={args.eviction_interval}, ε={args.eviction_rate}, b={args.block_size}")
+    print(
+        f"{args.model_shape}: {n_params / 1e6:.1f}M params, {args.dtype}, {device}, batch {args.batch_size}, "
+        f"prompt {args.prompt_len}, δ={args.eviction_interval}, ε={args.eviction_rate}, b={args.block_size}"
+    )
     rows, warmed, t0 = [], set(), time.perf_counter()
     for length in args.lengths:
         for policy in args.policies:
@@ -259,11 +318,23 @@ def main(argv=None):
             print(f"  len {length:>6} {policy:<14} {rows[-1]['wall_s']:.2f}s", flush=True)
     add_ratios(rows)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    settings.update(model_config=SHAPES[args.model_shape][0], n_params=n_params, cuda_bytes_after_model=weights, greedy=True, eos="disabled",
-                    warmup="one run per policy at the shortest length", timing="median of repeats")
-    report = {"benchmark": "decode", "command": shlex.join([sys.executable, *sys.argv]),
-              "machine": machine_info(device), "settings": settings, "total_s": time.perf_counter() - t0,
-              "results": rows}
+    settings.update(
+        model_config=SHAPES[args.model_shape][0],
+        n_params=n_params,
+        cuda_bytes_after_model=weights,
+        greedy=True,
+        eos="disabled",
+        warmup="one run per policy at the shortest length",
+        timing="median of repeats",
+    )
+    report = {
+        "benchmark": "decode",
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "machine": machine_info(device),
+        "settings": settings,
+        "total_s": time.perf_counter() - t0,
+        "results": rows,
+    }
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,12 +48,22 @@ def rollouts(model, tok, prompts, cfg, rate, max_new, sample_evictions, seed, ba
     texts, outs = [], []
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i: i + batch], return_tensors="pt", padding=True, padding_side="left")
-        out = generate_with_eviction(model, enc["input_ids"], enc["attention_mask"], cfg, max_new_tokens=max_new,
-                                     do_sample=True, temperature=1.0, sample_evictions=sample_evictions,
-                                     generator=gen, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                     eviction_rate=torch.full((enc["input_ids"].shape[0],), rate))
-        texts += tok.batch_decode(out.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True, padding_side="left")
+        out = generate_with_eviction(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            cfg,
+            max_new_tokens=max_new,
+            do_sample=True,
+            temperature=1.0,
+            sample_evictions=sample_evictions,
+            generator=gen,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            eviction_rate=torch.full((enc["input_ids"].shape[0],), rate),
+        )
+        texts += tok.batch_decode(out.sequences[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         outs.append((enc, out))
     return texts, outs
 
@@ -75,9 +85,10 @@ def grad_ratio(model, enc, out, rewards, cfg, group, max_new):
     adv = (r - r.mean(1, keepdim=True)).view(-1)
     ctx = ReplayContext(am, out.records, cfg, prompt_len=enc["attention_mask"].sum(1))
     with use_ngc_attention(model):
-        logits = model(input_ids=seq, attention_mask=no_mask(model), position_ids=ctx.position_ids,
-                       ngc_replay=ctx).logits
-    lp = torch.log_softmax(logits[:, p - 1:-1].float(), -1).gather(-1, comp[..., None])[..., 0]
+        logits = model(
+            input_ids=seq, attention_mask=no_mask(model), position_ids=ctx.position_ids, ngc_replay=ctx
+        ).logits
+    lp = torch.log_softmax(logits[:, p - 1 : -1].float(), -1).gather(-1, comp[..., None])[..., 0]
     b = seq.shape[0]
     l_tok = -(lp * comp_mask * adv[:, None]).sum() / (b * max_new)
     ev = ctx.eviction_logp(model.config.num_hidden_layers)
@@ -86,7 +97,7 @@ def grad_ratio(model, enc, out, rewards, cfg, group, max_new):
     params = [w for n, w in model.named_parameters() if "q_proj.weight" in n or "k_proj.weight" in n]
     g_tok = torch.autograd.grad(l_tok, params, retain_graph=True)
     g_mem = torch.autograd.grad(l_mem, params, allow_unused=True)
-    norm = lambda gs: math.sqrt(sum(float((g ** 2).sum()) for g in gs if g is not None))  # noqa: E731
+    norm = lambda gs: math.sqrt(sum(float((g**2).sum()) for g in gs if g is not None))  # noqa: E731
     return norm(g_mem), norm(g_tok)
 
 
@@ -104,26 +115,38 @@ def main(argv=None):
     ap.add_argument("--max_new_tokens", type=int, default=576)
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--grad_prompts", type=int, default=8, help="prompts (x group) of the gradient batch")
-    ap.add_argument("--seed", type=int, default=1234, help="training-distribution prompts, not the test split")
+    ap.add_argument(
+        "--seed", type=int, default=1234, help="training-distribution prompts, not the test split"
+    )
     ap.add_argument("--out", default="outputs/bench/eviction_logits.json")
     a = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     tok = load_tokenizer(a.model)
-    ds = load_generated(a.task, a.data_source, n=a.num_prompts, seed=a.seed, split="train", prompt_format="plain")
+    ds = load_generated(
+        a.task, a.data_source, n=a.num_prompts, seed=a.seed, split="train", prompt_format="plain"
+    )
     rows = [dict(r) for r in ds]
     prompts = [r["prompt"] for r in rows for _ in range(a.group)]
     prow = [r for r in rows for _ in range(a.group)]
     results = []
     for transform, scale in parse_settings(a.settings):
-        cfg = EvictionConfig(eviction_interval=a.eviction_interval, eviction_rate=a.rate, block_size=a.block_size,
-                             policy="ngc", logit_transform=transform, logit_scale=scale)
+        cfg = EvictionConfig(
+            eviction_interval=a.eviction_interval,
+            eviction_rate=a.rate,
+            block_size=a.block_size,
+            policy="ngc",
+            logit_transform=transform,
+            logit_scale=scale,
+        )
         row = {"transform": transform, "scale": scale}
         t0 = time.perf_counter()
         for name, sample in (("sampled", True), ("topk", False)):
             with torch.no_grad():
-                texts, outs = rollouts(model, tok, prompts, cfg, a.rate, a.max_new_tokens, sample, a.seed, a.batch_size)
+                texts, outs = rollouts(
+                    model, tok, prompts, cfg, a.rate, a.max_new_tokens, sample, a.seed, a.batch_size
+                )
             rewards = torch.tensor([score_row(a.task, t, r) for t, r in zip(texts, prow)])
             row[f"{name}_reward"] = round(float(rewards.mean()), 4)
             row[f"{name}_reward_se"] = round(float(rewards.std() / math.sqrt(len(rewards))), 4)
@@ -136,17 +159,29 @@ def main(argv=None):
         sel_enc = {k: v[:n] for k, v in enc.items()}
         sel_out = type(out)(**{**out.__dict__, "sequences": out.sequences[:n], "records": sub})
         model.zero_grad()
-        g_mem, g_tok = grad_ratio(model, sel_enc, sel_out, sampled_rewards[:n], cfg, a.group, a.max_new_tokens)
+        g_mem, g_tok = grad_ratio(
+            model, sel_enc, sel_out, sampled_rewards[:n], cfg, a.group, a.max_new_tokens
+        )
         row["grad_norm_mem"], row["grad_norm_token"] = g_mem, g_tok
         row["grad_ratio"] = g_mem / max(g_tok, 1e-30)
         with torch.no_grad():
             seq = sel_out.sequences
             p = sel_enc["input_ids"].shape[1]
-            am = torch.cat([sel_enc["attention_mask"],
-                            completion_mask(seq[:, p:], model.generation_config.eos_token_id).long()], 1)
+            am = torch.cat(
+                [
+                    sel_enc["attention_mask"],
+                    completion_mask(seq[:, p:], model.generation_config.eos_token_id).long(),
+                ],
+                1,
+            )
             ctx = ReplayContext(am, sub, cfg, prompt_len=sel_enc["attention_mask"].sum(1))
             with use_ngc_attention(model):
-                model(input_ids=seq, attention_mask=no_mask(model), position_ids=ctx.position_ids, ngc_replay=ctx)
+                model(
+                    input_ids=seq,
+                    attention_mask=no_mask(model),
+                    position_ids=ctx.position_ids,
+                    ngc_replay=ctx,
+                )
             ent = ctx.eviction_entropy(model.config.num_hidden_layers)
             acted = sub.acted
             log_n = torch.log(sub.n_blocks.clamp(min=2).float())
@@ -154,9 +189,16 @@ def main(argv=None):
         row["seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(row), flush=True)
         results.append(row)
-    meta = {"model": a.model, "rate": a.rate, "num_prompts": a.num_prompts, "group": a.group,
-            "eviction_interval": a.eviction_interval, "block_size": a.block_size, "seed": a.seed,
-            "command": "python bench/eviction_logits.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    meta = {
+        "model": a.model,
+        "rate": a.rate,
+        "num_prompts": a.num_prompts,
+        "group": a.group,
+        "eviction_interval": a.eviction_interval,
+        "block_size": a.block_size,
+        "seed": a.seed,
+        "command": "python bench/eviction_logits.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return results

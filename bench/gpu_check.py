@@ -56,30 +56,82 @@ from ngc_trl.generation import generate_with_eviction
 from ngc_trl.policies import POLICIES
 from ngc_trl.replay import ReplayContext, replay_forward
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling benchmarks (`python bench/x.py` adds it)
+if (
+    str(Path(__file__).resolve().parent) not in sys.path
+):  # the sibling benchmarks (`python bench/x.py` adds it)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode as decode_bench  # noqa: E402
 import train_step as train_bench  # noqa: E402
 
 SECTIONS = ("replay_parity", "decode", "train_step", "fixed_budget")
-PLAN_S = {"replay_parity": 70, "decode": 190, "train_step": 110, "fixed_budget": 90}  # seconds, sum = --budget_s
+PLAN_S = {
+    "replay_parity": 70,
+    "decode": 190,
+    "train_step": 110,
+    "fixed_budget": 90,
+}  # seconds, sum = --budget_s
 TOLS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 5e-2)
-PARITY_MODEL = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=4096,
-                    tie_word_embeddings=True, initializer_range=0.2)  # peaky attention: a wrong mask shows
+PARITY_MODEL = dict(
+    num_hidden_layers=4,
+    hidden_size=256,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=512,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+    initializer_range=0.2,
+)  # peaky attention: a wrong mask shows
 REAL = {  # settings of the GPU run
     "replay_parity": dict(prompt_lens=[37, 64, 50, 23], new_tokens=160, eviction_interval=32, block_size=8),
-    "decode": dict(shape="r1-1.5b", prompt_len=64, eviction_interval=256, eviction_rate=0.5, block_size=32,
-                   lengths=[1024, 4096, 8192], batch_size=32, fixed_length=4096),
-    "train_step": dict(shape="r1-1.5b", batch_size=8, num_generations=4, prompt_len=48, completion_len=512,
-                       steps=1, repeats=2, eviction_interval=256, eviction_rate=0.5, block_size=32),
+    "decode": dict(
+        shape="r1-1.5b",
+        prompt_len=64,
+        eviction_interval=256,
+        eviction_rate=0.5,
+        block_size=32,
+        lengths=[1024, 4096, 8192],
+        batch_size=32,
+        fixed_length=4096,
+    ),
+    "train_step": dict(
+        shape="r1-1.5b",
+        batch_size=8,
+        num_generations=4,
+        prompt_len=48,
+        completion_len=512,
+        steps=1,
+        repeats=2,
+        eviction_interval=256,
+        eviction_rate=0.5,
+        block_size=32,
+    ),
 }
 DRY = {  # the same code on CPU, small enough for a test
     "replay_parity": dict(prompt_lens=[11, 16], new_tokens=40, eviction_interval=16, block_size=4),
-    "decode": dict(shape="tiny", prompt_len=16, eviction_interval=16, eviction_rate=0.5, block_size=4,
-                   lengths=[32, 48, 64], batch_size=2, fixed_length=48),
-    "train_step": dict(shape="tiny", batch_size=2, num_generations=2, prompt_len=24, completion_len=32,
-                       steps=1, repeats=1, eviction_interval=16, eviction_rate=0.5, block_size=4),
+    "decode": dict(
+        shape="tiny",
+        prompt_len=16,
+        eviction_interval=16,
+        eviction_rate=0.5,
+        block_size=4,
+        lengths=[32, 48, 64],
+        batch_size=2,
+        fixed_length=48,
+    ),
+    "train_step": dict(
+        shape="tiny",
+        batch_size=2,
+        num_generations=2,
+        prompt_len=24,
+        completion_len=32,
+        steps=1,
+        repeats=1,
+        eviction_interval=16,
+        eviction_rate=0.5,
+        block_size=4,
+    ),
 }
 
 
@@ -101,7 +153,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="decode batch (default 32; train_step: 8)")
     p.add_argument("--heuristic", default="tova", help="the heuristic policy decoded next to full and ngc")
     p.add_argument("--fixed_length", type=int, default=None, help="fixed_budget: tokens per sequence (4096)")
-    p.add_argument("--fixed_batch", type=int, default=None, help="fixed_budget: full-cache batch (= --batch_size)")
+    p.add_argument(
+        "--fixed_batch", type=int, default=None, help="fixed_budget: full-cache batch (= --batch_size)"
+    )
     p.add_argument("--max_fixed_batch", type=int, default=1024, help="fixed_budget: cap on NGC's batch")
     p.add_argument("--budget_s", type=float, default=None, help="total seconds (default 460; dry run 600)")
     p.add_argument("--device", default=None, help="default cuda (dry run: cpu)")
@@ -113,13 +167,19 @@ def parse_args(argv=None):
     cfg = copy.deepcopy(DRY if a.dry_run else REAL)
     d = cfg["decode"]
     try:
-        d["lengths"] = d["lengths"] if a.lengths is None else [int(x) for x in a.lengths.split(",") if x.strip()]
+        d["lengths"] = (
+            d["lengths"] if a.lengths is None else [int(x) for x in a.lengths.split(",") if x.strip()]
+        )
     except ValueError:
         p.error(f"--lengths {a.lengths!r}: comma list of integers")
-    d.update({k: v for k, v in (("batch_size", a.batch_size), ("fixed_length", a.fixed_length)) if v is not None})
+    d.update(
+        {k: v for k, v in (("batch_size", a.batch_size), ("fixed_length", a.fixed_length)) if v is not None}
+    )
     d["fixed_batch"] = a.fixed_batch if a.fixed_batch is not None else d["batch_size"]
     a.device = a.device or ("cpu" if a.dry_run else "cuda")
-    a.budget_s = a.budget_s if a.budget_s is not None else (600.0 if a.dry_run else float(sum(PLAN_S.values())))
+    a.budget_s = (
+        a.budget_s if a.budget_s is not None else (600.0 if a.dry_run else float(sum(PLAN_S.values())))
+    )
     a.sections = [s for s in dict.fromkeys(x.strip() for x in a.sections.split(",")) if s]
     try:
         validate(a, cfg)
@@ -135,7 +195,9 @@ def validate(a, cfg) -> None:
     if bad or not a.sections:
         raise ValueError(f"--sections: unknown {bad}; valid: {', '.join(SECTIONS)}")
     if a.heuristic not in POLICIES or a.heuristic in ("full", "ngc", "oracle"):
-        raise ValueError(f"--heuristic {a.heuristic!r}: a heuristic of ngc_trl.policies other than full/ngc/oracle")
+        raise ValueError(
+            f"--heuristic {a.heuristic!r}: a heuristic of ngc_trl.policies other than full/ngc/oracle"
+        )
     if not a.device.startswith(("cpu", "cuda")):
         raise ValueError(f"--device {a.device!r}: cpu or cuda[:N]")
     if not a.dry_run and not a.device.startswith("cuda"):
@@ -155,8 +217,10 @@ def validate(a, cfg) -> None:
     ev = EvictionConfig(eviction_interval=d["eviction_interval"], block_size=d["block_size"])
     for n in [*d["lengths"], d["fixed_length"]]:
         if n < 1 or not ev.round_positions(d["prompt_len"], d["prompt_len"] + n):
-            raise ValueError(f"length {n}: no eviction round fires with prompt {d['prompt_len']} and "
-                             f"δ={d['eviction_interval']} (NGC would equal the full cache)")
+            raise ValueError(
+                f"length {n}: no eviction round fires with prompt {d['prompt_len']} and "
+                f"δ={d['eviction_interval']} (NGC would equal the full cache)"
+            )
     check_head_dim(PARITY_MODEL, "replay_parity model")
     check_head_dim(decode_bench.SHAPES[d["shape"]][0], f"decode shape {d['shape']}")
     check_head_dim(decode_bench.SHAPES[cfg["train_step"]["shape"]][0], "train_step shape")
@@ -208,10 +272,21 @@ class Run:
         self.machine = decode_bench.machine_info(self.device)
         self._decode_model = None
         self.decode_rows: list[dict] = []
-        self.report = {"check": "gpu_check", "dry_run": args.dry_run, "command": self.command,
-                       "machine": self.machine, "budget_s": args.budget_s, "sections_run": args.sections,
-                       "settings": {"sections": self.cfg, "parity_model": PARITY_MODEL, "heuristic": args.heuristic,
-                                    "max_fixed_batch": args.max_fixed_batch, "seed": args.seed}}
+        self.report = {
+            "check": "gpu_check",
+            "dry_run": args.dry_run,
+            "command": self.command,
+            "machine": self.machine,
+            "budget_s": args.budget_s,
+            "sections_run": args.sections,
+            "settings": {
+                "sections": self.cfg,
+                "parity_model": PARITY_MODEL,
+                "heuristic": args.heuristic,
+                "max_fixed_batch": args.max_fixed_batch,
+                "seed": args.seed,
+            },
+        }
 
     def left(self) -> float:
         """Seconds left to the current section."""
@@ -221,7 +296,7 @@ class Run:
         """Open section ``name``'s allowance: what is left minus the plans of the sections after it (at least
         its own plan, within the total)."""
         now = time.perf_counter()
-        later = self.args.sections[self.args.sections.index(name) + 1:]
+        later = self.args.sections[self.args.sections.index(name) + 1 :]
         remaining = self.deadline - now
         allowance = max(min(PLAN_S[name], remaining), remaining - sum(PLAN_S[s] for s in later))
         self.section_deadline = now + allowance
@@ -234,8 +309,9 @@ class Run:
     def decode_model(self):
         """The random-weight decode model (r1-1.5b shape on GPU, tiny in the dry run), built once."""
         if self._decode_model is None:
-            self._decode_model = decode_bench.build_model(self.cfg["decode"]["shape"], str(self.device), self.dtype,
-                                                          self.args.seed)
+            self._decode_model = decode_bench.build_model(
+                self.cfg["decode"]["shape"], str(self.device), self.dtype, self.args.seed
+            )
         return self._decode_model
 
 
@@ -263,8 +339,18 @@ def parity_rollout(model, s: dict, device, seed: int):
 
     def go(eos):
         torch.manual_seed(seed)
-        return generate_with_eviction(model, ids, mask, cfg, max_new_tokens=n, do_sample=True, temperature=1.0,
-                                      sample_evictions=True, eos_token_id=eos, pad_token_id=0)
+        return generate_with_eviction(
+            model,
+            ids,
+            mask,
+            cfg,
+            max_new_tokens=n,
+            do_sample=True,
+            temperature=1.0,
+            sample_evictions=True,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
 
     probe = go([])
     out = go([int(probe.sequences[min(1, len(lens) - 1), -(n // 3)])])
@@ -282,10 +368,14 @@ def replay_once(model, mask, out, full_mask, cfg, backend: str, backward: bool):
         ev = ctx.eviction_logp(model.config.num_hidden_layers)
         grads = None
         if backward:
-            tok = logp[:, mask.shape[1] - 1:]
+            tok = logp[:, mask.shape[1] - 1 :]
             (ev[out.records.acted].sum() + tok[out.completion_mask].sum()).backward()
-            grads = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).float().flatten()
-                               for q in model.parameters()])
+            grads = torch.cat(
+                [
+                    (q.grad if q.grad is not None else torch.zeros_like(q)).float().flatten()
+                    for q in model.parameters()
+                ]
+            )
             model.zero_grad(set_to_none=True)
     return logp.detach(), ev.detach(), grads
 
@@ -310,28 +400,39 @@ def parity_for_dtype(model, s: dict, device, seed: int) -> dict:
     grad_scale = float(gd.abs().max())
     diffs = {
         "forward_token_logp_all": max_abs(lf[valid], ld[valid]),
-        "forward_token_logp_completion": max_abs(lf[:, p - 1:][comp], ld[:, p - 1:][comp]),
+        "forward_token_logp_completion": max_abs(lf[:, p - 1 :][comp], ld[:, p - 1 :][comp]),
         "forward_eviction_logp": max_abs(ef[acted], ed[acted]),
         "backward_grad_abs": grad_abs,
         "backward_grad_rel": grad_abs / max(grad_scale, 1e-30),
     }
     for name, (lg, ev, _) in res.items():
-        diffs[f"{name}_vs_rollout_token_logp"] = max_abs(lg[:, p - 1:][comp], out.token_logprobs[comp])
+        diffs[f"{name}_vs_rollout_token_logp"] = max_abs(lg[:, p - 1 :][comp], out.token_logprobs[comp])
         diffs[f"{name}_vs_rollout_eviction_logp"] = max_abs(ev[acted], out.records.logp[acted])
     return {
-        "max_abs_diff": diffs, "tolerance": {k: tolerance(v) for k, v in diffs.items()},
-        "backward_backend": backward_backend, "grad_max_abs_dense": grad_scale, "n_params": int(gd.numel()),
-        "completion_lengths": comp.sum(1).tolist(), "rounds_per_row": (out.records.positions >= 0).sum(1).tolist(),
-        "actions": int(acted.sum()), "rows_with_actions": int((acted.sum((1, 2)) > 0).sum()),
+        "max_abs_diff": diffs,
+        "tolerance": {k: tolerance(v) for k, v in diffs.items()},
+        "backward_backend": backward_backend,
+        "grad_max_abs_dense": grad_scale,
+        "n_params": int(gd.numel()),
+        "completion_lengths": comp.sum(1).tolist(),
+        "rounds_per_row": (out.records.positions >= 0).sum(1).tolist(),
+        "actions": int(acted.sum()),
+        "rows_with_actions": int((acted.sum((1, 2)) > 0).sum()),
     }
 
 
 def section_replay_parity(run: Run, res: dict) -> None:
     s = run.cfg["replay_parity"]
-    res["settings"] = {**s, "policy": "ngc", "sample_evictions": True, "eviction_rate": 0.5,
-                       "flex": "torch.compile(flex_attention, dynamic=True)" if run.device.type == "cuda"
-                       else "uncompiled flex_attention (forward only on CPU)",
-                       "loss": "sum of acted eviction log-probs + sum of completion token log-probs"}
+    res["settings"] = {
+        **s,
+        "policy": "ngc",
+        "sample_evictions": True,
+        "eviction_rate": 0.5,
+        "flex": "torch.compile(flex_attention, dynamic=True)"
+        if run.device.type == "cuda"
+        else "uncompiled flex_attention (forward only on CPU)",
+        "loss": "sum of acted eviction log-probs + sum of completion token log-probs",
+    }
     base = parity_model(run.device, run.args.seed)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = base if dtype == torch.float32 else copy.deepcopy(base).to(dtype)
@@ -346,8 +447,10 @@ def section_replay_parity(run: Run, res: dict) -> None:
         "fp32_forward_le_1e-4": fp32["forward_token_logp_all"] <= 1e-4,
         "fp32_eviction_logp_le_1e-4": fp32["forward_eviction_logp"] <= 1e-4,
         "fp32_backward_rel_le_1e-3": fp32["backward_grad_rel"] <= 1e-3,
-        "fp32_flex_vs_rollout_le_1e-4": max(fp32["flex_vs_rollout_token_logp"],
-                                            fp32["flex_vs_rollout_eviction_logp"]) <= 1e-4,
+        "fp32_flex_vs_rollout_le_1e-4": max(
+            fp32["flex_vs_rollout_token_logp"], fp32["flex_vs_rollout_eviction_logp"]
+        )
+        <= 1e-4,
         "bf16_forward_le_2x_noise_floor": bf16["forward_token_logp_all"] <= 2 * noise,
         "bf16_eviction_logp_le_5e-2": bf16["forward_eviction_logp"] <= 5e-2,
         "bf16_backward_rel_le_5e-2": bf16["backward_grad_rel"] <= 5e-2,
@@ -358,9 +461,17 @@ def section_replay_parity(run: Run, res: dict) -> None:
 def decode_namespace(d: dict, batch: int, seed: int) -> SimpleNamespace:
     """The argument set `decode.bench_cell` reads; ``lengths`` holds only the warm-up length (one round)."""
     warm = min(d["eviction_interval"] + d["prompt_len"], min(d["lengths"]))
-    return SimpleNamespace(eviction_interval=d["eviction_interval"], eviction_rate=d["eviction_rate"],
-                           block_size=d["block_size"], compression_ratio=8, batch_size=batch,
-                           prompt_len=d["prompt_len"], seed=seed, lengths=[warm], repeats=1)
+    return SimpleNamespace(
+        eviction_interval=d["eviction_interval"],
+        eviction_rate=d["eviction_rate"],
+        block_size=d["block_size"],
+        compression_ratio=8,
+        batch_size=batch,
+        prompt_len=d["prompt_len"],
+        seed=seed,
+        lengths=[warm],
+        repeats=1,
+    )
 
 
 def timed_cell(run: Run, ns, policy: str, length: int, warmed: set) -> dict:
@@ -401,13 +512,24 @@ def decode_summary(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
         out.setdefault(str(r["length"]), {})[r["policy"]] = {
-            k: r.get(k) for k in ("tokens_per_s", "tokens_per_s_ratio", "peak_kv_bytes", "peak_kv_bytes_ratio",
-                                  "expected_bytes_ratio", "cuda_peak_delta_bytes", "eviction_share", "wall_s")}
+            k: r.get(k)
+            for k in (
+                "tokens_per_s",
+                "tokens_per_s_ratio",
+                "peak_kv_bytes",
+                "peak_kv_bytes_ratio",
+                "expected_bytes_ratio",
+                "cuda_peak_delta_bytes",
+                "eviction_share",
+                "wall_s",
+            )
+        }
     return out
 
 
 def decode_targets(rows: list[dict], lengths: list[int], heuristic: str) -> dict:
     """The section's booleans (None where the cells were not measured)."""
+
     def ratio(n):
         r = [x for x in rows if x["policy"] == "ngc" and x["length"] == n and "tokens_per_s_ratio" in x]
         return r[0]["tokens_per_s_ratio"] if r else None
@@ -418,7 +540,8 @@ def decode_targets(rows: list[dict], lengths: list[int], heuristic: str) -> dict
 
     short, long = ratio(min(lengths)), ratio(max(lengths))
     return {
-        "eviction_share_le_5pct": share_ok("ngc"), "heuristic_eviction_share_le_5pct": share_ok(heuristic),
+        "eviction_share_le_5pct": share_ok("ngc"),
+        "heuristic_eviction_share_le_5pct": share_ok(heuristic),
         "ngc_tokens_per_s_ge_1x_full_at_shortest": None if short is None else short >= 1.0,
         "ngc_tokens_per_s_ge_1.5x_full_at_longest": None if long is None else long >= 1.5,
         "lengths": {"shortest": min(lengths), "longest": max(lengths)},
@@ -429,9 +552,14 @@ def section_decode(run: Run, res: dict) -> None:
     d, heur = run.cfg["decode"], run.args.heuristic
     lengths = sorted(set(d["lengths"]))
     ns = decode_namespace(d, d["batch_size"], run.args.seed)
-    res["settings"] = {**d, "policies": ["full", "ngc", heur], "dtype": str(run.dtype), "warmup_length": ns.lengths[0],
-                       "order": "full and ngc at every length (ascending), then the heuristic",
-                       "eviction_time": "host-timed around each round (on CUDA it may include queued decode work)"}
+    res["settings"] = {
+        **d,
+        "policies": ["full", "ngc", heur],
+        "dtype": str(run.dtype),
+        "warmup_length": ns.lengths[0],
+        "order": "full and ngc at every length (ascending), then the heuristic",
+        "eviction_time": "host-timed around each round (on CUDA it may include queued decode work)",
+    }
     model = run.decode_model()
     res["n_params"] = sum(q.numel() for q in model.parameters())
     res["rows"], res["skipped"] = [], []
@@ -439,14 +567,19 @@ def section_decode(run: Run, res: dict) -> None:
     for length, policy in [(n, q) for n in lengths for q in ("full", "ngc")] + [(n, heur) for n in lengths]:
         est = predict_s(rate, policy, length, 0 if policy in warmed else ns.lengths[0])
         if est is not None and est > run.left():
-            res["skipped"].append({"length": length, "policy": policy, "predicted_s": est, "left_s": run.left()})
+            res["skipped"].append(
+                {"length": length, "policy": policy, "predicted_s": est, "left_s": run.left()}
+            )
             continue
         row = timed_cell(run, ns, policy, length, warmed)
         res["rows"].append(row)
         rate = rates_of(res["rows"])
         run.decode_rows.append(row)
-        print(f"  decode {length:>6} {policy:<8} {row['tokens_per_s']:>10.1f} tok/s  "
-              f"KV {row['peak_kv_bytes'] / 2**20:>9.1f} MiB  evict {100 * row['eviction_share']:.2f}%", flush=True)
+        print(
+            f"  decode {length:>6} {policy:<8} {row['tokens_per_s']:>10.1f} tok/s  "
+            f"KV {row['peak_kv_bytes'] / 2**20:>9.1f} MiB  evict {100 * row['eviction_share']:.2f}%",
+            flush=True,
+        )
         run.flush()
     with_full = {r["length"] for r in res["rows"] if r["policy"] == "full"}
     decode_bench.add_ratios([r for r in res["rows"] if r["length"] in with_full])
@@ -474,8 +607,13 @@ def weights_built_on_device():
 
 def train_namespace(t: dict) -> SimpleNamespace:
     """The argument set `train_step.make_trainer` reads (LoRA on, no gradient checkpointing)."""
-    return SimpleNamespace(**{k: v for k, v in t.items() if k != "shape"}, model_shape=t["shape"], compression_ratio=8,
-                           lora=True, grad_ckpt=False)
+    return SimpleNamespace(
+        **{k: v for k, v in t.items() if k != "shape"},
+        model_shape=t["shape"],
+        compression_ratio=8,
+        lora=True,
+        grad_ckpt=False,
+    )
 
 
 def section_train_step(run: Run, res: dict) -> None:
@@ -483,9 +621,13 @@ def section_train_step(run: Run, res: dict) -> None:
 
     t = run.cfg["train_step"]
     ns, dev = train_namespace(t), run.device.type  # train_step compares the device with "cuda"
-    res["settings"] = {**t, "lora": "r 64, alpha 128, all linear layers", "dtype": str(run.dtype),
-                       "loss_phase": "_compute_loss(...).backward() on the same NGC rollouts, median of repeats",
-                       "step": "trainer.train() steps, first dropped"}
+    res["settings"] = {
+        **t,
+        "lora": "r 64, alpha 128, all linear layers",
+        "dtype": str(run.dtype),
+        "loss_phase": "_compute_loss(...).backward() on the same NGC rollouts, median of repeats",
+        "step": "trainer.train() steps, first dropped",
+    }
 
     def build(kind):  # -> trainer, seconds, CUDA bytes allocated once it is built (None on CPU)
         free_cuda()
@@ -497,7 +639,9 @@ def section_train_step(run: Run, res: dict) -> None:
     ngc, build_s, weights = build("ngc")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    batch = ngc._generate_and_score_completions([{"prompt": ngc.train_dataset[0]["prompt"]}] * t["batch_size"])
+    batch = ngc._generate_and_score_completions(
+        [{"prompt": ngc.train_dataset[0]["prompt"]}] * t["batch_size"]
+    )
     rollout_s = time.perf_counter() - t0
     plain = {k: v for k, v in batch.items() if not k.startswith("ngc_")}
     t0 = time.perf_counter()
@@ -507,7 +651,9 @@ def section_train_step(run: Run, res: dict) -> None:
     res["rounds_per_rollout"] = float((batch["ngc_positions"] >= 0).sum(1).float().mean())
     res["ngc_rollout_s"] = rollout_s
     run.flush()
-    step_est = (t["steps"] + 1) * (rollout_s + 2 * ngc_loss) * 1.3  # per trainer; vanilla generate is no faster
+    step_est = (
+        (t["steps"] + 1) * (rollout_s + 2 * ngc_loss) * 1.3
+    )  # per trainer; vanilla generate is no faster
     need = build_s + loss_s + 2 * step_est
     do_steps = run.left() > need
     res["step"] = {} if do_steps else {"skipped": {"predicted_s": need, "left_s": run.left()}}
@@ -517,29 +663,43 @@ def section_train_step(run: Run, res: dict) -> None:
     del ngc  # one model on the GPU at a time: comparable peaks
     van, _, weights = build("vanilla")
     van_loss, van_loss_mem = train_bench.time_loss_phase(van, plain, dev, t["repeats"])
-    res["loss_phase"].update(vanilla_s=van_loss, vanilla_peak_bytes=van_loss_mem, vanilla_weights_bytes=weights,
-                             ratio=ngc_loss / van_loss)
+    res["loss_phase"].update(
+        vanilla_s=van_loss,
+        vanilla_peak_bytes=van_loss_mem,
+        vanilla_weights_bytes=weights,
+        ratio=ngc_loss / van_loss,
+    )
     if do_steps:
         res["step"]["vanilla_s"], res["step"]["vanilla_peak_bytes"] = train_bench.time_steps(van, dev)
         res["step"]["ratio"] = res["step"]["ngc_s"] / res["step"]["vanilla_s"]
     van.accelerator.free_memory()
     del van
     ratio = res["step"].get("ratio")
-    res["targets"] = {"ngc_loss_phase_le_1.15x_vanilla": res["loss_phase"]["ratio"] <= 1.15,
-                      "ngc_step_le_1.15x_vanilla": None if ratio is None else ratio <= 1.15}
+    res["targets"] = {
+        "ngc_loss_phase_le_1.15x_vanilla": res["loss_phase"]["ratio"] <= 1.15,
+        "ngc_step_le_1.15x_vanilla": None if ratio is None else ratio <= 1.15,
+    }
 
 
 # -------------------------------------------------------------------------------------- 4. fixed budget
 def section_fixed_budget(run: Run, res: dict) -> None:
     d = run.cfg["decode"]
     n, b_full = d["fixed_length"], d["fixed_batch"]
-    res["settings"] = {"length": n, "full_batch": b_full, "max_ngc_batch": run.args.max_fixed_batch,
-                       "budget": "full cache's cache_stats.peak_bytes at (full_batch, length)",
-                       "per_sequence": "peak_kv_bytes / batch of the decode cells at (full_batch, length)"}
+    res["settings"] = {
+        "length": n,
+        "full_batch": b_full,
+        "max_ngc_batch": run.args.max_fixed_batch,
+        "budget": "full cache's cache_stats.peak_bytes at (full_batch, length)",
+        "per_sequence": "peak_kv_bytes / batch of the decode cells at (full_batch, length)",
+    }
     ns = decode_namespace({**d, "lengths": [n]}, b_full, run.args.seed)
     cells, warmed, rate = {}, set(), rates_of(run.decode_rows)
     for policy in ("full", "ngc"):  # reuse the decode section's cells of this batch and length
-        hit = [r for r in run.decode_rows if r["policy"] == policy and r["length"] == n and r["batch_size"] == b_full]
+        hit = [
+            r
+            for r in run.decode_rows
+            if r["policy"] == policy and r["length"] == n and r["batch_size"] == b_full
+        ]
         est = None if hit else predict_s(rate, policy, n, ns.lengths[0])
         if est is not None and est > run.left():
             res["skipped"] = {"cell": f"{policy} at batch {b_full}", "predicted_s": est, "left_s": run.left()}
@@ -554,36 +714,62 @@ def section_fixed_budget(run: Run, res: dict) -> None:
     per_seq = {k: c["peak_kv_bytes"] / b_full for k, c in cells.items()}
     fit = {k: max(1, math.floor(budget / v)) for k, v in per_seq.items()}
     fit["ngc"] = min(fit["ngc"], run.args.max_fixed_batch)
-    res.update(budget_bytes=budget, per_sequence_peak_kv_bytes=per_seq, sequences_fit=fit,
-               sequences_ratio=fit["ngc"] / fit["full"],
-               full={"batch": b_full, "tokens_per_s": full["tokens_per_s"], "peak_kv_bytes": full["peak_kv_bytes"],
-                     "wall_s": full["wall_s"]})
+    res.update(
+        budget_bytes=budget,
+        per_sequence_peak_kv_bytes=per_seq,
+        sequences_fit=fit,
+        sequences_ratio=fit["ngc"] / fit["full"],
+        full={
+            "batch": b_full,
+            "tokens_per_s": full["tokens_per_s"],
+            "peak_kv_bytes": full["peak_kv_bytes"],
+            "wall_s": full["wall_s"],
+        },
+    )
     # rough: decode is partly launch-bound, so time grows slower than the batch; + the warm-up at that batch
     est = ngc["wall_s"] * max(1.0, 0.5 * fit["ngc"] / b_full) * 1.2 * (1 + ns.lengths[0] / n)
     if est > run.left():
         res["ngc_at_fit"] = {"skipped": {"predicted_s": est, "left_s": run.left()}}
         tps_ratio = None
     else:
-        row = timed_cell(run, decode_namespace({**d, "lengths": [n]}, fit["ngc"], run.args.seed), "ngc", n, set())
-        res["ngc_at_fit"] = {"batch": fit["ngc"], "tokens_per_s": row["tokens_per_s"], "wall_s": row["wall_s"],
-                             "peak_kv_bytes": row["peak_kv_bytes"], "fits_budget": row["peak_kv_bytes"] <= budget,
-                             "eviction_share": row["eviction_share"], "cuda_peak_delta_bytes": row["cuda_peak_delta_bytes"]}
+        row = timed_cell(
+            run, decode_namespace({**d, "lengths": [n]}, fit["ngc"], run.args.seed), "ngc", n, set()
+        )
+        res["ngc_at_fit"] = {
+            "batch": fit["ngc"],
+            "tokens_per_s": row["tokens_per_s"],
+            "wall_s": row["wall_s"],
+            "peak_kv_bytes": row["peak_kv_bytes"],
+            "fits_budget": row["peak_kv_bytes"] <= budget,
+            "eviction_share": row["eviction_share"],
+            "cuda_peak_delta_bytes": row["cuda_peak_delta_bytes"],
+        }
         tps_ratio = row["tokens_per_s"] / full["tokens_per_s"]
     res["tokens_per_s_ratio"] = tps_ratio
-    res["targets"] = {"sequences_ge_2x": res["sequences_ratio"] >= 2.0,
-                      "tokens_per_s_ge_1.8x": None if tps_ratio is None else tps_ratio >= 1.8}
+    res["targets"] = {
+        "sequences_ge_2x": res["sequences_ratio"] >= 2.0,
+        "tokens_per_s_ge_1.8x": None if tps_ratio is None else tps_ratio >= 1.8,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- main
-RUNNERS = {"replay_parity": section_replay_parity, "decode": section_decode, "train_step": section_train_step,
-           "fixed_budget": section_fixed_budget}
+RUNNERS = {
+    "replay_parity": section_replay_parity,
+    "decode": section_decode,
+    "train_step": section_train_step,
+    "fixed_budget": section_fixed_budget,
+}
 
 
 def run_section(run: Run, name: str) -> dict:
     """Run one section into ``report[name]``; an exception is recorded there (what it filled so far stays)."""
     allowance = run.start(name)
-    res = run.report[name] = {"status": "running", "command": run.command, "machine": run.machine,
-                              "allowance_s": allowance}
+    res = run.report[name] = {
+        "status": "running",
+        "command": run.command,
+        "machine": run.machine,
+        "allowance_s": allowance,
+    }
     run.flush()
     print(f"[{name}] allowance {allowance:.0f}s", flush=True)
     t0 = time.perf_counter()
@@ -602,19 +788,34 @@ def run_section(run: Run, name: str) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = Run(args)
-    print(f"gpu_check{' (dry run)' if args.dry_run else ''} on {run.machine.get('device_name', args.device)}, "
-          f"sections {','.join(args.sections)}, budget {args.budget_s:.0f}s -> {args.out}", flush=True)
+    print(
+        f"gpu_check{' (dry run)' if args.dry_run else ''} on {run.machine.get('device_name', args.device)}, "
+        f"sections {','.join(args.sections)}, budget {args.budget_s:.0f}s -> {args.out}",
+        flush=True,
+    )
     for name in SECTIONS:
         if name not in args.sections:
             run.report[name] = {"status": "not_selected"}
     for name in args.sections:
         run_section(run, name)
-    run.report["targets"] = {f"{name}.{k}": v for name in args.sections
-                             for k, v in run.report[name].get("targets", {}).items() if isinstance(v, bool) or v is None}
+    run.report["targets"] = {
+        f"{name}.{k}": v
+        for name in args.sections
+        for k, v in run.report[name].get("targets", {}).items()
+        if isinstance(v, bool) or v is None
+    }
     run.report["errors"] = [name for name in args.sections if run.report[name]["status"] == "error"]
     run.flush()
-    print(json.dumps({"targets": run.report["targets"], "errors": run.report["errors"],
-                      "total_s": run.report["total_s"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "targets": run.report["targets"],
+                "errors": run.report["errors"],
+                "total_s": run.report["total_s"],
+            },
+            indent=2,
+        )
+    )
     return run.report
 
 

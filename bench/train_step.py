@@ -51,9 +51,17 @@ from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
 
 def build_model(shape: str, vocab: int, device: str, dtype):
     if shape == "r1-1.5b":
-        cfg = Qwen2Config(vocab_size=max(vocab, 151936), hidden_size=1536, intermediate_size=8960,
-                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                          max_position_embeddings=131072, rope_theta=10000.0, tie_word_embeddings=False)
+        cfg = Qwen2Config(
+            vocab_size=max(vocab, 151936),
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=131072,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+        )
     else:
         cfg = tiny_qwen2_config(vocab, num_layers=4, hidden=256, heads=8, kv_heads=2, initializer_range=0.2)
     torch.manual_seed(0)
@@ -67,15 +75,31 @@ def never_stop_reward(completions, **kw):
 def make_trainer(kind, a, tok, device, dtype):
     model = build_model(a.model_shape, len(tok), device, dtype)
     model.generation_config.eos_token_id = None  # every rollout runs to completion_len
-    common = dict(output_dir="/tmp/ngc-bench", per_device_train_batch_size=a.batch_size,
-                  num_generations=a.num_generations, max_completion_length=a.completion_len, max_steps=a.steps + 1,
-                  learning_rate=1e-6, report_to="none", save_strategy="no", logging_steps=1,
-                  use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, gradient_checkpointing=a.grad_ckpt,
-                  loss_type="dr_grpo", scale_rewards="none", seed=0)
+    common = dict(
+        output_dir="/tmp/ngc-bench",
+        per_device_train_batch_size=a.batch_size,
+        num_generations=a.num_generations,
+        max_completion_length=a.completion_len,
+        max_steps=a.steps + 1,
+        learning_rate=1e-6,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=device == "cpu",
+        bf16=dtype == torch.bfloat16,
+        gradient_checkpointing=a.grad_ckpt,
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        seed=0,
+    )
     ds = Dataset.from_dict({"prompt": ["nums 3 5 7 8 target 24\n" * (a.prompt_len // 24 + 1)][:1] * 64})
     if kind == "ngc":
-        args = NGCConfig(**common, eviction_interval=a.eviction_interval, eviction_rate=a.eviction_rate,
-                         block_size=a.block_size)
+        args = NGCConfig(
+            **common,
+            eviction_interval=a.eviction_interval,
+            eviction_rate=a.eviction_rate,
+            block_size=a.block_size,
+        )
         cls = NGCTrainer
     elif kind == "breadcrumbs":
         args, cls = BreadcrumbsConfig(**common, compression_ratio=a.compression_ratio), BreadcrumbsTrainer
@@ -85,10 +109,19 @@ def make_trainer(kind, a, tok, device, dtype):
     if a.lora:
         from peft import LoraConfig
 
-        peft = LoraConfig(r=64, lora_alpha=128, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                 "up_proj", "down_proj"])
-    return cls(model=model, reward_funcs=never_stop_reward, args=args, train_dataset=ds, processing_class=tok,
-               peft_config=peft)
+        peft = LoraConfig(
+            r=64,
+            lora_alpha=128,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
+    return cls(
+        model=model,
+        reward_funcs=never_stop_reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft,
+    )
 
 
 def sync(device):
@@ -118,7 +151,9 @@ def time_steps(trainer, device):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    steps = [h["step_time"] for h in trainer.state.log_history if "step_time" in h][1:]  # drop the warm-up step
+    steps = [h["step_time"] for h in trainer.state.log_history if "step_time" in h][
+        1:
+    ]  # drop the warm-up step
     return statistics.median(steps), (torch.cuda.max_memory_allocated() if device == "cuda" else None)
 
 
@@ -176,8 +211,15 @@ def recipe_throughput(a, overrides: list[str]) -> dict:
     cls = NGCTrainer
     originals.append((cls, "_generate_single_turn", timer.wrap(cls, "_generate_single_turn", "rollout")))
     replay = "_get_per_token_logps_and_entropies"
-    originals.append((cls, replay, timer.wrap(
-        cls, replay, lambda *_: "replay_forward" if torch.is_grad_enabled() else "replay_no_grad")))
+    originals.append(
+        (
+            cls,
+            replay,
+            timer.wrap(
+                cls, replay, lambda *_: "replay_forward" if torch.is_grad_enabled() else "replay_no_grad"
+            ),
+        )
+    )
     originals.append((Accelerator, "backward", timer.wrap(Accelerator, "backward", "backward")))
     gen = cls._generate_single_turn
 
@@ -188,16 +230,32 @@ def recipe_throughput(a, overrides: list[str]) -> dict:
     cls._generate_single_turn = counted
     trainer_init = Trainer.__init__
 
-    def init_with_timer(self, *args, **kwargs):  # the CLI builds the trainer itself: attach the step timer there
+    def init_with_timer(
+        self, *args, **kwargs
+    ):  # the CLI builds the trainer itself: attach the step timer there
         trainer_init(self, *args, **kwargs)
         self.add_callback(timer.callback())
 
     Trainer.__init__ = init_with_timer
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            train_cli.main(["--config", a.recipe, "--max_steps", str(a.steps + 1), "--output_dir", tmp,
-                            "--save_strategy", "no", "--eval_after_train", "false", "--report_to", "none",
-                            *overrides])
+            train_cli.main(
+                [
+                    "--config",
+                    a.recipe,
+                    "--max_steps",
+                    str(a.steps + 1),
+                    "--output_dir",
+                    tmp,
+                    "--save_strategy",
+                    "no",
+                    "--eval_after_train",
+                    "false",
+                    "--report_to",
+                    "none",
+                    *overrides,
+                ]
+            )
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
@@ -209,12 +267,21 @@ def recipe_throughput(a, overrides: list[str]) -> dict:
     per_step["other"] = per_step["step"] - sum(per_step[k] for k in phases)
     rollouts_per_step = sum(rows) / len(timer.steps)
     return {
-        "benchmark": "train_step_recipe", "command": " ".join(sys.argv), "recipe": a.recipe, "overrides": overrides,
-        "machine": {"torch": torch.__version__, "platform": platform.platform(), "cpus": torch.get_num_threads()},
-        "steps_measured": len(measured), "rollouts_per_step": rollouts_per_step,
+        "benchmark": "train_step_recipe",
+        "command": " ".join(sys.argv),
+        "recipe": a.recipe,
+        "overrides": overrides,
+        "machine": {
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "cpus": torch.get_num_threads(),
+        },
+        "steps_measured": len(measured),
+        "rollouts_per_step": rollouts_per_step,
         "rollouts_per_s": rollouts_per_step * len(measured) / total,
         "rollouts_in_45_min": rollouts_per_step * len(measured) / total * 45 * 60,
-        "seconds_per_step": per_step, "share": {k: per_step[k] / per_step["step"] for k in phases + ["other"]},
+        "seconds_per_step": per_step,
+        "share": {k: per_step[k] / per_step["step"] for k in phases + ["other"]},
     }
 
 
@@ -237,8 +304,8 @@ def main():
     p.add_argument("--grad_ckpt", action="store_true")
     p.add_argument("--out", default="outputs/bench/train_step.json")
     argv = sys.argv[1:]
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if a.recipe is not None:
         out = recipe_throughput(a, overrides)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +316,9 @@ def main():
     tok = char_tokenizer()
     ngc = make_trainer("ngc", a, tok, a.device, dtype)
     vanilla = make_trainer("vanilla", a, tok, a.device, dtype)
-    crumbs = make_trainer("breadcrumbs", a, char_tokenizer(), a.device, dtype)  # own tokenizer: gets the beacon
+    crumbs = make_trainer(
+        "breadcrumbs", a, char_tokenizer(), a.device, dtype
+    )  # own tokenizer: gets the beacon
 
     # the same rollouts for both loss phases (NGC's, with their eviction records)
     torch.manual_seed(0)
@@ -263,26 +332,58 @@ def main():
     bc_step, bc_mem = time_steps(crumbs, a.device)
     ratio = ngc_loss / van_loss
     out = {
-        "benchmark": "train_step", "command": " ".join(sys.argv), "settings": vars(a),
-        "machine": {"torch": torch.__version__, "platform": platform.platform(), "cpus": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu"},
-        "loss_phase": {"ngc_s": ngc_loss, "vanilla_s": van_loss, "ratio": ratio, "target": 1.15,
-                       "meets_target": ratio <= 1.15, "ngc_peak_bytes": ngc_loss_mem, "vanilla_peak_bytes": van_loss_mem},
-        "step": {"ngc_s": ngc_step, "vanilla_s": van_step, "ratio": ngc_step / van_step,
-                 "ngc_peak_bytes": ngc_mem, "vanilla_peak_bytes": van_mem},
+        "benchmark": "train_step",
+        "command": " ".join(sys.argv),
+        "settings": vars(a),
+        "machine": {
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "cpus": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+        },
+        "loss_phase": {
+            "ngc_s": ngc_loss,
+            "vanilla_s": van_loss,
+            "ratio": ratio,
+            "target": 1.15,
+            "meets_target": ratio <= 1.15,
+            "ngc_peak_bytes": ngc_loss_mem,
+            "vanilla_peak_bytes": van_loss_mem,
+        },
+        "step": {
+            "ngc_s": ngc_step,
+            "vanilla_s": van_step,
+            "ratio": ngc_step / van_step,
+            "ngc_peak_bytes": ngc_mem,
+            "vanilla_peak_bytes": van_mem,
+        },
         "rounds_per_rollout": float((batch["ngc_positions"] >= 0).sum(1).float().mean()),
         "breadcrumbs": {
-            "compression_ratio": a.compression_ratio, "lora": a.lora,
-            "loss_phase": {"breadcrumbs_s": bc_loss, "vanilla_s": van_loss, "ratio": bc_loss / van_loss,
-                           "breadcrumbs_peak_bytes": bc_loss_mem, "vanilla_peak_bytes": van_loss_mem},
-            "step": {"breadcrumbs_s": bc_step, "vanilla_s": van_step, "ratio": bc_step / van_step, "target": 1.5,
-                     "meets_target": bc_step / van_step <= 1.5, "breadcrumbs_peak_bytes": bc_mem,
-                     "vanilla_peak_bytes": van_mem},
+            "compression_ratio": a.compression_ratio,
+            "lora": a.lora,
+            "loss_phase": {
+                "breadcrumbs_s": bc_loss,
+                "vanilla_s": van_loss,
+                "ratio": bc_loss / van_loss,
+                "breadcrumbs_peak_bytes": bc_loss_mem,
+                "vanilla_peak_bytes": van_loss_mem,
+            },
+            "step": {
+                "breadcrumbs_s": bc_step,
+                "vanilla_s": van_step,
+                "ratio": bc_step / van_step,
+                "target": 1.5,
+                "meets_target": bc_step / van_step <= 1.5,
+                "breadcrumbs_peak_bytes": bc_mem,
+                "vanilla_peak_bytes": van_mem,
+            },
         },
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps({k: out[k] for k in ("loss_phase", "step", "rounds_per_rollout", "breadcrumbs")}, indent=2))
+    print(
+        json.dumps({k: out[k] for k in ("loss_phase", "step", "rounds_per_rollout", "breadcrumbs")}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,16 @@ def _flash_decode(query, layer, scaling):
     cu_q = torch.arange(b + 1, device=query.device, dtype=torch.int32)
     cu_k = cu_q * cap
     out = varlen_attn(
-        query[:, :, 0], layer.keys.view(b * cap, -1, d), layer.values.view(b * cap, -1, d),
-        cu_q, cu_k, 1, cap, scale=scaling, enable_gqa=True, seqused_k=seqlens,
+        query[:, :, 0],
+        layer.keys.view(b * cap, -1, d),
+        layer.values.view(b * cap, -1, d),
+        cu_q,
+        cu_k,
+        1,
+        cap,
+        scale=scaling,
+        enable_gqa=True,
+        seqused_k=seqlens,
     )
     return out.view(b, 1, h, d)
 
@@ -77,7 +85,9 @@ def _rollout_attention(module, query, key, value, cache, scaling):
     q_pos, q_valid = cache.step_pos, cache.step_valid
     layer.push_queries(query, q_pos, q_valid)
     if (
-        query.is_cuda and query.shape[2] == 1 and query.dtype in (torch.float16, torch.bfloat16)
+        query.is_cuda
+        and query.shape[2] == 1
+        and query.dtype in (torch.float16, torch.bfloat16)
         and layer.attention_sum is None
     ):
         out = _flash_decode(query, layer, scaling)
@@ -104,7 +114,9 @@ def ngc_attention_forward(module, query, key, value, attention_mask, dropout=0.0
     if replay is not None:
         return replay.attend(module, query, key, value, scaling), None
     kwargs.pop("ngc_cache", None), kwargs.pop("ngc_replay", None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
 
 
 AttentionInterface.register(ATTN_NAME, ngc_attention_forward)

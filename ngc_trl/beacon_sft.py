@@ -28,8 +28,9 @@ from trl import SFTTrainer
 from ngc_trl.beacons import beacon_forward, beacon_layout
 
 
-def split_prompt_completion(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                            pad_token_id: int):
+def split_prompt_completion(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_token_id: int
+):
     """Split a collated SFT batch into left-padded prompts and right-padded completions.
 
     Parameters
@@ -57,8 +58,8 @@ def split_prompt_completion(input_ids: torch.Tensor, attention_mask: torch.Tenso
     completion_mask = torch.zeros((bsz, t), dtype=torch.long, device=input_ids.device)
     for b in range(bsz):
         f, n = int(first[b]), int(n_valid[b])
-        prompt_ids[b, p - f:] = input_ids[b, :f]
-        prompt_mask[b, p - f:] = 1
+        prompt_ids[b, p - f :] = input_ids[b, :f]
+        prompt_mask[b, p - f :] = 1
         completion_ids[b, : n - f] = input_ids[b, f:n]
         completion_mask[b, : n - f] = 1
     return prompt_ids, prompt_mask, completion_ids, completion_mask
@@ -79,7 +80,9 @@ class BeaconSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         from ngc_trl.attention import enable_ngc_attention
 
-        enable_ngc_attention(self.model)  # plain SDPA without NGC kwargs; gradient checkpointing recomputes in backward
+        enable_ngc_attention(
+            self.model
+        )  # plain SDPA without NGC kwargs; gradient checkpointing recomputes in backward
         if self.args.packing or self.args.padding_free:
             raise ValueError("BeaconSFTTrainer: packing / padding_free batches are not supported")
         self.beacon_token_id, self.compression_ratios = beacon_token_id, list(compression_ratios)
@@ -90,13 +93,17 @@ class BeaconSFTTrainer(SFTTrainer):
         by ``num_items_in_batch`` when the Trainer gives it, as its own loss)."""
         pad = self.processing_class.pad_token_id or 0
         prompt_ids, prompt_mask, completion_ids, completion_mask = split_prompt_completion(
-            inputs["input_ids"], inputs["attention_mask"], inputs["labels"], pad)
+            inputs["input_ids"], inputs["attention_mask"], inputs["labels"], pad
+        )
         rng = random.Random(f"{self.args.seed}|{self._calls}|{self.accelerator.process_index}")
         self._calls += 1
-        ratios = torch.tensor([rng.choice(self.compression_ratios) for _ in range(prompt_ids.shape[0])],
-                              device=prompt_ids.device)
-        layout = beacon_layout(prompt_ids, prompt_mask, completion_ids, completion_mask, ratios,
-                               self.beacon_token_id)
+        ratios = torch.tensor(
+            [rng.choice(self.compression_ratios) for _ in range(prompt_ids.shape[0])],
+            device=prompt_ids.device,
+        )
+        layout = beacon_layout(
+            prompt_ids, prompt_mask, completion_ids, completion_mask, ratios, self.beacon_token_id
+        )
         logits = beacon_forward(model, layout)  # (B, T, V)
         mask = completion_mask.bool()
         nll = F.cross_entropy(logits[mask].float(), completion_ids[mask], reduction="sum")

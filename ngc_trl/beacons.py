@@ -124,8 +124,9 @@ class BeaconLayout:
         return self.attention_mask.bool()[:, None, :] & causal[None] & alive
 
 
-def beacon_layout(prompt_ids, prompt_mask, completion_ids, completion_mask, compression_ratio,
-                  beacon_token_id: int) -> BeaconLayout:
+def beacon_layout(
+    prompt_ids, prompt_mask, completion_ids, completion_mask, compression_ratio, beacon_token_id: int
+) -> BeaconLayout:
     """Interleave beacons into left-padded prompts + right-padded completions, as the rollout fed them.
 
     Parameters
@@ -167,17 +168,32 @@ def beacon_layout(prompt_ids, prompt_mask, completion_ids, completion_mask, comp
 
     ids = place(prompt_ids.long(), completion_ids.long(), torch.full_like(beacon_slot, beacon_token_id), 0)
     valid = place(prompt_mask.bool(), completion_mask.bool(), has_beacon, False)
-    is_beacon = place(torch.zeros_like(prompt_mask, dtype=torch.bool), torch.zeros_like(completion_mask, dtype=torch.bool),
-                      has_beacon, False)
+    is_beacon = place(
+        torch.zeros_like(prompt_mask, dtype=torch.bool),
+        torch.zeros_like(completion_mask, dtype=torch.bool),
+        has_beacon,
+        False,
+    )
     window = ar_t // c[:, None]  # window of each completion token; beacon `window` closes it
-    death_comp = torch.where((window < nb[:, None]) & (ar_t < n[:, None]), p + (window + 1) * (c[:, None] + 1), NEVER)
-    death = place(torch.full_like(prompt_ids, NEVER, dtype=torch.long), death_comp,
-                  torch.full_like(beacon_slot, NEVER), NEVER)
+    death_comp = torch.where(
+        (window < nb[:, None]) & (ar_t < n[:, None]), p + (window + 1) * (c[:, None] + 1), NEVER
+    )
+    death = place(
+        torch.full_like(prompt_ids, NEVER, dtype=torch.long),
+        death_comp,
+        torch.full_like(beacon_slot, NEVER),
+        NEVER,
+    )
     completion_index = torch.cat([torch.full((bsz, min(t, 1)), p - 1, device=device), comp_slot[:, :-1]], 1)
     return BeaconLayout(
-        input_ids=ids, attention_mask=valid.long(), position_ids=(valid.long().cumsum(1) - 1).clamp(min=0),
-        death=death, is_beacon=is_beacon, completion_index=completion_index.long(),
-        completion_ids=completion_ids, completion_mask=completion_mask.bool(),
+        input_ids=ids,
+        attention_mask=valid.long(),
+        position_ids=(valid.long().cumsum(1) - 1).clamp(min=0),
+        death=death,
+        is_beacon=is_beacon,
+        completion_index=completion_index.long(),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask.bool(),
     )
 
 
@@ -196,8 +212,13 @@ def backbone_and_head(model):
     return net.base_model, net.get_output_embeddings()
 
 
-def beacon_forward(model, layout: BeaconLayout, logits_to_keep: int | None = None, backend: str = "auto",
-                   return_hidden: bool = False):
+def beacon_forward(
+    model,
+    layout: BeaconLayout,
+    logits_to_keep: int | None = None,
+    backend: str = "auto",
+    return_hidden: bool = False,
+):
     """One forward pass over the interleaved sequence under the beacon mask, with autograd.
 
     Reuses the ``"ngc"`` attention's replay path (`ngc_trl.replay.ReplayContext` with a death tensor
@@ -222,7 +243,9 @@ def beacon_forward(model, layout: BeaconLayout, logits_to_keep: int | None = Non
     ``completion_ids[:, t]`` (``[:, -k:]``); beacon slots are never returned. ``(B, T, H)`` hidden states
     with ``return_hidden``.
     """
-    index = layout.completion_index if logits_to_keep is None else layout.completion_index[:, -logits_to_keep:]
+    index = (
+        layout.completion_index if logits_to_keep is None else layout.completion_index[:, -logits_to_keep:]
+    )
     s = layout.input_ids.shape[1]
     first = int(index.min()) if index.numel() else s - 1
     valid = layout.attention_mask.bool()
@@ -230,13 +253,21 @@ def beacon_forward(model, layout: BeaconLayout, logits_to_keep: int | None = Non
     death = torch.where(layout.death == NEVER, layout.death, layout.death - offset[:, None])
     ctx = ReplayContext(layout.attention_mask, death=death, backend=backend)
     captured = []
-    hook = backbone_and_head(model)[0].register_forward_hook(
-        lambda m, a, out: captured.append(last_hidden(out))
-    ) if return_hidden else None
+    hook = (
+        backbone_and_head(model)[0].register_forward_hook(lambda m, a, out: captured.append(last_hidden(out)))
+        if return_hidden
+        else None
+    )
     try:
         with use_ngc_attention(model):
-            out = model(input_ids=layout.input_ids, attention_mask=no_mask(model), position_ids=layout.position_ids,
-                        ngc_replay=ctx, use_cache=False, logits_to_keep=1 if return_hidden else s - first)
+            out = model(
+                input_ids=layout.input_ids,
+                attention_mask=no_mask(model),
+                position_ids=layout.position_ids,
+                ngc_replay=ctx,
+                use_cache=False,
+                logits_to_keep=1 if return_hidden else s - first,
+            )
     finally:
         if hook is not None:
             hook.remove()
@@ -253,7 +284,9 @@ def beacon_logprobs(model, layout: BeaconLayout, temperature: float = 1.0) -> to
     if layout.completion_ids is None:
         raise ValueError("beacon_logprobs: the layout has no completion_ids (build it with beacon_layout)")
     logits = beacon_forward(model, layout)
-    logp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, layout.completion_ids[..., None].long())[..., 0]
+    logp = torch.log_softmax(logits.float() / temperature, -1).gather(
+        -1, layout.completion_ids[..., None].long()
+    )[..., 0]
     if layout.completion_mask is not None:
         logp = torch.where(layout.completion_mask, logp, torch.zeros_like(logp))
     return logp

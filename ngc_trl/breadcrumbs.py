@@ -106,14 +106,27 @@ class BreadcrumbsConfig(GRPOConfig):
     """
 
     # list[int] so that the CLI takes one or several values; an int is kept as an int
-    compression_ratio: list[int] = field(default=8, metadata={"help": "c (int), or several to draw per rollout."})
-    distill_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the student's distillation loss."})
-    kl_direction: str = field(default="forward", metadata={"help": "forward = KL(teacher||student) | reverse"})
-    distill_chunk_size: int = field(default=512, metadata={"help": "Tokens per chunk of the vocabulary-wide KL."})
-    student_learning_rate: float | None = field(default=None, metadata={
-        "help": "Peak learning rate of the student (default: learning_rate)."})
-    student_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Full fine-tuning: start the student from this model (e.g. a beacon warm start), not a teacher copy."})
+    compression_ratio: list[int] = field(
+        default=8, metadata={"help": "c (int), or several to draw per rollout."}
+    )
+    distill_loss_coef: float = field(
+        default=1.0, metadata={"help": "Weight of the student's distillation loss."}
+    )
+    kl_direction: str = field(
+        default="forward", metadata={"help": "forward = KL(teacher||student) | reverse"}
+    )
+    distill_chunk_size: int = field(
+        default=512, metadata={"help": "Tokens per chunk of the vocabulary-wide KL."}
+    )
+    student_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the student (default: learning_rate)."}
+    )
+    student_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning: start the student from this model (e.g. a beacon warm start), not a teacher copy."
+        },
+    )
     beacon_token: str = field(default=BEACON_TOKEN, metadata={"help": "The beacon special token."})
     beacon_init: str = field(default="mean", metadata={"help": "Beacon embedding init: mean | eos | random."})
     teacher_adapter_name: str = field(default="teacher", metadata={"help": "LoRA adapter of the teacher."})
@@ -142,15 +155,25 @@ class BreadcrumbsConfig(GRPOConfig):
             bad("compression_ratio", "must be an integer >= 2 or a non-empty list of them")
         self.compression_ratio = c if isinstance(c, int) else list(c)
         coef = self.distill_loss_coef
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0 or coef == float("inf"):
+        if (
+            isinstance(coef, bool)
+            or not isinstance(coef, (int, float))
+            or not coef >= 0
+            or coef == float("inf")
+        ):
             bad("distill_loss_coef", "must be a finite number >= 0")
         if self.kl_direction not in KL_DIRECTIONS:
             bad("kl_direction", f"must be one of {KL_DIRECTIONS}")
         lr = self.student_learning_rate
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
+        if lr is not None and (
+            isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")
+        ):
             bad("student_learning_rate", "must be a finite number > 0, or None")
-        if isinstance(self.distill_chunk_size, bool) or not isinstance(self.distill_chunk_size, int) \
-                or self.distill_chunk_size <= 0:
+        if (
+            isinstance(self.distill_chunk_size, bool)
+            or not isinstance(self.distill_chunk_size, int)
+            or self.distill_chunk_size <= 0
+        ):
             bad("distill_chunk_size", "must be a positive integer")
         if not isinstance(self.beacon_token, str) or not self.beacon_token.strip():
             bad("beacon_token", "must be a non-empty string")
@@ -168,14 +191,23 @@ class BreadcrumbsConfig(GRPOConfig):
         if path is not None and (not isinstance(path, str) or not path.strip()):
             bad("student_model_name_or_path", "must be a model folder or Hub id, or None")
         if self.use_vllm:
-            bad("use_vllm", "not supported (the vocabulary grows by the beacon token; use transformers generation)")
+            bad(
+                "use_vllm",
+                "not supported (the vocabulary grows by the beacon token; use transformers generation)",
+            )
         for name in ("use_transformers_paged", "use_transformers_continuous_batching"):
             if getattr(self, name, False):
-                bad(name, "not supported (the teacher's rollouts must suppress the beacon token, which only the "
-                          "plain transformers generation path is tested to do)")
+                bad(
+                    name,
+                    "not supported (the teacher's rollouts must suppress the beacon token, which only the "
+                    "plain transformers generation path is tested to do)",
+                )
         if self.use_liger_kernel:
-            bad("use_liger_kernel", "not supported (Liger patches the teacher when training starts but not the "
-                                    "student copy, and the beacon replay has not been checked with its kernels)")
+            bad(
+                "use_liger_kernel",
+                "not supported (Liger patches the teacher when training starts but not the "
+                "student copy, and the beacon replay has not been checked with its kernels)",
+            )
 
     @property
     def compression_ratios(self) -> list[int]:
@@ -184,8 +216,15 @@ class BreadcrumbsConfig(GRPOConfig):
         return [c] if isinstance(c, int) else list(c)
 
 
-def token_kl(student_logits, teacher_hidden, lm_head, mask, direction: str = "forward", chunk_size: int = 512,
-             student_head=None):
+def token_kl(
+    student_logits,
+    teacher_hidden,
+    lm_head,
+    mask,
+    direction: str = "forward",
+    chunk_size: int = 512,
+    student_head=None,
+):
     """Per-token vocabulary-wide KL between the student and the teacher, computed chunk by chunk.
 
     Parameters
@@ -243,7 +282,11 @@ def _pin_checkpoint_adapters(model) -> None:
 
     for layer in model.modules():
         fn = getattr(layer, "_gradient_checkpointing_func", None)
-        if not isinstance(layer, GradientCheckpointingLayer) or fn is None or getattr(fn, "_bc_pinned", False):
+        if (
+            not isinstance(layer, GradientCheckpointingLayer)
+            or fn is None
+            or getattr(fn, "_bc_pinned", False)
+        ):
             continue
         loras = [m for m in layer.modules() if isinstance(m, BaseTunerLayer)]
         if not loras:
@@ -283,8 +326,17 @@ class BreadcrumbsTrainer(GRPOTrainer):
         "journal={arXiv:2510.13797}, year={2025}}",
     }
 
-    def __init__(self, model, reward_funcs=None, args: BreadcrumbsConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: BreadcrumbsConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs,
+    ):
         if not isinstance(args, BreadcrumbsConfig):
             raise TypeError("BreadcrumbsTrainer needs args=BreadcrumbsConfig(...)")
         if args.load_best_model_at_end:
@@ -312,11 +364,15 @@ class BreadcrumbsTrainer(GRPOTrainer):
         self.student_model = None
         if self.use_lora:
             if args.student_model_name_or_path:
-                raise ValueError("BreadcrumbsConfig.student_model_name_or_path needs full fine-tuning (no peft_config): "
-                                 "with LoRA the student adapter starts as the teacher's")
+                raise ValueError(
+                    "BreadcrumbsConfig.student_model_name_or_path needs full fine-tuning (no peft_config): "
+                    "with LoRA the student adapter starts as the teacher's"
+                )
             if args.beta != 0.0:
-                raise ValueError("BreadcrumbsTrainer with LoRA supports beta=0 only (TRL's reference adapter "
-                                 "logic assumes a single 'default' adapter)")
+                raise ValueError(
+                    "BreadcrumbsTrainer with LoRA supports beta=0 only (TRL's reference adapter "
+                    "logic assumes a single 'default' adapter)"
+                )
             from peft import get_peft_model
 
             t_name, s_name = args.teacher_adapter_name, args.student_adapter_name
@@ -335,15 +391,24 @@ class BreadcrumbsTrainer(GRPOTrainer):
             self.student_model = copy.deepcopy(model)  # before TRL patches the forward
         enable_ngc_attention(model if self.use_lora else self.student_model)
 
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
 
         if self.use_lora:
             self._student_params = [p for n, p in self.model.named_parameters() if f".{s_name}." in n]
         else:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise NotImplementedError("BreadcrumbsTrainer: full fine-tuning of two models under DeepSpeed/FSDP "
-                                          "is not supported; use LoRA (peft_config)")
+                raise NotImplementedError(
+                    "BreadcrumbsTrainer: full fine-tuning of two models under DeepSpeed/FSDP "
+                    "is not supported; use LoRA (peft_config)"
+                )
             student = self.student_model
             student.config.use_cache = False
             if args.disable_dropout:
@@ -351,10 +416,15 @@ class BreadcrumbsTrainer(GRPOTrainer):
 
                 disable_dropout_in_model(student)
             if args.gradient_checkpointing:
-                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+                student.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
+                )
             student.requires_grad_(self.train_student)
-            self.student_wrapped = self.accelerator.prepare_model(student) if self.train_student else \
-                student.to(self.accelerator.device)
+            self.student_wrapped = (
+                self.accelerator.prepare_model(student)
+                if self.train_student
+                else student.to(self.accelerator.device)
+            )
             self._student_params = list(student.parameters())
         self._student_ids = {id(p) for p in self._student_params}
 
@@ -369,33 +439,50 @@ class BreadcrumbsTrainer(GRPOTrainer):
         try:
             student = AutoModelForCausalLM.from_pretrained(path, **(args.model_init_kwargs or {}))
         except OSError as e:
-            raise ValueError(f"BreadcrumbsConfig.student_model_name_or_path={path!r}: cannot load it ({e}); build a "
-                             f"beacon warm start with `python -m ngc_trl.testbed --beacon_ratios ...` or pass None") from e
+            raise ValueError(
+                f"BreadcrumbsConfig.student_model_name_or_path={path!r}: cannot load it ({e}); build a "
+                f"beacon warm start with `python -m ngc_trl.testbed --beacon_ratios ...` or pass None"
+            ) from e
         own = load_tokenizer(path)
         if own.convert_tokens_to_ids(args.beacon_token) != self.beacon_token_id or len(own) != len(tokenizer):
-            raise ValueError(f"BreadcrumbsConfig.student_model_name_or_path={path!r}: its tokenizer must equal the "
-                             f"teacher's plus {args.beacon_token!r} at id {self.beacon_token_id} (a beacon warm start "
-                             f"of the same base)")
+            raise ValueError(
+                f"BreadcrumbsConfig.student_model_name_or_path={path!r}: its tokenizer must equal the "
+                f"teacher's plus {args.beacon_token!r} at id {self.beacon_token_id} (a beacon warm start "
+                f"of the same base)"
+            )
         rows = teacher.get_input_embeddings().weight.shape[0]
         if student.get_input_embeddings().weight.shape[0] != rows:
-            raise ValueError(f"BreadcrumbsConfig.student_model_name_or_path={path!r}: {rows} embedding rows expected "
-                             f"(the teacher's), got {student.get_input_embeddings().weight.shape[0]}")
+            raise ValueError(
+                f"BreadcrumbsConfig.student_model_name_or_path={path!r}: {rows} embedding rows expected "
+                f"(the teacher's), got {student.get_input_embeddings().weight.shape[0]}"
+            )
         student.to(teacher.dtype)
         return student
 
     # ------------------------------------------------------------------ settings
     def eviction_config(self) -> EvictionConfig:
         """How to decode with the student: ``EvictionConfig(policy="breadcrumbs", c, beacon id)``."""
-        return EvictionConfig(policy="breadcrumbs", compression_ratio=self.args.compression_ratios[0],
-                              beacon_token_id=self.beacon_token_id)
+        return EvictionConfig(
+            policy="breadcrumbs",
+            compression_ratio=self.args.compression_ratios[0],
+            beacon_token_id=self.beacon_token_id,
+        )
 
     def breadcrumbs_training_info(self) -> dict:
         """The run's Breadcrumbs settings beyond `eviction_config` (for ``ngc_training.json``)."""
         a = self.args
-        return {"method": "breadcrumbs", "compression_ratios": a.compression_ratios, "beacon_token": a.beacon_token,
-                "beacon_init": a.beacon_init, "kl_direction": a.kl_direction, "distill_loss_coef": a.distill_loss_coef,
-                "use_peft": self.use_lora, "teacher_subfolder": TEACHER_SUBFOLDER, "loss_type": a.loss_type,
-                "student_init": a.student_model_name_or_path or "teacher copy"}
+        return {
+            "method": "breadcrumbs",
+            "compression_ratios": a.compression_ratios,
+            "beacon_token": a.beacon_token,
+            "beacon_init": a.beacon_init,
+            "kl_direction": a.kl_direction,
+            "distill_loss_coef": a.distill_loss_coef,
+            "use_peft": self.use_lora,
+            "teacher_subfolder": TEACHER_SUBFOLDER,
+            "loss_type": a.loss_type,
+            "student_init": a.student_model_name_or_path or "teacher copy",
+        }
 
     # ------------------------------------------------------------------ teacher / student plumbing
     def _set_adapter_grads(self, peft_model):
@@ -446,18 +533,34 @@ class BreadcrumbsTrainer(GRPOTrainer):
         finally:
             handle.remove()
         p, t = inputs["prompt_ids"].shape[1], inputs["completion_ids"].shape[1]
-        teacher_hidden = torch.cat(hidden)[:, p - 1:p + t - 1]  # (B, T, H): predicts completion token t
+        teacher_hidden = torch.cat(hidden)[:, p - 1 : p + t - 1]  # (B, T, H): predicts completion token t
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         ratios = self._draw_ratios(mask.shape[0], mask.device)
-        layout = beacon_layout(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
-                               inputs["completion_mask"], ratios, self.beacon_token_id)
-        with (self._student(model) as student, torch.set_grad_enabled(torch.is_grad_enabled() and self.train_student),
-              self.accelerator.autocast()):
+        layout = beacon_layout(
+            inputs["prompt_ids"],
+            inputs["prompt_mask"],
+            inputs["completion_ids"],
+            inputs["completion_mask"],
+            ratios,
+            self.beacon_token_id,
+        )
+        with (
+            self._student(model) as student,
+            torch.set_grad_enabled(torch.is_grad_enabled() and self.train_student),
+            self.accelerator.autocast(),
+        ):
             hidden_s = beacon_forward(student, layout, return_hidden=True)  # (B, T, H): no (B, T, V) logits
-            kl = token_kl(hidden_s, teacher_hidden, lm_head, mask, self.args.kl_direction, self.args.distill_chunk_size,
-                          student_head=backbone_and_head(student)[1])
+            kl = token_kl(
+                hidden_s,
+                teacher_hidden,
+                lm_head,
+                mask,
+                self.args.kl_direction,
+                self.args.distill_chunk_size,
+                student_head=backbone_and_head(student)[1],
+            )
         if self.loss_type == "dr_grpo":
             norm = mask.shape[0] * self.max_completion_length
         else:
@@ -468,7 +571,9 @@ class BreadcrumbsTrainer(GRPOTrainer):
         metrics = self._metrics[mode]
         metrics["breadcrumbs/grpo_loss"].append(gather(grpo_loss.detach() * ga).mean().item())
         metrics["breadcrumbs/distill_loss"].append(gather(distill_loss.detach()).mean().item())
-        totals = self.accelerator.reduce(torch.stack([kl.detach().sum(), mask.sum().float()]), reduction="sum")
+        totals = self.accelerator.reduce(
+            torch.stack([kl.detach().sum(), mask.sum().float()]), reduction="sum"
+        )
         metrics["breadcrumbs/kl_per_token"].append((totals[0] / totals[1].clamp(min=1)).item())
         c = torch.as_tensor(ratios, device=mask.device).float().expand(mask.shape[0]).contiguous()
         metrics["breadcrumbs/compression_ratio"].append(gather(c).mean().item())
@@ -488,9 +593,12 @@ class BreadcrumbsTrainer(GRPOTrainer):
             if not all(id(p) in known for p in self._student_params):
                 decay = set(self.get_decay_parameter_names(self.student_model))
                 named = list(self.student_model.named_parameters())
-                optimizer.add_param_group({"params": [p for n, p in named if n in decay],
-                                           "weight_decay": self.args.weight_decay})
-                optimizer.add_param_group({"params": [p for n, p in named if n not in decay], "weight_decay": 0.0})
+                optimizer.add_param_group(
+                    {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay}
+                )
+                optimizer.add_param_group(
+                    {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}
+                )
         lr = self.args.student_learning_rate
         if lr is not None and self.train_student:
             groups = list(optimizer.param_groups)
@@ -510,7 +618,9 @@ class BreadcrumbsTrainer(GRPOTrainer):
         teacher = [p for p in model.parameters() if p.requires_grad and id(p) not in self._student_ids]
         norm = self.accelerator.clip_grad_norm_(teacher, self.args.max_grad_norm)  # unscales all grads (fp16)
         student = [p for p in self._student_params if p.grad is not None]
-        s_norm = torch.nn.utils.clip_grad_norm_(student, self.args.max_grad_norm) if student else torch.zeros(())
+        s_norm = (
+            torch.nn.utils.clip_grad_norm_(student, self.args.max_grad_norm) if student else torch.zeros(())
+        )
         self._metrics["train"]["breadcrumbs/student_grad_norm"].append(float(s_norm))
         return norm
 
@@ -530,13 +640,15 @@ class BreadcrumbsTrainer(GRPOTrainer):
             s_name, t_name = self.args.student_adapter_name, self.args.teacher_adapter_name
             # the student carries the (resized) embeddings: it is what users load; PEFT writes a non-default
             # adapter to <dir>/<name>, so the student's files are moved up to output_dir
-            peft_model.save_pretrained(output_dir, selected_adapters=[s_name], save_embedding_layers=True,
-                                       state_dict=state_dict)
+            peft_model.save_pretrained(
+                output_dir, selected_adapters=[s_name], save_embedding_layers=True, state_dict=state_dict
+            )
             for f in os.listdir(os.path.join(output_dir, s_name)):
                 os.replace(os.path.join(output_dir, s_name, f), os.path.join(output_dir, f))
             shutil.rmtree(os.path.join(output_dir, s_name))
-            peft_model.save_pretrained(output_dir, selected_adapters=[t_name], save_embedding_layers=False,
-                                       state_dict=state_dict)
+            peft_model.save_pretrained(
+                output_dir, selected_adapters=[t_name], save_embedding_layers=False, state_dict=state_dict
+            )
             if t_name != TEACHER_SUBFOLDER:
                 shutil.rmtree(teacher_dir, ignore_errors=True)
                 os.replace(os.path.join(output_dir, t_name), teacher_dir)
@@ -559,10 +671,13 @@ class BreadcrumbsTrainer(GRPOTrainer):
         from safetensors.torch import load_file
 
         peft_model = self.accelerator.unwrap_model(self.model if model is None else model)
-        for folder, name in ((resume_from_checkpoint, self.args.student_adapter_name),
-                             (teacher_dir, self.args.teacher_adapter_name)):
-            weights = load_file(os.path.join(folder, "adapter_model.safetensors"),
-                                device=str(self.accelerator.device))
+        for folder, name in (
+            (resume_from_checkpoint, self.args.student_adapter_name),
+            (teacher_dir, self.args.teacher_adapter_name),
+        ):
+            weights = load_file(
+                os.path.join(folder, "adapter_model.safetensors"), device=str(self.accelerator.device)
+            )
             set_peft_model_state_dict(peft_model, weights, adapter_name=name)
         peft_model.set_adapter(self.args.teacher_adapter_name)
         self._set_adapter_grads(peft_model)

@@ -137,7 +137,9 @@ class NGCLayer(DynamicLayer):
             shifted_q = torch.cat([self.queries[:, :, 1:], q], 2)
             self.queries = torch.where(keep[:, None, None, None], shifted_q, self.queries)
             self.q_pos = torch.where(keep[:, None], torch.cat([self.q_pos[:, 1:], q_pos], 1), self.q_pos)
-            self.q_valid = torch.where(keep[:, None], torch.cat([self.q_valid[:, 1:], q_valid], 1), self.q_valid)
+            self.q_valid = torch.where(
+                keep[:, None], torch.cat([self.q_valid[:, 1:], q_valid], 1), self.q_valid
+            )
         else:  # prefill: left padding means the last w columns are the newest valid queries
             self.queries = torch.cat([self.queries, q], 2)[:, :, -w:]
             self.q_pos = torch.cat([self.q_pos, q_pos], 1)[:, -w:]
@@ -186,12 +188,16 @@ class NGCCache(DynamicCache):
     """`DynamicCache` of `NGCLayer` s. The decode loop calls `set_step` before every forward so that
     `update` knows the absolute positions and validity of the tokens being written."""
 
-    def __init__(self, num_layers: int, query_window: int = 0, track_attention: bool = False, growth: int = 16):
+    def __init__(
+        self, num_layers: int, query_window: int = 0, track_attention: bool = False, growth: int = 16
+    ):
         layers = [NGCLayer(query_window, track_attention, growth) for _ in range(num_layers)]
         super(DynamicCache, self).__init__(layers=layers)
         self.step_pos = self.step_valid = self.step_hide = None
 
-    def set_step(self, pos: torch.Tensor, valid: torch.Tensor, hide: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def set_step(
+        self, pos: torch.Tensor, valid: torch.Tensor, hide: tuple[torch.Tensor, torch.Tensor] | None = None
+    ):
         """``pos``/``valid`` ``(B, q)`` of the tokens the next forward writes. ``hide = (lo, hi)``, each
         ``(B, q)``: query ``j`` of row ``b`` does not see the keys at positions ``lo[b, j] <= p < hi[b, j]``
         (Breadcrumbs: the token fed with a beacon must not see the window the beacon closes)."""

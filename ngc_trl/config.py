@@ -68,37 +68,80 @@ class NGCConfig(GRPOConfig):
         meta_token_init (`str`, defaults to `"tl;dr"`).
     """
 
-    eviction_interval: int = field(default=256, metadata={"help": "δ: tokens (prompt included) between eviction rounds."})
-    eviction_rate: float = field(default=0.5, metadata={"help": "ε: fraction of live blocks evicted per round and layer."})
+    eviction_interval: int = field(
+        default=256, metadata={"help": "δ: tokens (prompt included) between eviction rounds."}
+    )
+    eviction_rate: float = field(
+        default=0.5, metadata={"help": "ε: fraction of live blocks evicted per round and layer."}
+    )
     block_size: int = field(default=32, metadata={"help": "b: keys per eviction block."})
-    score_window: int = field(default=5, metadata={"help": "w: recent queries whose attention scores the cache."})
-    eviction_policy: str = field(default="ngc", metadata={"help": "Scoring rule of rollouts ('ngc' is learned)."})
-    protect_prompt: bool = field(default=False, metadata={"help": "Never evict prompt entries (not in the paper)."})
+    score_window: int = field(
+        default=5, metadata={"help": "w: recent queries whose attention scores the cache."}
+    )
+    eviction_policy: str = field(
+        default="ngc", metadata={"help": "Scoring rule of rollouts ('ngc' is learned)."}
+    )
+    protect_prompt: bool = field(
+        default=False, metadata={"help": "Never evict prompt entries (not in the paper)."}
+    )
     num_sink: int = field(default=0, metadata={"help": "Never evict the first N entries (not in the paper)."})
-    num_recent: int = field(default=0, metadata={"help": "Never evict the N newest entries (not in the paper)."})
-    block_reduction: str = field(default="mean", metadata={"help": "Key-to-block score reduction: mean|max|sum."})
-    eviction_logit_scale: float = field(default=1.0, metadata={"help": "Multiplier of block scores used as logits."})
-    eviction_logit_transform: str = field(default="none", metadata={"help": "'none' (paper), 'log' or 'relative' (score / mean candidate score)."})
-    eviction_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the eviction policy-gradient loss."})
-    replay_masks: bool = field(default=True, metadata={"help": "Per-layer replay masks in the training forward."})
+    num_recent: int = field(
+        default=0, metadata={"help": "Never evict the N newest entries (not in the paper)."}
+    )
+    block_reduction: str = field(
+        default="mean", metadata={"help": "Key-to-block score reduction: mean|max|sum."}
+    )
+    eviction_logit_scale: float = field(
+        default=1.0, metadata={"help": "Multiplier of block scores used as logits."}
+    )
+    eviction_logit_transform: str = field(
+        default="none",
+        metadata={"help": "'none' (paper), 'log' or 'relative' (score / mean candidate score)."},
+    )
+    eviction_loss_coef: float = field(
+        default=1.0, metadata={"help": "Weight of the eviction policy-gradient loss."}
+    )
+    replay_masks: bool = field(
+        default=True, metadata={"help": "Per-layer replay masks in the training forward."}
+    )
     replay_backend: str = field(default="auto", metadata={"help": "'dense', 'flex' or 'auto'."})
-    replay_chunk_tokens: int = field(default=0, metadata={
-        "help": "Replay forward in length-sorted chunks of at most this many padded tokens (rows x length), each "
-                "trimmed to its longest row; 0: one chunk per micro-batch (still trimmed). Exact either way."})
-    min_length_penalty: bool = field(default=False, metadata={"help": "Reward 0 when no eviction round fired."})
-    curriculum_rates: list[float] | None = field(default=None, metadata={"help": "ε levels of the Eq. 6 staircase."})
+    replay_chunk_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Replay forward in length-sorted chunks of at most this many padded tokens (rows x length), each "
+            "trimmed to its longest row; 0: one chunk per micro-batch (still trimmed). Exact either way."
+        },
+    )
+    min_length_penalty: bool = field(
+        default=False, metadata={"help": "Reward 0 when no eviction round fired."}
+    )
+    curriculum_rates: list[float] | None = field(
+        default=None, metadata={"help": "ε levels of the Eq. 6 staircase."}
+    )
     curriculum_stage_steps: int = field(default=20, metadata={"help": "Δ: steps per curriculum stage."})
     curriculum_alpha: float = field(default=0.6, metadata={"help": "α: share of a stage spent ramping."})
-    curriculum_gate: float | None = field(default=None, metadata={
-        "help": "Beyond the paper: advance the curriculum only while reward >= gate × reference (None: Eq. 6)."})
-    curriculum_gate_reference: float | None = field(default=None, metadata={
-        "help": "Fixed full-cache reference reward of the gate (None: EMA of rewards at curriculum_rates[0])."})
+    curriculum_gate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Beyond the paper: advance the curriculum only while reward >= gate × reference (None: Eq. 6)."
+        },
+    )
+    curriculum_gate_reference: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fixed full-cache reference reward of the gate (None: EMA of rewards at curriculum_rates[0])."
+        },
+    )
     curriculum_gate_ema: float = field(default=0.9, metadata={"help": "Decay of the gate's reference EMA."})
     interoception_rates: list[float] | None = field(
         default=None, metadata={"help": "Rates drawn per prompt group and written into the prompt."}
     )
-    meta_token: str | None = field(default=None, metadata={"help": "Special token forced before every round."})
-    meta_token_init: str = field(default="tl;dr", metadata={"help": "Text whose mean embedding initialises it."})
+    meta_token: str | None = field(
+        default=None, metadata={"help": "Special token forced before every round."}
+    )
+    meta_token_init: str = field(
+        default="tl;dr", metadata={"help": "Text whose mean embedding initialises it."}
+    )
 
     # Dr. GRPO defaults
     loss_type: str = field(default="dr_grpo", metadata={"help": "TRL loss type; NGC uses Dr. GRPO."})
@@ -110,9 +153,14 @@ class NGCConfig(GRPOConfig):
         self._check_trl_options()
         if self.eviction_loss_coef < 0:
             raise ValueError(f"NGCConfig.eviction_loss_coef={self.eviction_loss_coef}: must be >= 0")
-        if isinstance(self.replay_chunk_tokens, bool) or not isinstance(self.replay_chunk_tokens, int) \
-                or self.replay_chunk_tokens < 0:
-            raise ValueError(f"NGCConfig.replay_chunk_tokens={self.replay_chunk_tokens!r}: must be an integer >= 0")
+        if (
+            isinstance(self.replay_chunk_tokens, bool)
+            or not isinstance(self.replay_chunk_tokens, int)
+            or self.replay_chunk_tokens < 0
+        ):
+            raise ValueError(
+                f"NGCConfig.replay_chunk_tokens={self.replay_chunk_tokens!r}: must be an integer >= 0"
+            )
         if self.replay_backend not in ("auto", "dense", "flex"):
             raise ValueError(f"NGCConfig.replay_backend={self.replay_backend!r}: must be auto, dense or flex")
         for name in ("curriculum_rates", "interoception_rates"):
@@ -126,7 +174,9 @@ class NGCConfig(GRPOConfig):
                 raise ValueError(f"NGCConfig.{name}={rates}: need a non-empty list of rates in [0, 1)")
         if self.curriculum_rates is not None:
             if any(a > b for a, b in zip(self.curriculum_rates, self.curriculum_rates[1:])):
-                raise ValueError(f"NGCConfig.curriculum_rates={self.curriculum_rates}: must be non-decreasing")
+                raise ValueError(
+                    f"NGCConfig.curriculum_rates={self.curriculum_rates}: must be non-decreasing"
+                )
             if self.interoception_rates is not None:
                 raise ValueError("NGCConfig.curriculum_rates and interoception_rates cannot both be set")
         if self.curriculum_stage_steps <= 0:
@@ -137,8 +187,10 @@ class NGCConfig(GRPOConfig):
         from ngc_trl.policies import POLICIES
 
         if POLICIES.get(self.eviction_policy) is not None and POLICIES[self.eviction_policy].hindsight:
-            raise ValueError(f"NGCConfig.eviction_policy={self.eviction_policy!r}: an evaluation-only hindsight "
-                             "policy (it reads the full-cache completion); rollouts cannot use it")
+            raise ValueError(
+                f"NGCConfig.eviction_policy={self.eviction_policy!r}: an evaluation-only hindsight "
+                "policy (it reads the full-cache completion); rollouts cannot use it"
+            )
         if self.eviction_loss_coef > 0 and self.eviction_policy != "ngc":
             raise ValueError(
                 f"NGCConfig.eviction_policy={self.eviction_policy!r}: the eviction loss trains the 'ngc' scorer; "
@@ -153,6 +205,7 @@ class NGCConfig(GRPOConfig):
         (``num_iterations``, ``steps_per_generation``, ``generation_batch_size``, ``mask_truncated_completions``,
         ``importance_sampling_level``, ``delta``, ``top_entropy_quantile``, ``off_policy_mask_threshold``,
         ``entropy_coef``, ``beta``, ``cast_lm_head_to_fp32``, ...) works with NGC and is tested."""
+
         def no(name, why):
             raise ValueError(f"NGCConfig.{name}={getattr(self, name)!r} is not supported: {why}")
 
@@ -161,7 +214,10 @@ class NGCConfig(GRPOConfig):
             no("use_vllm", "vLLM cannot evict from its paged cache; rollouts need the evicting decode loop")
         for name in ("use_transformers_paged", "use_transformers_continuous_batching"):
             if getattr(self, name, False):
-                no(name, "rollouts need the evicting decode loop, not transformers' paged / continuous batching")
+                no(
+                    name,
+                    "rollouts need the evicting decode loop, not transformers' paged / continuous batching",
+                )
         if self.generation_kwargs:
             no("generation_kwargs", decode)
         if self.min_p is not None:
@@ -171,11 +227,17 @@ class NGCConfig(GRPOConfig):
         if self.cache_implementation is not None:
             no("cache_implementation", "the evicting decode loop keeps its own per-layer cache")
         if self.loss_type not in self.LOSS_TYPES:
-            no("loss_type", f"L_mem is the clipped-ratio surrogate of {self.LOSS_TYPES} (the paper: dr_grpo); "
-               "cispo / sapo / vespo / luspo define no eviction-action loss here")
+            no(
+                "loss_type",
+                f"L_mem is the clipped-ratio surrogate of {self.LOSS_TYPES} (the paper: dr_grpo); "
+                "cispo / sapo / vespo / luspo define no eviction-action loss here",
+            )
         if self.use_liger_kernel:
-            no("use_liger_kernel", "Liger's kernels patch the model when training starts, and neither the evicting "
-               "rollout nor the replay parity has been checked with them")
+            no(
+                "use_liger_kernel",
+                "Liger's kernels patch the model when training starts, and neither the evicting "
+                "rollout nor the replay parity has been checked with them",
+            )
 
     def _check_curriculum_gate(self) -> None:
         """Validate the reward-gated curriculum fields (errors name the field)."""
@@ -187,7 +249,9 @@ class NGCConfig(GRPOConfig):
                 raise ValueError("NGCConfig.curriculum_gate: needs curriculum_rates (the staircase it gates)")
         if ref is not None:
             if gate is None:
-                raise ValueError("NGCConfig.curriculum_gate_reference: only used with curriculum_gate; set both")
+                raise ValueError(
+                    "NGCConfig.curriculum_gate_reference: only used with curriculum_gate; set both"
+                )
             if not (isinstance(ref, (int, float)) and math.isfinite(ref) and ref > 0):
                 raise ValueError(f"NGCConfig.curriculum_gate_reference={ref}: must be a finite reward > 0")
         if not (isinstance(self.curriculum_gate_ema, (int, float)) and 0.0 <= self.curriculum_gate_ema < 1.0):
@@ -196,8 +260,15 @@ class NGCConfig(GRPOConfig):
     def eviction_config(self) -> EvictionConfig:
         """The `EvictionConfig` of rollouts (errors name the `EvictionConfig` field)."""
         return EvictionConfig(
-            eviction_interval=self.eviction_interval, eviction_rate=self.eviction_rate, block_size=self.block_size,
-            score_window=self.score_window, policy=self.eviction_policy, protect_prompt=self.protect_prompt,
-            num_sink=self.num_sink, num_recent=self.num_recent, block_reduction=self.block_reduction,
-            logit_scale=self.eviction_logit_scale, logit_transform=self.eviction_logit_transform,
+            eviction_interval=self.eviction_interval,
+            eviction_rate=self.eviction_rate,
+            block_size=self.block_size,
+            score_window=self.score_window,
+            policy=self.eviction_policy,
+            protect_prompt=self.protect_prompt,
+            num_sink=self.num_sink,
+            num_recent=self.num_recent,
+            block_reduction=self.block_reduction,
+            logit_scale=self.eviction_logit_scale,
+            logit_transform=self.eviction_logit_transform,
         )

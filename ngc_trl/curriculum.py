@@ -78,8 +78,15 @@ class GatedCurriculum:
     across a checkpoint.
     """
 
-    def __init__(self, rates: list[float], stage_steps: int, alpha: float = 0.6, gate: float = 1.0,
-                 reference: float | None = None, ema: float = 0.9):
+    def __init__(
+        self,
+        rates: list[float],
+        stage_steps: int,
+        alpha: float = 0.6,
+        gate: float = 1.0,
+        reference: float | None = None,
+        ema: float = 0.9,
+    ):
         if not rates:
             raise ValueError("GatedCurriculum: rates must not be empty")
         if not 0.0 < gate <= 1.0:
@@ -112,13 +119,15 @@ class GatedCurriculum:
             return self.reference
         if self.ema_count == 0:
             return None
-        return self.ema_sum / (1.0 - self.ema ** self.ema_count)
+        return self.ema_sum / (1.0 - self.ema**self.ema_count)
 
     def update(self, step: int, mean_reward: float) -> bool:
         """Record the mean reward of the rollout batch generated at global step ``step`` (at ``rate(step)``);
         returns whether it passed the gate (the clock then runs until the next update)."""
         if step < self.anchor_step:
-            raise ValueError(f"GatedCurriculum.update: step {step} is before the last update's {self.anchor_step}")
+            raise ValueError(
+                f"GatedCurriculum.update: step {step} is before the last update's {self.anchor_step}"
+            )
         self.stage_step, self.anchor_step = self.effective_step(step), step
         reward = float(mean_reward)
         if not math.isfinite(reward):
@@ -138,8 +147,15 @@ class GatedCurriculum:
 
     def state_dict(self) -> dict:
         """The JSON-serialisable state (clock, anchor, verdict, reference EMA, counters)."""
-        return {"stage_step": self.stage_step, "anchor_step": self.anchor_step, "advancing": self.advancing,
-                "ema_sum": self.ema_sum, "ema_count": self.ema_count, "passed": self.passed, "held": self.held}
+        return {
+            "stage_step": self.stage_step,
+            "anchor_step": self.anchor_step,
+            "advancing": self.advancing,
+            "ema_sum": self.ema_sum,
+            "ema_count": self.ema_count,
+            "passed": self.passed,
+            "held": self.held,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""

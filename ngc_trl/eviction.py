@@ -93,18 +93,32 @@ class EvictionConfig:
             bad("block_reduction", f"must be one of {BLOCK_REDUCTIONS}")
         if self.logit_transform not in LOGIT_TRANSFORMS:
             bad("logit_transform", f"must be one of {LOGIT_TRANSFORMS}")
-        if not isinstance(self.logit_scale, (int, float)) or not math.isfinite(self.logit_scale) or self.logit_scale <= 0:
+        if (
+            not isinstance(self.logit_scale, (int, float))
+            or not math.isfinite(self.logit_scale)
+            or self.logit_scale <= 0
+        ):
             bad("logit_scale", "must be a finite positive number")
         if not isinstance(self.protect_prompt, bool):
             bad("protect_prompt", "must be a boolean")
         breadcrumbs = self.policy == "breadcrumbs"
         c = self.compression_ratio
         if isinstance(c, bool) or not isinstance(c, int) or c < (2 if breadcrumbs else 0):
-            bad("compression_ratio", "must be an integer >= 2 with policy 'breadcrumbs'" if breadcrumbs
-                else "must be a non-negative integer")
+            bad(
+                "compression_ratio",
+                "must be an integer >= 2 with policy 'breadcrumbs'"
+                if breadcrumbs
+                else "must be a non-negative integer",
+            )
         b = self.beacon_token_id
-        if (b is None and breadcrumbs) or (b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0)):
-            bad("beacon_token_id", "must be a non-negative integer" + (" with policy 'breadcrumbs'" if breadcrumbs else " or None"))
+        if (b is None and breadcrumbs) or (
+            b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0)
+        ):
+            bad(
+                "beacon_token_id",
+                "must be a non-negative integer"
+                + (" with policy 'breadcrumbs'" if breadcrumbs else " or None"),
+            )
 
     # ------------------------------------------------------------------ schedule helpers
     def num_kept_blocks(self, num_blocks: int, eviction_rate: float | None = None) -> int:

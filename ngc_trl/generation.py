@@ -74,10 +74,16 @@ class EvictionRecords:
         def fill(t, v):
             return torch.where(r.view(-1, *([1] * (t.dim() - 1))), torch.full_like(t, v), t)
 
-        return EvictionRecords(positions=fill(self.positions, -1), acted=fill(self.acted, False),
-                               kept=fill(self.kept, -1), n_sampled=fill(self.n_sampled, 0),
-                               evicted=fill(self.evicted, -1), n_blocks=fill(self.n_blocks, 0),
-                               logp=fill(self.logp, 0.0), eviction_rate=self.eviction_rate)
+        return EvictionRecords(
+            positions=fill(self.positions, -1),
+            acted=fill(self.acted, False),
+            kept=fill(self.kept, -1),
+            n_sampled=fill(self.n_sampled, 0),
+            evicted=fill(self.evicted, -1),
+            n_blocks=fill(self.n_blocks, 0),
+            logp=fill(self.logp, 0.0),
+            eviction_rate=self.eviction_rate,
+        )
 
     def as_dict(self, prefix: str = "ngc_") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in self.__dict__.items()}
@@ -95,10 +101,14 @@ class EvictionRecords:
             layers = []
             for layer in range(self.acted.shape[2]):
                 kept, ev = self.kept[i, r, layer], self.evicted[i, r, layer]
-                layers.append({
-                    "kept": kept[kept >= 0].tolist(), "evicted": ev[ev >= 0].tolist(),
-                    "n_sampled": int(self.n_sampled[i, r, layer]), "logp": float(self.logp[i, r, layer]),
-                })
+                layers.append(
+                    {
+                        "kept": kept[kept >= 0].tolist(),
+                        "evicted": ev[ev >= 0].tolist(),
+                        "n_sampled": int(self.n_sampled[i, r, layer]),
+                        "logp": float(self.logp[i, r, layer]),
+                    }
+                )
             out.append({"position": int(self.positions[i, r]), "layers": layers})
         return out
 
@@ -195,8 +205,19 @@ class _RecordBuilder:
         width = max(k.shape[1] for k in kept)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)  # noqa: E731
         ev = torch.stack([pad(_pack_left(e)) for e in evicted], 1)
-        host = [t.cpu() for t in (rows, position, torch.stack([pad(k) for k in kept], 1), torch.stack(n_sampled, 1),
-                                  ev, torch.stack(n_blocks, 1), torch.stack(logp, 1), torch.stack(acted, 1))]
+        host = [
+            t.cpu()
+            for t in (
+                rows,
+                position,
+                torch.stack([pad(k) for k in kept], 1),
+                torch.stack(n_sampled, 1),
+                ev,
+                torch.stack(n_blocks, 1),
+                torch.stack(logp, 1),
+                torch.stack(acted, 1),
+            )
+        ]
         rows_c = host[0]
         self.events.append((rows_c, self.count[rows_c].clone(), *host[1:]))
         self.count[rows_c] += 1
@@ -204,7 +225,9 @@ class _RecordBuilder:
     def build(self, eviction_rate, device) -> EvictionRecords:
         b, n_l = self.batch, self.n_layers
         r = int(self.count.max()) if self.events else 0
-        n = max([max(int((e[3] >= 0).sum(-1).max()), int((e[5] >= 0).sum(-1).max())) for e in self.events] + [1])
+        n = max(
+            [max(int((e[3] >= 0).sum(-1).max()), int((e[5] >= 0).sum(-1).max())) for e in self.events] + [1]
+        )
         positions = torch.full((b, r), -1, dtype=torch.long)
         acted = torch.zeros(b, r, n_l, dtype=torch.bool)
         kept = torch.full((b, r, n_l, n), -1, dtype=torch.long)
@@ -232,14 +255,21 @@ def _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample, generator
         s = layer.num_slots
         live = layer.live
         view = LayerView(
-            keys=layer.keys[rows, :s].transpose(1, 2), values=layer.values[rows, :s].transpose(1, 2),
-            pos=layer.pos[rows, :s], live=live[rows], bid=block_ids(live[rows], cfg.block_size),
+            keys=layer.keys[rows, :s].transpose(1, 2),
+            values=layer.values[rows, :s].transpose(1, 2),
+            pos=layer.pos[rows, :s],
+            live=live[rows],
+            bid=block_ids(live[rows], cfg.block_size),
             queries=None if layer.queries is None else layer.queries[rows],
             q_pos=None if layer.q_pos is None else layer.q_pos[rows],
             q_valid=None if layer.q_valid is None else layer.q_valid[rows],
-            scale=cache.scale, prompt_len=prompt_len[rows],
+            scale=cache.scale,
+            prompt_len=prompt_len[rows],
             attention_sum=None if layer.attention_sum is None else layer.attention_sum[rows, :s],
-            generator=generator, rows=rows, layer_idx=layer_idx, round_pos=round_pos,
+            generator=generator,
+            rows=rows,
+            layer_idx=layer_idx,
+            round_pos=round_pos,
         )
         blocks = score_blocks(policy, view, cfg)
         dec = decide(blocks, eps[rows], sample, generator)
@@ -300,7 +330,9 @@ def generate_with_eviction(
     if policy is None:
         policy = get_policy(cfg)
     elif policy.name != cfg.policy:
-        raise ValueError(f"policy: a {policy.name!r} policy was given for EvictionConfig.policy={cfg.policy!r}")
+        raise ValueError(
+            f"policy: a {policy.name!r} policy was given for EvictionConfig.policy={cfg.policy!r}"
+        )
     policy.check_batch(input_ids.shape[0])
     sample_evictions = do_sample if sample_evictions is None else sample_evictions
     device = input_ids.device
@@ -313,12 +345,20 @@ def generate_with_eviction(
     eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=device)
     pad = pad_token_id if pad_token_id is not None else getattr(gen_cfg, "pad_token_id", None)
     pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
-    eps = (eviction_rate if eviction_rate is not None else torch.full((bsz,), cfg.eviction_rate)).to(device).float()
+    eps = (
+        (eviction_rate if eviction_rate is not None else torch.full((bsz,), cfg.eviction_rate))
+        .to(device)
+        .float()
+    )
     if ((eps < 0) | (eps >= 1)).any():
         raise ValueError("eviction_rate: every per-sequence rate must be in [0, 1)")
-    c_host = None  # Breadcrumbs: (B,) compression ratio per sequence, on the host (the schedule needs no sync)
+    c_host = (
+        None  # Breadcrumbs: (B,) compression ratio per sequence, on the host (the schedule needs no sync)
+    )
     if policy.beacons:
-        c_host = torch.as_tensor(compression_ratio if compression_ratio is not None else cfg.compression_ratio)
+        c_host = torch.as_tensor(
+            compression_ratio if compression_ratio is not None else cfg.compression_ratio
+        )
         c_host = c_host.expand(bsz).long().cpu()
         if (c_host < 2).any():
             raise ValueError("compression_ratio: every per-sequence ratio must be an integer >= 2")
@@ -341,7 +381,10 @@ def generate_with_eviction(
     tokens, logps = [], []
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     n_fed = prompt_len.clone()  # == absolute position of the next token
-    plen_host, fed_host = prompt_len.cpu(), prompt_len.cpu().clone()  # host mirrors: the schedule needs no sync
+    plen_host, fed_host = (
+        prompt_len.cpu(),
+        prompt_len.cpu().clone(),
+    )  # host mirrors: the schedule needs no sync
     finished_host = torch.zeros(bsz, dtype=torch.bool)
     evict_time = 0.0
     n_beacons = torch.zeros(bsz, dtype=torch.long, device=device)
@@ -350,8 +393,15 @@ def generate_with_eviction(
     def forward(ids, pos, valid, hide=None, keep=1):
         nonlocal peak, peak_total, footprint, peak_bytes
         cache.set_step(pos, valid, hide)
-        out = model(input_ids=ids, position_ids=pos, attention_mask=no_mask(model), past_key_values=cache,
-                    use_cache=True, ngc_cache=cache, logits_to_keep=keep)
+        out = model(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=no_mask(model),
+            past_key_values=cache,
+            use_cache=True,
+            ngc_cache=cache,
+            logits_to_keep=keep,
+        )
         lens = cache.lengths()
         active = (valid.any(1))[:, None]
         peak = torch.maximum(peak, lens)
@@ -371,7 +421,9 @@ def generate_with_eviction(
             if forced_token_id is not None and evicting:
                 # this token sits at position n_fed; force it when a round fires right after it
                 tok = torch.where((n_fed + 1) % delta == 0, torch.full_like(tok, forced_token_id), tok)
-            logp = torch.log_softmax(logits / (temperature if do_sample else 1.0), -1).gather(1, tok[:, None])[:, 0]
+            logp = torch.log_softmax(logits / (temperature if do_sample else 1.0), -1).gather(
+                1, tok[:, None]
+            )[:, 0]
             tok = torch.where(finished, torch.full_like(tok, pad), tok)
             tokens.append(tok)
             logps.append(torch.where(finished, torch.zeros_like(logp), logp))
@@ -382,12 +434,15 @@ def generate_with_eviction(
                 break
             active = ~finished
             if evicting:
-                due = ~finished_host & ((fed_host % delta == 0) | ((fed_host == plen_host) & (plen_host >= delta)))
+                due = ~finished_host & (
+                    (fed_host % delta == 0) | ((fed_host == plen_host) & (plen_host >= delta))
+                )
                 if bool(due.any()):
                     t0 = time.perf_counter()
                     rows = torch.nonzero(due).flatten().to(device)
-                    per_layer = _eviction_round(cache, rows, policy, cfg, eps, prompt_len, sample_evictions, generator,
-                                                n_fed[rows])
+                    per_layer = _eviction_round(
+                        cache, rows, policy, cfg, eps, prompt_len, sample_evictions, generator, n_fed[rows]
+                    )
                     records.add(rows, n_fed[rows], per_layer)
                     evict_time += time.perf_counter() - t0
             # Breadcrumbs: `step` generated tokens are cached and t_{step+1} comes next; where a window
@@ -401,9 +456,13 @@ def generate_with_eviction(
                 hide_lo = torch.where(due_dev, n_fed - c_dev, 0)
                 hide_hi = torch.where(due_dev, n_fed, 0)
                 zero = torch.zeros_like(n_fed)
-                both = forward(torch.stack([first, tok], 1), torch.stack([n_fed, second_pos], 1),
-                               torch.stack([active, due_dev], 1),
-                               hide=(torch.stack([zero, hide_lo], 1), torch.stack([zero, hide_hi], 1)), keep=2)
+                both = forward(
+                    torch.stack([first, tok], 1),
+                    torch.stack([n_fed, second_pos], 1),
+                    torch.stack([active, due_dev], 1),
+                    hide=(torch.stack([zero, hide_lo], 1), torch.stack([zero, hide_hi], 1)),
+                    keep=2,
+                )
                 logits = torch.where(due_dev[:, None], both[:, 1], both[:, 0])
                 n_fed = n_fed + active.long() + due_dev.long()
                 n_beacons = n_beacons + due_dev.long()
@@ -425,10 +484,20 @@ def generate_with_eviction(
         after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
         comp_mask = ~after
     kept_prompt = torch.stack(
-        [((layer.pos[:, : layer.num_slots] < prompt_len[:, None]) & layer.live).sum(1) for layer in cache.layers], 1
+        [
+            ((layer.pos[:, : layer.num_slots] < prompt_len[:, None]) & layer.live).sum(1)
+            for layer in cache.layers
+        ],
+        1,
     )
-    stats = CacheStats(peak, peak_total, n_fed - n_beacons, footprint, peak_bytes,
-                       kept_prompt.float().mean(1) / prompt_len.clamp(min=1).float())
+    stats = CacheStats(
+        peak,
+        peak_total,
+        n_fed - n_beacons,
+        footprint,
+        peak_bytes,
+        kept_prompt.float().mean(1) / prompt_len.clamp(min=1).float(),
+    )
     return EvictionOutput(
         sequences=torch.cat([input_ids, gen], 1),
         completion_mask=comp_mask,

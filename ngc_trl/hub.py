@@ -76,8 +76,9 @@ def _read_settings(text: str, source: str) -> EvictionConfig:
         raise ValueError(f"invalid {SETTINGS_FILE} in {source}: {e}") from None
 
 
-def load_ngc_settings(path_or_repo: str | os.PathLike, revision: str | None = None,
-                      token: str | None = None) -> EvictionConfig:
+def load_ngc_settings(
+    path_or_repo: str | os.PathLike, revision: str | None = None, token: str | None = None
+) -> EvictionConfig:
     """The `EvictionConfig` a model was trained with.
 
     Parameters
@@ -112,9 +113,17 @@ def load_ngc_settings(path_or_repo: str | os.PathLike, revision: str | None = No
 
 
 # ----------------------------------------------------------------------------- model card
-def model_card_text(eviction: EvictionConfig, base_model: str | None = None, *, repo_id: str | None = None,
-                    curriculum: dict | None = None, interoception_rates=None, meta_token: str | None = None,
-                    task: str | None = None, is_adapter: bool = False) -> str:
+def model_card_text(
+    eviction: EvictionConfig,
+    base_model: str | None = None,
+    *,
+    repo_id: str | None = None,
+    curriculum: dict | None = None,
+    interoception_rates=None,
+    meta_token: str | None = None,
+    task: str | None = None,
+    is_adapter: bool = False,
+) -> str:
     """The NGC section of the model card (markdown).
 
     Parameters
@@ -140,35 +149,48 @@ def model_card_text(eviction: EvictionConfig, base_model: str | None = None, *, 
     ``repo_id``, ``task`` and ``is_adapter`` apply to it).
     """
     if eviction.policy in CARD_SECTIONS:
-        return CARD_SECTIONS[eviction.policy](eviction, base_model, repo_id=repo_id, task=task, is_adapter=is_adapter)
+        return CARD_SECTIONS[eviction.policy](
+            eviction, base_model, repo_id=repo_id, task=task, is_adapter=is_adapter
+        )
     e = eviction
     where = repo_id or "path/to/this/model"
     if curriculum and curriculum.get("rates"):
-        cur = (f"ε levels {list(curriculum['rates'])}, {curriculum.get('stage_steps')} steps per stage, "
-               f"α = {curriculum.get('alpha')} (Eq. 6)")
+        cur = (
+            f"ε levels {list(curriculum['rates'])}, {curriculum.get('stage_steps')} steps per stage, "
+            f"α = {curriculum.get('alpha')} (Eq. 6)"
+        )
     else:
         cur = "none (constant ε)"
     rows = [
         ("eviction interval δ", f"{e.eviction_interval} tokens (prompt included)"),
         ("eviction rate ε", f"{e.eviction_rate} of live blocks per round and layer"),
-        ("block size b", e.block_size), ("score window w", e.score_window), ("policy", f"`{e.policy}`"),
+        ("block size b", e.block_size),
+        ("score window w", e.score_window),
+        ("policy", f"`{e.policy}`"),
         ("curriculum", cur),
         ("interoception", f"rates {list(interoception_rates)}" if interoception_rates else "off"),
         ("meta token", f"`{meta_token}`" if meta_token else "none"),
-        ("protections", f"protect_prompt={e.protect_prompt}, num_sink={e.num_sink}, num_recent={e.num_recent}"),
+        (
+            "protections",
+            f"protect_prompt={e.protect_prompt}, num_sink={e.num_sink}, num_recent={e.num_recent}",
+        ),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    load = ("from peft import AutoPeftModelForCausalLM\n"
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{where}").merge_and_unload()'
-            if is_adapter else
-            f'model = AutoModelForCausalLM.from_pretrained("{where}")')
+    load = (
+        "from peft import AutoPeftModelForCausalLM\n"
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{where}").merge_and_unload()'
+        if is_adapter
+        else f'model = AutoModelForCausalLM.from_pretrained("{where}")'
+    )
     tag = ""
     if interoception_rates:
-        tag = ("\nTrained with budget-aware interoception: append `<eviction_rate>50%</eviction_rate>` (the rate "
-               "you decode with) to the prompt, as `ngc_trl.trainer.add_rate_tag` does.\n")
+        tag = (
+            "\nTrained with budget-aware interoception: append `<eviction_rate>50%</eviction_rate>` (the rate "
+            "you decode with) to the prompt, as `ngc_trl.trainer.add_rate_tag` does.\n"
+        )
     forced = ""
     if meta_token:
-        forced = (f'\n    forced_token_id=tokenizer.convert_tokens_to_ids("{meta_token}"),')
+        forced = f'\n    forced_token_id=tokenizer.convert_tokens_to_ids("{meta_token}"),'
     return f"""{CARD_MARKER}
 ## Neural Garbage Collection
 
@@ -203,15 +225,23 @@ Or evaluate: `ngc-eval --model {where} --task {task or "countdown"} --policies f
 """
 
 
-def breadcrumbs_card_text(eviction: EvictionConfig, base_model: str | None = None, *, repo_id: str | None = None,
-                          task: str | None = None, is_adapter: bool = False) -> str:
+def breadcrumbs_card_text(
+    eviction: EvictionConfig,
+    base_model: str | None = None,
+    *,
+    repo_id: str | None = None,
+    task: str | None = None,
+    is_adapter: bool = False,
+) -> str:
     """The Breadcrumbs section of a student's model card (markdown); see `model_card_text`."""
     e = eviction
     where = repo_id or "path/to/this/model"
-    load = ("from peft import AutoPeftModelForCausalLM\n"
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{where}").merge_and_unload()'
-            if is_adapter else
-            f'model = AutoModelForCausalLM.from_pretrained("{where}")')
+    load = (
+        "from peft import AutoPeftModelForCausalLM\n"
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{where}").merge_and_unload()'
+        if is_adapter
+        else f'model = AutoModelForCausalLM.from_pretrained("{where}")'
+    )
     return f"""{CARD_MARKER}
 ## Breadcrumbs Reasoning (compression beacons)
 
@@ -296,8 +326,10 @@ def safe_push(trainer, raise_on_error: bool = True, **kwargs) -> str | None:
         return str(trainer.push_to_hub(**kwargs))
     except Exception as e:  # noqa: BLE001 - any Hub/network error
         where = getattr(getattr(trainer, "args", None), "output_dir", "output_dir")
-        msg = scrub_token(f"push_to_hub failed ({type(e).__name__}: {e}); the model is saved locally in {where}",
-                          kwargs.get("token"))
+        msg = scrub_token(
+            f"push_to_hub failed ({type(e).__name__}: {e}); the model is saved locally in {where}",
+            kwargs.get("token"),
+        )
         logger.error(msg)
         if raise_on_error:
             raise RuntimeError(msg) from None

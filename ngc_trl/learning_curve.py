@@ -54,9 +54,17 @@ def instance_key(task: str, row: Mapping[str, Any]) -> tuple:
     raise ValueError(f"instance_key: task {task!r} is not generated")
 
 
-def load_validation_problems(task: str, source: str, n: int, seed: int, exclude: Iterable[Mapping[str, Any]] = (),
-                             *, prompt_format: str = "chat", prefill: bool = True,
-                             max_candidates: int | None = None) -> list[dict]:
+def load_validation_problems(
+    task: str,
+    source: str,
+    n: int,
+    seed: int,
+    exclude: Iterable[Mapping[str, Any]] = (),
+    *,
+    prompt_format: str = "chat",
+    prefill: bool = True,
+    max_candidates: int | None = None,
+) -> list[dict]:
     """``n`` validation problems ``{id: "<task>-val-<i>", prompt, <instance columns>}`` of a generated task.
 
     Drawn from the ``train`` hash split of ``source`` (``"generated"`` or ``"generated:<name>"``) with seed
@@ -68,7 +76,9 @@ def load_validation_problems(task: str, source: str, n: int, seed: int, exclude:
     from ngc_trl.tasks import GENERATED_TASKS, load_generated
 
     if task not in GENERATED_TASKS:
-        raise ValueError(f"validation problems: task {task!r} is not generated ({', '.join(GENERATED_TASKS)})")
+        raise ValueError(
+            f"validation problems: task {task!r} is not generated ({', '.join(GENERATED_TASKS)})"
+        )
     if source != "generated" and not source.startswith("generated:"):
         raise ValueError(f"validation problems: source {source!r} is not 'generated' or 'generated:<name>'")
     if n <= 0:
@@ -77,8 +87,15 @@ def load_validation_problems(task: str, source: str, n: int, seed: int, exclude:
     cap = max_candidates or max(64 * n, 20_000)
     draw, out = min(cap, max(4 * n, 64)), []
     while True:
-        ds = load_generated(task, source, n=draw, seed=seed + VALIDATION_SEED_OFFSET, split="train",
-                            prompt_format=prompt_format, prefill=prefill)
+        ds = load_generated(
+            task,
+            source,
+            n=draw,
+            seed=seed + VALIDATION_SEED_OFFSET,
+            split="train",
+            prompt_format=prompt_format,
+            prefill=prefill,
+        )
         seen, out = set(banned), []
         for row in ds:
             key = instance_key(task, row)
@@ -93,8 +110,10 @@ def load_validation_problems(task: str, source: str, n: int, seed: int, exclude:
     if not out:
         raise ValueError(f"validation problems: every {source} instance drawn is in the training set")
     if len(out) < n:
-        warnings.warn(f"validation problems: only {len(out)} of {n} instances of {source} are outside the "
-                      "training set", stacklevel=2)
+        warnings.warn(
+            f"validation problems: only {len(out)} of {n} instances of {source} are outside the training set",
+            stacklevel=2,
+        )
     return [{"id": f"{task}-val-{i}", **row} for i, row in enumerate(out)]
 
 
@@ -113,6 +132,7 @@ def read_curve(path: str | os.PathLike) -> list[dict]:
 def merge_points(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
     """``old`` then ``new``, a new point replacing an old one of the same (step, policy, rate), sorted by
     step (stable)."""
+
     def key(p):
         return int(p["step"]), p["policy"], round(float(p["rate"]), 9)
 
@@ -156,8 +176,17 @@ class LearningCurveCallback(TrainerCallback):
     different numbers of batches, which sharded parameters would deadlock on.
     """
 
-    def __init__(self, trainer, problems: Sequence[dict], task: str, every: int, policies="ngc",
-                 max_new_tokens: int | None = None, batch_size: int = 64, output_dir: str | None = None):
+    def __init__(
+        self,
+        trainer,
+        problems: Sequence[dict],
+        task: str,
+        every: int,
+        policies="ngc",
+        max_new_tokens: int | None = None,
+        batch_size: int = 64,
+        output_dir: str | None = None,
+    ):
         from ngc_trl.eval import parse_policies, plan_runs
 
         if every <= 0:
@@ -205,7 +234,9 @@ class LearningCurveCallback(TrainerCallback):
         acc = tr.accelerator
         with (
             unwrap_model_for_generation(
-                tr.model_wrapped, acc, gather_deepspeed3_params=tr.args.ds3_gather_for_generation,
+                tr.model_wrapped,
+                acc,
+                gather_deepspeed3_params=tr.args.ds3_gather_for_generation,
                 gradient_checkpointing_kwargs=tr.args.gradient_checkpointing_kwargs,
             ) as model,
             torch.no_grad(),
@@ -214,11 +245,22 @@ class LearningCurveCallback(TrainerCallback):
             model.eval()
             try:
                 summary = evaluate(
-                    model, tr.processing_class, self.problems, self.task, self.policies, [self.rate],
-                    eviction=self.eviction, max_new_tokens=self.max_new_tokens, temperature=0.0,
-                    batch_size=self.batch_size, seed=tr.args.seed, output_dir=None,
+                    model,
+                    tr.processing_class,
+                    self.problems,
+                    self.task,
+                    self.policies,
+                    [self.rate],
+                    eviction=self.eviction,
+                    max_new_tokens=self.max_new_tokens,
+                    temperature=0.0,
+                    batch_size=self.batch_size,
+                    seed=tr.args.seed,
+                    output_dir=None,
                     interoception=getattr(tr.args, "interoception_rates", None) is not None,
-                    forced_token_id=getattr(tr, "meta_token_id", None), progress=False)
+                    forced_token_id=getattr(tr, "meta_token_id", None),
+                    progress=False,
+                )
             finally:
                 model.train(was_training)
         points = [self._point(row, state.global_step) for row in summary.get("results", [])]
@@ -235,8 +277,10 @@ class LearningCurveCallback(TrainerCallback):
             logs[f"eval/curve_accuracy{suffix}"] = p["accuracy"]
             if p["peak_compression"] is not None:
                 logs[f"eval/curve_peak_compression{suffix}"] = p["peak_compression"]
-        logger.info(f"learning curve at step {state.global_step}: "
-                    + ", ".join(f"{p['policy']}@{p['rate']:g} {p['accuracy']}" for p in points))
+        logger.info(
+            f"learning curve at step {state.global_step}: "
+            + ", ".join(f"{p['policy']}@{p['rate']:g} {p['accuracy']}" for p in points)
+        )
         if logs:
             # transformers' log (TRL's would flush the step's pending train metrics); on_log clears
             # should_log, which the step's own log still needs
@@ -248,17 +292,27 @@ class LearningCurveCallback(TrainerCallback):
     def _point(self, row: dict, step: int) -> dict:
         """A curve point from a `evaluate` summary row."""
         full = row["policy"] == "full"
-        return {"step": int(step), "policy": row["policy"], "rate": 0.0 if full else float(row["rate"]),
-                "accuracy": _finite(row.get("pass@1")), "stderr": _finite(row.get("pass@1_se")),
-                "peak_compression": _finite(row.get("peak_compression")), "n": int(row.get("num_problems", 0)),
-                "compression_source": row.get("compression_source"),
-                "mean_completion_tokens": _finite(row.get("mean_completion_tokens")),
-                "max_new_tokens": self.max_new_tokens}
+        return {
+            "step": int(step),
+            "policy": row["policy"],
+            "rate": 0.0 if full else float(row["rate"]),
+            "accuracy": _finite(row.get("pass@1")),
+            "stderr": _finite(row.get("pass@1_se")),
+            "peak_compression": _finite(row.get("peak_compression")),
+            "n": int(row.get("num_problems", 0)),
+            "compression_source": row.get("compression_source"),
+            "mean_completion_tokens": _finite(row.get("mean_completion_tokens")),
+            "max_new_tokens": self.max_new_tokens,
+        }
 
 
 # ----------------------------------------------------------------------------- the plot
-def plot_curves(runs: Sequence[tuple[str, str | os.PathLike]], out: str | os.PathLike, title: str = "",
-                references: Sequence[tuple[str, float, float | None]] = ()) -> Path:
+def plot_curves(
+    runs: Sequence[tuple[str, str | os.PathLike]],
+    out: str | os.PathLike,
+    title: str = "",
+    references: Sequence[tuple[str, float, float | None]] = (),
+) -> Path:
     """One plot of validation accuracy under eviction vs optimizer step.
 
     ``runs``: ``(label, learning_curve.json)`` pairs; every (policy, rate) of a file is one line with
@@ -277,14 +331,21 @@ def plot_curves(runs: Sequence[tuple[str, str | os.PathLike]], out: str | os.Pat
             if p.get("accuracy") is not None:
                 lines.setdefault((p["policy"], float(p["rate"])), []).append(p)
         for (policy, rate), pts in sorted(lines.items()):
-            ax.errorbar([p["step"] for p in pts], [100 * p["accuracy"] for p in pts],
-                        yerr=[100 * (p.get("stderr") or 0.0) for p in pts], marker="o", capsize=3,
-                        label=f"{label} · {policy}@{rate:g}")
+            ax.errorbar(
+                [p["step"] for p in pts],
+                [100 * p["accuracy"] for p in pts],
+                yerr=[100 * (p.get("stderr") or 0.0) for p in pts],
+                marker="o",
+                capsize=3,
+                label=f"{label} · {policy}@{rate:g}",
+            )
     for label, acc, se in references:
         ax.axhline(100 * acc, linestyle="--", linewidth=1, color="gray")
         if se:
             ax.axhspan(100 * (acc - se), 100 * (acc + se), color="gray", alpha=0.12)
-        ax.annotate(label, (0, 100 * acc), textcoords="offset points", xytext=(2, 3), fontsize=8, color="dimgray")
+        ax.annotate(
+            label, (0, 100 * acc), textcoords="offset points", xytext=(2, 3), fontsize=8, color="dimgray"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation accuracy under eviction (%)")
     ax.set_title(title or "learning curve (greedy, top-k eviction)")
@@ -300,9 +361,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """``python -m ngc_trl.learning_curve --runs LABEL=PATH ... --out curve.png [--ref LABEL=ACC[±SE]]``."""
     import argparse
 
-    p = argparse.ArgumentParser(description="Plot learning_curve.json files (accuracy under eviction vs step).")
+    p = argparse.ArgumentParser(
+        description="Plot learning_curve.json files (accuracy under eviction vs step)."
+    )
     p.add_argument("--runs", nargs="+", required=True, help="LABEL=path/to/learning_curve.json")
-    p.add_argument("--ref", nargs="*", default=[], help="LABEL=ACC or LABEL=ACC±SE (fractions), a horizontal line")
+    p.add_argument(
+        "--ref", nargs="*", default=[], help="LABEL=ACC or LABEL=ACC±SE (fractions), a horizontal line"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="")
     a = p.parse_args(argv)

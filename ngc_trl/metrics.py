@@ -80,7 +80,9 @@ def _by_problem(records: Iterable[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def summarize(records: Iterable[dict], runs: Sequence[tuple[str, float | None]], ks: Sequence[int]) -> list[dict]:
+def summarize(
+    records: Iterable[dict], runs: Sequence[tuple[str, float | None]], ks: Sequence[int]
+) -> list[dict]:
     """One row of metrics per run ``(policy, rate)``, in the order of ``runs``.
 
     Args:
@@ -91,13 +93,20 @@ def summarize(records: Iterable[dict], runs: Sequence[tuple[str, float | None]],
     groups = defaultdict(list)
     for r in records:
         groups[run_key(r["policy"], r["rate"])].append(r)
-    full_peak = {pid: mean(x["peak_total"] for x in rs) for pid, rs in _by_problem(groups.get((FULL, None), [])).items()}
+    full_peak = {
+        pid: mean(x["peak_total"] for x in rs)
+        for pid, rs in _by_problem(groups.get((FULL, None), [])).items()
+    }
     rows = []
     for policy, rate in runs:
         recs = groups.get(run_key(policy, rate), [])
         probs = _by_problem(recs)
-        row = {"policy": policy, "rate": None if policy == FULL else rate, "num_problems": len(probs),
-               "num_completions": len(recs)}
+        row = {
+            "policy": policy,
+            "rate": None if policy == FULL else rate,
+            "num_problems": len(probs),
+            "num_completions": len(recs),
+        }
         if not recs:
             rows.append(row)
             continue
@@ -108,8 +117,11 @@ def summarize(records: Iterable[dict], runs: Sequence[tuple[str, float | None]],
         for k in ks:
             if k == 1:
                 continue
-            row[f"pass@{k}"] = (mean(pass_at_k(len(rs), sum(bool(x["correct"]) for x in rs), k) for rs in probs.values())
-                                if k <= n_min else None)
+            row[f"pass@{k}"] = (
+                mean(pass_at_k(len(rs), sum(bool(x["correct"]) for x in rs), k) for rs in probs.values())
+                if k <= n_min
+                else None
+            )
         # the paper's peak reduction: per problem, full-cache peak / this method's peak (mean of ratios)
         paired = [pid for pid in probs if pid in full_peak]
         if full_peak and len(paired) == len(probs):
@@ -158,7 +170,9 @@ def read_records(path: str | os.PathLike, repair: bool = False) -> list[dict]:
     if repair and clean != raw:
         dropped = sum(bool(x.strip()) for x in raw.splitlines()) - len(lines)
         if dropped:
-            warnings.warn(f"{path}: dropped {dropped} unreadable line(s) (a run killed mid-write)", stacklevel=2)
+            warnings.warn(
+                f"{path}: dropped {dropped} unreadable line(s) (a run killed mid-write)", stacklevel=2
+            )
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(clean)
         os.replace(tmp, path)
@@ -197,30 +211,62 @@ def _fmt(x, spec=".1f", scale=1.0, none="—"):
 def markdown_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
     """The results as a Markdown table (accuracies in %)."""
     extra_k = [k for k in ks if k != 1]
-    head = ["policy", "setting", "peak compression", "pass@1 (%)"] + [f"pass@{k} (%)" for k in extra_k] + [
-        "mean peak entries / layer", "max peak entries / layer", "mean entries / layer", "completion tokens",
-        "truncated (%)", "problems", "completions"]
+    head = (
+        ["policy", "setting", "peak compression", "pass@1 (%)"]
+        + [f"pass@{k} (%)" for k in extra_k]
+        + [
+            "mean peak entries / layer",
+            "max peak entries / layer",
+            "mean entries / layer",
+            "completion tokens",
+            "truncated (%)",
+            "problems",
+            "completions",
+        ]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "pass@1" not in r:
-            cells = [r["policy"], setting_label(r.get("scorer", r["policy"]), r["rate"]), "—", "—"] + ["—"] * len(extra_k) + ["—"] * 5 + ["0", "0"]
+            cells = (
+                [r["policy"], setting_label(r.get("scorer", r["policy"]), r["rate"]), "—", "—"]
+                + ["—"] * len(extra_k)
+                + ["—"] * 5
+                + ["0", "0"]
+            )
         else:
-            comp = _fmt(r["peak_compression"], ".2f") + "×" + ("" if r["compression_source"] == "full_run" else "*")
-            cells = [r["policy"], setting_label(r.get("scorer", r["policy"]), r["rate"]), comp,
-                     f"{_fmt(r['pass@1'], scale=100)} ± {_fmt(r['pass@1_se'], scale=100)}"]
+            comp = (
+                _fmt(r["peak_compression"], ".2f")
+                + "×"
+                + ("" if r["compression_source"] == "full_run" else "*")
+            )
+            cells = [
+                r["policy"],
+                setting_label(r.get("scorer", r["policy"]), r["rate"]),
+                comp,
+                f"{_fmt(r['pass@1'], scale=100)} ± {_fmt(r['pass@1_se'], scale=100)}",
+            ]
             cells += [_fmt(r.get(f"pass@{k}"), scale=100) for k in extra_k]
-            cells += [_fmt(r["mean_peak_entries_per_layer"]), str(r["max_peak_entries_per_layer"]),
-                      _fmt(r["mean_entries_per_layer"]), _fmt(r["mean_completion_tokens"]),
-                      _fmt(r["truncated"], scale=100), str(r["num_problems"]), str(r["num_completions"])]
+            cells += [
+                _fmt(r["mean_peak_entries_per_layer"]),
+                str(r["max_peak_entries_per_layer"]),
+                _fmt(r["mean_entries_per_layer"]),
+                _fmt(r["mean_completion_tokens"]),
+                _fmt(r["truncated"], scale=100),
+                str(r["num_problems"]),
+                str(r["num_completions"]),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("\nPeak compression: mean over problems of (full-cache peak / method peak), each run with its own "
-            "completion length. `*`: no `full` run, so the ratio is against a full cache on the same tokens. "
-            "`±`: standard error of pass@1 across problems.\n")
+    note = (
+        "\nPeak compression: mean over problems of (full-cache peak / method peak), each run with its own "
+        "completion length. `*`: no `full` run, so the ratio is against a full cache on the same tokens. "
+        "`±`: standard error of pass@1 across problems.\n"
+    )
     return "\n".join(lines) + "\n" + note
 
 
-def pareto_auc(rows: Sequence[dict], max_compression: float | None = None,
-               anchors: dict[str, float] | None = None) -> dict:
+def pareto_auc(
+    rows: Sequence[dict], max_compression: float | None = None, anchors: dict[str, float] | None = None
+) -> dict:
     """Area under the accuracy–compression curve of every method, on one shared axis.
 
     Each method's curve is its pass@1 (in [0, 1]) against ``log2(peak compression)``, linearly
@@ -285,9 +331,11 @@ def common_range_auc(rows: Sequence[dict]) -> dict:
     out = {}
     for policy, pts in curves.items():
         xs = np.array(sorted({lo, hi, *(x for x, _ in pts if lo < x < hi)}))
-        ys = np.interp(xs, [x for x, _ in pts], [y for _, y in pts])  # piecewise linear between measured points
+        ys = np.interp(
+            xs, [x for x, _ in pts], [y for _, y in pts]
+        )  # piecewise linear between measured points
         out[policy] = float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2)) / (hi - lo)
-    return {"range": [2 ** lo, 2 ** hi], "auc": out}
+    return {"range": [2**lo, 2**hi], "auc": out}
 
 
 def plot_pareto(rows: Sequence[dict], path: str, title: str = "") -> None:
@@ -309,9 +357,15 @@ def plot_pareto(rows: Sequence[dict], path: str, title: str = "") -> None:
     colors = colormaps["tab20" if len(by_policy) > 10 else "tab10"]
     for i, (policy, rs) in enumerate(by_policy.items()):
         rs = sorted(rs, key=lambda r: r["peak_compression"])
-        ax.errorbar([r["peak_compression"] for r in rs], [100 * r["pass@1"] for r in rs],
-                    yerr=[100 * (r["pass@1_se"] or 0.0) for r in rs], marker="os^Dv"[i % 5], capsize=3,
-                    color=colors(i), label=policy)
+        ax.errorbar(
+            [r["peak_compression"] for r in rs],
+            [100 * r["pass@1"] for r in rs],
+            yerr=[100 * (r["pass@1_se"] or 0.0) for r in rs],
+            marker="os^Dv"[i % 5],
+            capsize=3,
+            color=colors(i),
+            label=policy,
+        )
     top = min(100.0, 1.1 * max([5.0, *(100 * (r["pass@1"] + (r["pass@1_se"] or 0)) for r in done)]))
     ax.set_ylim(-0.03 * top, top)
     ax.set_xlim(0.95, 1.05 * max([1.0, *(r["peak_compression"] for r in done)]) + 0.05)
@@ -326,17 +380,26 @@ def plot_pareto(rows: Sequence[dict], path: str, title: str = "") -> None:
 
 def auc_table(auc: dict) -> str:
     """The `pareto_auc` result as a Markdown table (in %), best first."""
-    lines = [f"\nArea under the accuracy–compression curve, 1×–{auc['max_compression']:.2f}× on a log axis "
-             "(mean pass@1 over the range; 0 beyond a method's most compressed run):\n",
-             "| method | AUC (%) |", "|---|---|"]
+    lines = [
+        f"\nArea under the accuracy–compression curve, 1×–{auc['max_compression']:.2f}× on a log axis "
+        "(mean pass@1 over the range; 0 beyond a method's most compressed run):\n",
+        "| method | AUC (%) |",
+        "|---|---|",
+    ]
     for policy, v in sorted(auc["auc"].items(), key=lambda kv: -(kv[1] or 0)):
         lines.append(f"| {policy} | {_fmt(v, scale=100)} |")
     common = auc.get("common_range")
     if common and common["range"]:
         lo, hi = common["range"]
-        lines += [f"\nThe same, over {lo:.2f}×–{hi:.2f}× only (the range every method with ≥ 2 runs measured; no 1× "
-                  "anchor, interpolated between measured points):\n", "| method | AUC (%) |", "|---|---|"]
-        lines += [f"| {p} | {_fmt(v, scale=100)} |" for p, v in sorted(common["auc"].items(), key=lambda kv: -kv[1])]
+        lines += [
+            f"\nThe same, over {lo:.2f}×–{hi:.2f}× only (the range every method with ≥ 2 runs measured; no 1× "
+            "anchor, interpolated between measured points):\n",
+            "| method | AUC (%) |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {p} | {_fmt(v, scale=100)} |" for p, v in sorted(common["auc"].items(), key=lambda kv: -kv[1])
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -348,10 +411,14 @@ def write_reports(output_dir: str | os.PathLike, summary: dict, title: str = "")
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     ev = s["eviction"]
     sampling = f"T={s['temperature']}, top_p={s['top_p']}, top_k={s['top_k']}" if s["do_sample"] else "greedy"
-    head = (f"# {s['task']}: accuracy vs peak KV-cache compression\n\nmodel `{s.get('model', '?')}`, "
-            f"{s['num_problems']} problems × {s['num_samples']} samples, δ={ev['eviction_interval']}, "
-            f"b={ev['block_size']}, w={ev['score_window']}, max_new_tokens={s['max_new_tokens']}, {sampling}\n\n")
-    (output_dir / "results.md").write_text(head + markdown_table(summary["results"], s["k"]) + auc_table(summary["auc"]))
+    head = (
+        f"# {s['task']}: accuracy vs peak KV-cache compression\n\nmodel `{s.get('model', '?')}`, "
+        f"{s['num_problems']} problems × {s['num_samples']} samples, δ={ev['eviction_interval']}, "
+        f"b={ev['block_size']}, w={ev['score_window']}, max_new_tokens={s['max_new_tokens']}, {sampling}\n\n"
+    )
+    (output_dir / "results.md").write_text(
+        head + markdown_table(summary["results"], s["k"]) + auc_table(summary["auc"])
+    )
     plot_pareto(summary["results"], str(output_dir / "pareto.png"), title=title)
 
 
@@ -374,7 +441,9 @@ def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "")
         output_dir: where ``summary.json``, ``results.md`` and ``pareto.png`` go.
     """
     rows, sources, first_settings = [], [], None
-    own_full: dict[str, tuple[float, float]] = {}  # label -> (least compression of its runs, its model's full pass@1)
+    own_full: dict[
+        str, tuple[float, float]
+    ] = {}  # label -> (least compression of its runs, its model's full pass@1)
     for i, spec in enumerate(runs):
         folder, _, label = str(spec).partition("=")
         path = Path(folder) / "summary.json"
@@ -394,20 +463,30 @@ def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "")
                 r["policy"], r["reference"] = f"full cache ({summary['settings'].get('model')})", True
             rows.append(r)
         fulls = [r["pass@1"] for r in summary["results"] if r["policy"] == FULL and "pass@1" in r]
-        least = min((r["peak_compression"] for r in summary["results"]
-                     if r["policy"] != FULL and r.get("peak_compression")), default=None)
+        least = min(
+            (
+                r["peak_compression"]
+                for r in summary["results"]
+                if r["policy"] != FULL and r.get("peak_compression")
+            ),
+            default=None,
+        )
         if label and fulls and least is not None and least < own_full.get(label, (float("inf"),))[0]:
             own_full[label] = (least, fulls[0])
     curves = [r for r in rows if not r.get("reference")]
     anchors = {label: acc for label, (_, acc) in own_full.items()}
-    out = {"settings": {**first_settings, "combined_from": sources}, "results": rows,
-           "auc": dict(pareto_auc(curves, anchors=anchors), common_range=common_range_auc(curves))}
+    out = {
+        "settings": {**first_settings, "combined_from": sources},
+        "results": rows,
+        "auc": dict(pareto_auc(curves, anchors=anchors), common_range=common_range_auc(curves)),
+    }
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(out, indent=2))
     ks = first_settings["k"]
     head = f"# {first_settings['task']}: accuracy vs peak KV-cache compression\n\n" + "".join(
-        f"- `{s['dir']}`{' as ' + s['label'] if s['label'] else ''}: model `{s['model']}`\n" for s in sources)
+        f"- `{s['dir']}`{' as ' + s['label'] if s['label'] else ''}: model `{s['model']}`\n" for s in sources
+    )
     (output_dir / "results.md").write_text(head + "\n" + markdown_table(rows, ks) + auc_table(out["auc"]))
     plot_pareto(curves, str(output_dir / "pareto.png"), title=title or first_settings["task"])
     return out
@@ -417,7 +496,9 @@ def main(argv: list[str] | None = None) -> dict:
     """``python -m ngc_trl.metrics --runs DIR[=LABEL] ... --output_dir OUT``: see `combine`."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m ngc_trl.metrics", description=combine.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m ngc_trl.metrics", description=combine.__doc__.splitlines()[0]
+    )
     ap.add_argument("--runs", nargs="+", required=True, help="eval output folders, DIR or DIR=LABEL")
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--title", default="")

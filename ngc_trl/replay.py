@@ -30,7 +30,9 @@ from ngc_trl.scoring import block_ids
 NEVER = torch.iinfo(torch.long).max
 
 
-def death_times(records: EvictionRecords, pos: torch.Tensor, valid: torch.Tensor, block_size: int) -> torch.Tensor:
+def death_times(
+    records: EvictionRecords, pos: torch.Tensor, valid: torch.Tensor, block_size: int
+) -> torch.Tensor:
     """``(B, L, T)`` long: position of the round that evicted each slot from each layer (`NEVER` if kept).
 
     ``pos``/``valid``: ``(B, T)`` absolute positions and validity of the replayed sequence's slots.
@@ -40,7 +42,9 @@ def death_times(records: EvictionRecords, pos: torch.Tensor, valid: torch.Tensor
     death = torch.full((bsz, n_layers, pos.shape[1]), NEVER, dtype=torch.long, device=pos.device)
     for r in range(n_rounds):
         p = records.positions[:, r]
-        alive = valid[:, None] & (pos[:, None] < p[:, None, None]) & (death == NEVER) & (p >= 0)[:, None, None]
+        alive = (
+            valid[:, None] & (pos[:, None] < p[:, None, None]) & (death == NEVER) & (p >= 0)[:, None, None]
+        )
         bid = (torch.cumsum(alive.long(), -1) - 1) // block_size
         ev = records.evicted[:, r]  # (B, L, N) block ids, -1 padding
         n = int(records.n_blocks[:, r].max()) if records.n_blocks.numel() else 0  # ids are < n
@@ -70,8 +74,17 @@ class ReplayContext:
             if none). With ``records`` too, it wins for the masks.
     """
 
-    def __init__(self, attention_mask, records=None, eviction: EvictionConfig | None = None, prompt_len=None,
-                 replay_masks=True, eviction_logps=True, backend="auto", death=None):
+    def __init__(
+        self,
+        attention_mask,
+        records=None,
+        eviction: EvictionConfig | None = None,
+        prompt_len=None,
+        replay_masks=True,
+        eviction_logps=True,
+        backend="auto",
+        death=None,
+    ):
         self.valid = attention_mask.bool()
         self.pos = (self.valid.long().cumsum(1) - 1).clamp(min=0)
         self.offset = self.valid.long().argmax(1)  # first valid slot = slot of position 0
@@ -92,7 +105,9 @@ class ReplayContext:
             self.death = None
         self._evict_logp: dict[int, torch.Tensor] = {}
         self._entropy: dict[int, torch.Tensor] = {}
-        self._written: list[int] = []  # layers whose log-probs the current layer call wrote (checkpoint routing)
+        self._written: list[
+            int
+        ] = []  # layers whose log-probs the current layer call wrote (checkpoint routing)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -122,7 +137,9 @@ class ReplayContext:
         else:
             out = masked_sdpa(query, key, value, self.visible(layer), scaling)
         if self.eviction_logps:
-            self._evict_logp[layer], self._entropy[layer] = self._layer_eviction_logp(layer, query, key, value, scaling)
+            self._evict_logp[layer], self._entropy[layer] = self._layer_eviction_logp(
+                layer, query, key, value, scaling
+            )
             self._written.append(layer)
         return out
 
@@ -130,7 +147,9 @@ class ReplayContext:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         pos, valid = self.pos, self.valid
-        death = self.layer_death(layer).contiguous() if (self.replay_masks and self.death is not None) else None
+        death = (
+            self.layer_death(layer).contiguous() if (self.replay_masks and self.death is not None) else None
+        )
 
         def mask_mod(b, h, q, k):
             ok = valid[b, k] & (pos[b, k] <= pos[b, q])
@@ -160,8 +179,18 @@ class ReplayContext:
             q_w = query.gather(2, slot[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3]))
             death = self.layer_death(layer)
             alive = self.valid & (self.pos < p[:, None]) & (death >= p[:, None]) & has[:, None]
-            view = LayerView(keys=key, values=value, pos=self.pos, live=alive, bid=block_ids(alive, self.cfg.block_size),
-                             queries=q_w, q_pos=qp, q_valid=qv, scale=scaling, prompt_len=self.prompt_len)
+            view = LayerView(
+                keys=key,
+                values=value,
+                pos=self.pos,
+                live=alive,
+                bid=block_ids(alive, self.cfg.block_size),
+                queries=q_w,
+                q_pos=qp,
+                q_valid=qv,
+                scale=scaling,
+                prompt_len=self.prompt_len,
+            )
             blocks = score_blocks(self.policy, view, self.cfg)
             kept = rec.kept[:, r, layer]
             idx = torch.arange(kept.shape[-1], device=kept.device)
@@ -170,8 +199,13 @@ class ReplayContext:
             chosen = torch.where(acted[:, None], chosen, torch.full_like(chosen, -1))
             lp = plackett_luce_log_prob(blocks.logits, chosen, blocks.pool)
             logps.append(torch.where(acted, lp, torch.zeros_like(lp)))
-            ents.append(torch.where(acted, plackett_luce_entropy_proxy(blocks.logits.detach(), blocks.pool),
-                                    torch.zeros_like(lp)))
+            ents.append(
+                torch.where(
+                    acted,
+                    plackett_luce_entropy_proxy(blocks.logits.detach(), blocks.pool),
+                    torch.zeros_like(lp),
+                )
+            )
         return torch.stack(logps, 1), torch.stack(ents, 1)
 
     def eviction_logp(self, num_layers: int) -> torch.Tensor:
@@ -222,8 +256,8 @@ def _routed_checkpoint(checkpoint_fn):
 
         res = checkpoint_fn(layer_with_logps, *args, **kwargs)
         n = len(layers)
-        outs = res[:len(res) - n]
-        for i, lp in zip(layers, res[len(res) - n:]):
+        outs = res[: len(res) - n]
+        for i, lp in zip(layers, res[len(res) - n :]):
             ctx._evict_logp[i] = lp
         return tuple(outs) if shape["tuple"] else outs[0]
 
@@ -247,7 +281,12 @@ def replay_forward(model, input_ids, attention_mask, ctx: ReplayContext, tempera
     """Token log-probs ``(B, T − 1)`` of ``input_ids[:, 1:]`` under the replay masks (fp32, logits /
     temperature), for tests and tools; the trainer uses TRL's fused head instead."""
     with use_ngc_attention(model):
-        out = model(input_ids=input_ids, attention_mask=no_mask(model), position_ids=ctx.position_ids,
-                    ngc_replay=ctx, use_cache=False)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=no_mask(model),
+            position_ids=ctx.position_ids,
+            ngc_replay=ctx,
+            use_cache=False,
+        )
     logp = torch.log_softmax(out.logits[:, :-1].float() / temperature, -1)
     return logp.gather(-1, input_ids[:, 1:, None])[..., 0]

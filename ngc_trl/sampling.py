@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def gumbel_noise(shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
+def gumbel_noise(
+    shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """i.i.d. Gumbel(0, 1) noise of ``shape``, drawn from ``generator`` (fp32 for the small-probability tail)."""
     u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
     u = u.clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)

@@ -73,20 +73,26 @@ def reduce_blocks(scores: torch.Tensor, bid: torch.Tensor, num_blocks: int, redu
     col = torch.where(bid >= 0, bid, torch.full_like(bid, num_blocks))  # dump column for non-live slots
     inf = torch.isinf(scores) & (scores > 0)
     finite = torch.where(inf, torch.zeros_like(scores), scores).float()
-    counts = torch.zeros(b, num_blocks + 1, device=scores.device).scatter_add_(1, col, torch.ones_like(finite))
+    counts = torch.zeros(b, num_blocks + 1, device=scores.device).scatter_add_(
+        1, col, torch.ones_like(finite)
+    )
     forced = torch.zeros(b, num_blocks + 1, device=scores.device).scatter_add_(1, col, inf.float()) > 0
     if reduction == "max":
         init = torch.full((b, num_blocks + 1), float("-inf"), device=scores.device)
         out = init.scatter_reduce(1, col, finite, reduce="amax", include_self=True)
         out = torch.where(torch.isinf(out), torch.zeros_like(out), out)
     else:
-        out = torch.zeros(b, num_blocks + 1, device=scores.device, dtype=finite.dtype).scatter_add(1, col, finite)
+        out = torch.zeros(b, num_blocks + 1, device=scores.device, dtype=finite.dtype).scatter_add(
+            1, col, finite
+        )
         if reduction == "mean":
             out = out / counts.clamp(min=1)
     return out[:, :num_blocks], forced[:, :num_blocks], counts[:, :num_blocks] > 0
 
 
-def block_logits(block_scores: torch.Tensor, cfg: EvictionConfig, pool: torch.Tensor | None = None) -> torch.Tensor:
+def block_logits(
+    block_scores: torch.Tensor, cfg: EvictionConfig, pool: torch.Tensor | None = None
+) -> torch.Tensor:
     """Block scores ``(R, N)`` to Plackett–Luce logits ``(R, N)``; ``logit_scale`` multiplies the result.
 
     * ``"none"`` (paper, Eq. 2): the raw block mean. Attention means are ``≤ 1/b``, so with Gumbel(0, 1) noise

@@ -71,30 +71,58 @@ class TestbedArgs:
     """Command-line settings of the testbed (``HfArgumentParser``)."""
 
     output_dir: str = field(default="outputs/tiny-base", metadata={"help": "where the HF folder goes"})
-    task: str = field(default="countdown", metadata={
-        "help": "'countdown' (search traces), 'stargraph' (arm-by-arm search; stargraph.DISTRIBUTIONS['testbed']) "
-                "or 'linsys' (elimination with every step written out; linsys.DISTRIBUTIONS['testbed'])"})
-    num_train: int = field(default=30000, metadata={"help": "SFT examples (one epoch at most; time usually stops first)"})
+    task: str = field(
+        default="countdown",
+        metadata={
+            "help": "'countdown' (search traces), 'stargraph' (arm-by-arm search; stargraph.DISTRIBUTIONS['testbed']) "
+            "or 'linsys' (elimination with every step written out; linsys.DISTRIBUTIONS['testbed'])"
+        },
+    )
+    num_train: int = field(
+        default=30000, metadata={"help": "SFT examples (one epoch at most; time usually stops first)"}
+    )
     num_test: int = field(default=384, metadata={"help": "held-out split='test' problems"})
-    max_steps: int = field(default=3600, metadata={
-        "help": "SFT optimizer steps; the learning rate's warmup + cosine runs over them, so the same command gives the "
-                "same base on any machine (3600 batch-4 steps take ~15 min on 2 idle CPU cores). -1: the wall clock "
-                "(--max_minutes) sets both the length and the schedule"})
-    max_minutes: float = field(default=30.0, metadata={
-        "help": "wall-clock safety cap on SFT; with max_steps=-1 it is the budget the schedule runs over"})
+    max_steps: int = field(
+        default=3600,
+        metadata={
+            "help": "SFT optimizer steps; the learning rate's warmup + cosine runs over them, so the same command gives the "
+            "same base on any machine (3600 batch-4 steps take ~15 min on 2 idle CPU cores). -1: the wall clock "
+            "(--max_minutes) sets both the length and the schedule"
+        },
+    )
+    max_minutes: float = field(
+        default=30.0,
+        metadata={
+            "help": "wall-clock safety cap on SFT; with max_steps=-1 it is the budget the schedule runs over"
+        },
+    )
     seed: int = 0
     eval_only: bool = False
-    tokenizer: str = field(default="number", metadata={
-        "help": "'number' (one token per integer), 'number_sep' (also ' n' and '>n' tokens for n <= 99, so a StarGraph "
-                "edge lookup is one induction step) or 'char'"})
-    number_init: str = field(default="digits", metadata={
-        "help": "number tokenizer: 'digits' (a number's embedding starts as the sum of its digits' place-value "
-                "embeddings) or 'random'"})
+    tokenizer: str = field(
+        default="number",
+        metadata={
+            "help": "'number' (one token per integer), 'number_sep' (also ' n' and '>n' tokens for n <= 99, so a StarGraph "
+            "edge lookup is one induction step) or 'char'"
+        },
+    )
+    number_init: str = field(
+        default="digits",
+        metadata={
+            "help": "number tokenizer: 'digits' (a number's embedding starts as the sum of its digits' place-value "
+            "embeddings) or 'random'"
+        },
+    )
     # Breadcrumbs student warm start (ngc_trl.beacon_sft): SFT --init_from under the beacon mask instead of a fresh base
-    beacon_ratios: str = field(default="", metadata={
-        "help": "comma-separated c values (e.g. '2,4,8,16'): warm-start a Breadcrumbs student from --init_from on the "
-                "same traces under the beacon mask, c drawn per example; evaluated with beacons at each c"})
-    init_from: str = field(default="outputs/tiny-base", metadata={"help": "the base a beacon warm start starts from"})
+    beacon_ratios: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated c values (e.g. '2,4,8,16'): warm-start a Breadcrumbs student from --init_from on the "
+            "same traces under the beacon mask, c drawn per example; evaluated with beacons at each c"
+        },
+    )
+    init_from: str = field(
+        default="outputs/tiny-base", metadata={"help": "the base a beacon warm start starts from"}
+    )
     beacon_token: str = "<|beacon|>"
     beacon_init: str = "mean"
     # model size
@@ -114,12 +142,18 @@ class TestbedArgs:
     shuffle_moves: bool = False
     # optimisation
     learning_rate: float = 1e-3
-    batch_size: int = 4  # many small steps: batch 4 reached loss 0.007 / 76% where batch 8 reached 0.016 / 45%
+    batch_size: int = (
+        4  # many small steps: batch 4 reached loss 0.007 / 76% where batch 8 reached 0.016 / 45%
+    )
     warmup_ratio: float = 0.03  # of the step budget (of the wall-clock budget with max_steps=-1)
     max_length: int = 700
-    attn_implementation: str = field(default="eager", metadata={
-        "help": "attention kernel for SFT only (not saved): 'eager' is ~15% faster than 'sdpa' on 2 CPU cores "
-                "at this size (bench: 0.28 s against 0.34 s per batch-8 step)"})
+    attn_implementation: str = field(
+        default="eager",
+        metadata={
+            "help": "attention kernel for SFT only (not saved): 'eager' is ~15% faster than 'sdpa' on 2 CPU cores "
+            "at this size (bench: 0.28 s against 0.34 s per batch-8 step)"
+        },
+    )
     logging_steps: int = 50
     # evaluation
     max_new_tokens: int = 640
@@ -134,8 +168,12 @@ def problem_kwargs(a: TestbedArgs) -> dict:
         raise ValueError(f"task must be one of {TASKS}, got {a.task!r}")
     if a.task != "countdown":
         return dict(get_task(a.task).DISTRIBUTIONS["testbed"])
-    return dict(count_range=(a.count_min, a.count_max), num_range=(a.num_min, a.num_max),
-                target_range=(a.target_min, a.target_max), test_buckets=a.test_buckets)
+    return dict(
+        count_range=(a.count_min, a.count_max),
+        num_range=(a.num_min, a.num_max),
+        target_range=(a.target_min, a.target_max),
+        test_buckets=a.test_buckets,
+    )
 
 
 def testbed_problems(a: TestbedArgs, n: int, seed: int, split: str) -> list[dict]:
@@ -197,9 +235,14 @@ def init_number_embeddings(model, tok, scheme: str, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     places = len(str(numbers[-1]))
     table = torch.randn(places, 10, emb.shape[1], generator=g) * std
-    prefixed = sorted((t, t[0], int(t[1:])) for t in vocab
-                      if len(t) > 1 and not t[0].isdigit() and t[1:].isdigit() and str(int(t[1:])) == t[1:])
-    prefix_rows = {p: torch.randn(emb.shape[1], generator=g) * std for p in sorted({p for _, p, _ in prefixed})}
+    prefixed = sorted(
+        (t, t[0], int(t[1:]))
+        for t in vocab
+        if len(t) > 1 and not t[0].isdigit() and t[1:].isdigit() and str(int(t[1:])) == t[1:]
+    )
+    prefix_rows = {
+        p: torch.randn(emb.shape[1], generator=g) * std for p in sorted({p for _, p, _ in prefixed})
+    }
 
     def digits_row(n):
         digits = [int(d) for d in reversed(str(n))]
@@ -210,7 +253,8 @@ def init_number_embeddings(model, tok, scheme: str, seed: int = 0) -> None:
             emb[vocab[str(n)]] = digits_row(n) + 0.25 * std * torch.randn(emb.shape[1], generator=g)
         for t, p, n in prefixed:
             emb[vocab[t]] = (digits_row(n) + prefix_rows[p]) / math.sqrt(2) + 0.25 * std * torch.randn(
-                emb.shape[1], generator=g)
+                emb.shape[1], generator=g
+            )
 
 
 def sft_examples(a: TestbedArgs, eos: str) -> list[dict]:
@@ -249,11 +293,13 @@ class TimeLimit(TrainerCallback):
 def budget_cosine(limit: TimeLimit, max_steps: int, warmup: float, floor: float = 0.05):
     """LR multiplier: linear warmup over the first ``warmup`` of the budget, then cosine to ``floor``. The budget
     is ``max_steps`` optimizer steps when it is > 0 (reproducible), else ``limit``'s wall-clock budget."""
+
     def factor(step: int) -> float:
         f = min(step / max_steps, 1.0) if max_steps > 0 else limit.fraction()
         if f < warmup:
             return max(f / warmup, 0.01)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (f - warmup) / (1 - warmup)))
+
     return factor
 
 
@@ -282,31 +328,57 @@ def train(a: TestbedArgs) -> dict:
 
         model = AutoModelForCausalLM.from_pretrained(a.init_from, dtype=torch.float32)
         tok = load_tokenizer(a.init_from)
-        extra = {"beacon_token_id": add_beacon_token(tok, model, a.beacon_token, a.beacon_init),
-                 "compression_ratios": beacon_ratios(a)}
+        extra = {
+            "beacon_token_id": add_beacon_token(tok, model, a.beacon_token, a.beacon_init),
+            "compression_ratios": beacon_ratios(a),
+        }
         trainer_cls = BeaconSFTTrainer
     else:
         tok = build_tokenizer(a.tokenizer, a.task)
-        model = Qwen2ForCausalLM(tiny_qwen2_config(len(tok), a.num_layers, a.hidden, a.heads, a.kv_heads,
-                                                   max_positions=1024))
-        model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        model = Qwen2ForCausalLM(
+            tiny_qwen2_config(len(tok), a.num_layers, a.hidden, a.heads, a.kv_heads, max_positions=1024)
+        )
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = (
+            tok.eos_token_id,
+            tok.pad_token_id,
+        )
         model.set_attn_implementation(a.attn_implementation)
         if a.tokenizer.startswith("number"):
             init_number_embeddings(model, tok, a.number_init, a.seed)
     rows = sft_examples(a, tok.eos_token)
     ds = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     cfg = SFTConfig(
-        output_dir=os.path.join(a.output_dir, "_trainer"), use_cpu=True, bf16=False, fp16=False, packing=False,
-        completion_only_loss=True, max_length=a.max_length, per_device_train_batch_size=a.batch_size,
-        num_train_epochs=1, max_steps=a.max_steps, learning_rate=a.learning_rate,
-        logging_steps=a.logging_steps, save_strategy="no", train_sampling_strategy="group_by_length",
-        report_to=[], seed=a.seed, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=os.path.join(a.output_dir, "_trainer"),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        packing=False,
+        completion_only_loss=True,
+        max_length=a.max_length,
+        per_device_train_batch_size=a.batch_size,
+        num_train_epochs=1,
+        max_steps=a.max_steps,
+        learning_rate=a.learning_rate,
+        logging_steps=a.logging_steps,
+        save_strategy="no",
+        train_sampling_strategy="group_by_length",
+        report_to=[],
+        seed=a.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     limit = TimeLimit(a.max_minutes)
     opt = torch.optim.AdamW(model.parameters(), lr=a.learning_rate, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, budget_cosine(limit, a.max_steps, a.warmup_ratio))
-    trainer = trainer_cls(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[limit],
-                          optimizers=(opt, sched), **extra)
+    trainer = trainer_cls(
+        model=model,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[limit],
+        optimizers=(opt, sched),
+        **extra,
+    )
     t0 = time.perf_counter()
     trainer.train()
     minutes = (time.perf_counter() - t0) / 60
@@ -321,16 +393,31 @@ def train(a: TestbedArgs) -> dict:
     if extra:  # ngc-eval and generate_with_eviction decode the student with beacons
         from ngc_trl.hub import write_ngc_settings
 
-        write_ngc_settings(a.output_dir, beacon_eviction(a, extra["beacon_token_id"], extra["compression_ratios"][0]),
-                           {"method": "breadcrumbs", "warm_start": "beacon_sft", "init_from": a.init_from,
-                            "task": a.task, "dataset_source": "generated:testbed",
-                            "compression_ratios": extra["compression_ratios"], "beacon_token": a.beacon_token,
-                            "beacon_init": a.beacon_init})
-    return {"sft_minutes": round(minutes, 2), "steps": steps, "examples_seen": len(seen),
-            "tokens_seen": tokens, "train_tokens_per_s": round(tokens / max(minutes * 60, 1e-9)),
-            "stopped_by_time_limit": limit.stopped_early, "final_loss": losses[-1][1] if losses else None,
-            "loss_curve": losses[:: max(1, len(losses) // 20)],
-            "num_params": sum(p.numel() for p in model.parameters())}
+        write_ngc_settings(
+            a.output_dir,
+            beacon_eviction(a, extra["beacon_token_id"], extra["compression_ratios"][0]),
+            {
+                "method": "breadcrumbs",
+                "warm_start": "beacon_sft",
+                "init_from": a.init_from,
+                "task": a.task,
+                "dataset_source": "generated:testbed",
+                "compression_ratios": extra["compression_ratios"],
+                "beacon_token": a.beacon_token,
+                "beacon_init": a.beacon_init,
+            },
+        )
+    return {
+        "sft_minutes": round(minutes, 2),
+        "steps": steps,
+        "examples_seen": len(seen),
+        "tokens_seen": tokens,
+        "train_tokens_per_s": round(tokens / max(minutes * 60, 1e-9)),
+        "stopped_by_time_limit": limit.stopped_early,
+        "final_loss": losses[-1][1] if losses else None,
+        "loss_curve": losses[:: max(1, len(losses) // 20)],
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def beacon_eviction(a: TestbedArgs, beacon_token_id: int, c: int):
@@ -352,19 +439,29 @@ def evaluate(a: TestbedArgs, model, tok, eviction=None) -> dict:
     probs = testbed_problems(a, a.num_test, a.seed + 10_000, "test")
     correct, lengths, t0 = [], [], time.perf_counter()
     for i in range(0, len(probs), a.eval_batch_size):
-        batch = probs[i: i + a.eval_batch_size]
-        enc = tok([plain_prompt(a, p) for p in batch], return_tensors="pt", padding=True,
-                  padding_side="left")
-        out = generate_with_eviction(model, enc["input_ids"], enc["attention_mask"],
-                                     eviction=eviction, max_new_tokens=a.max_new_tokens,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        batch = probs[i : i + a.eval_batch_size]
+        enc = tok([plain_prompt(a, p) for p in batch], return_tensors="pt", padding=True, padding_side="left")
+        out = generate_with_eviction(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            eviction=eviction,
+            max_new_tokens=a.max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         for p, ids in zip(batch, out.completion_ids):
             correct.append(score_row(a.task, tok.decode(ids, skip_special_tokens=True), p))
             lengths.append(len(ids))
     n = len(correct)
     acc = sum(correct) / n
-    return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / n), "n": n,
-            "mean_completion_tokens": sum(lengths) / n, "eval_seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "accuracy": acc,
+        "stderr": math.sqrt(acc * (1 - acc) / n),
+        "n": n,
+        "mean_completion_tokens": sum(lengths) / n,
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def run(a: TestbedArgs) -> dict:
@@ -381,7 +478,9 @@ def run(a: TestbedArgs) -> dict:
         result["train"] = train(a)
     model = AutoModelForCausalLM.from_pretrained(a.output_dir, dtype=torch.float32)
     tok = load_tokenizer(a.output_dir)
-    if beacon_ratios(a):  # the student decodes with beacons: one accuracy per c, the first c's at the top level
+    if beacon_ratios(
+        a
+    ):  # the student decodes with beacons: one accuracy per c, the first c's at the top level
         beacon_id = tok.convert_tokens_to_ids(a.beacon_token)
         by_c = {c: evaluate(a, model, tok, beacon_eviction(a, beacon_id, c)) for c in beacon_ratios(a)}
         result["by_compression_ratio"] = {str(c): r for c, r in by_c.items()}
@@ -389,11 +488,20 @@ def run(a: TestbedArgs) -> dict:
     else:
         result.update(evaluate(a, model, tok))
     cfg = model.config
-    result["model"] = {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
-                       "kv_heads": cfg.num_key_value_heads, "vocab": cfg.vocab_size,
-                       "params": sum(p.numel() for p in model.parameters())}
+    result["model"] = {
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "vocab": cfg.vocab_size,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     policy = "breadcrumbs" if beacon_ratios(a) else "full"
-    result["settings"] = asdict(a) | {"distribution": problem_kwargs(a), "eval_policy": policy, "greedy": True}
+    result["settings"] = asdict(a) | {
+        "distribution": problem_kwargs(a),
+        "eval_policy": policy,
+        "greedy": True,
+    }
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

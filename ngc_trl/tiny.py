@@ -22,13 +22,17 @@ CHAT_TEMPLATE = (
 )
 
 
-def char_tokenizer(chars: str = DEFAULT_CHARS, extra_special: list[str] | None = None) -> PreTrainedTokenizerFast:
+def char_tokenizer(
+    chars: str = DEFAULT_CHARS, extra_special: list[str] | None = None
+) -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer: ids 0–3 are ``<pad> <bos> <eos> <unk>``, then ``extra_special``
     (e.g. the interoception or meta tokens), then one id per character."""
     from tokenizers import pre_tokenizers
 
     extra = list(extra_special or [])
-    fast = _word_level(SPECIALS + extra + list(chars), pre_tokenizers.Split(pattern="", behavior="isolated"), extra)
+    fast = _word_level(
+        SPECIALS + extra + list(chars), pre_tokenizers.Split(pattern="", behavior="isolated"), extra
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -45,8 +49,13 @@ def _word_level(tokens: list[str], pre_tokenizer, extra_special: list[str]) -> P
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-        additional_special_tokens=extra_special or None, padding_side="left",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=extra_special or None,
+        padding_side="left",
     )
 
 
@@ -55,9 +64,14 @@ TRACE_WORDS = ["target", "found", "left", "back", "nums", "yes", "no", "edges", 
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 
-def number_tokenizer(max_number: int = 1999, words: list[str] | None = None, chars: str = DEFAULT_CHARS,
-                     extra_special: list[str] | None = None, prefixes: str = "",
-                     max_prefixed: int = 99) -> PreTrainedTokenizerFast:
+def number_tokenizer(
+    max_number: int = 1999,
+    words: list[str] | None = None,
+    chars: str = DEFAULT_CHARS,
+    extra_special: list[str] | None = None,
+    prefixes: str = "",
+    max_prefixed: int = 99,
+) -> PreTrainedTokenizerFast:
     """A lossless word-level fast tokenizer for the tiny testbed: ids 0-3 are ``<pad> <bos> <eos> <unk>``,
     then ``extra_special``, the tags ``<think> </think> <answer> </answer>``, every integer ``0..max_number``,
     ``words`` (default :data:`TRACE_WORDS`), the prefixed numbers and finally one id per character of ``chars``.
@@ -78,18 +92,32 @@ def number_tokenizer(max_number: int = 1999, words: list[str] | None = None, cha
     if max_number < 9:
         raise ValueError(f"max_number must be >= 9, got {max_number}")
     if not 0 <= max_prefixed <= max_number or any(ch.isdigit() for ch in prefixes):
-        raise ValueError(f"prefixes={prefixes!r} must not hold digits and 0 <= max_prefixed <= max_number, "
-                         f"got {max_prefixed}")
+        raise ValueError(
+            f"prefixes={prefixes!r} must not hold digits and 0 <= max_prefixed <= max_number, "
+            f"got {max_prefixed}"
+        )
     # longest first (the regex tries them in order), ties by spelling: set order depends on PYTHONHASHSEED,
     # and token ids must not, or the same command builds a different base in every process
     words = sorted(set(words if words is not None else TRACE_WORDS), key=lambda w: (-len(w), w))
     extra = list(extra_special or [])
     prefixes = "".join(dict.fromkeys(prefixes))
     prefixed = [p + str(n) for p in prefixes for n in range(max_prefixed + 1)]
-    tokens = SPECIALS + extra + TAG_TOKENS + [str(n) for n in range(max_number + 1)] + words + prefixed + list(chars)
+    tokens = (
+        SPECIALS
+        + extra
+        + TAG_TOKENS
+        + [str(n) for n in range(max_number + 1)]
+        + words
+        + prefixed
+        + list(chars)
+    )
     prefix_rx = [f"[{re.escape(prefixes)}]{_number_regex(max_prefixed)}(?![0-9])"] if prefixes else []
-    pattern = "|".join([re.escape(t) for t in TAG_TOKENS] + [re.escape(w) for w in words] + prefix_rx
-                       + [_number_regex(max_number), r"[\s\S]"])
+    pattern = "|".join(
+        [re.escape(t) for t in TAG_TOKENS]
+        + [re.escape(w) for w in words]
+        + prefix_rx
+        + [_number_regex(max_number), r"[\s\S]"]
+    )
     # no chat template: the testbed's prompts are plain text, and `ngc-eval --prompt_format auto` then
     # renders them as the model was trained
     return _word_level(tokens, pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated"), extra)
@@ -143,12 +171,28 @@ def load_tokenizer(name_or_path, **kwargs):
     return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
 
 
-def tiny_qwen2_config(vocab_size: int, num_layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
-                      intermediate: int | None = None, max_positions: int = 4096, **kw) -> Qwen2Config:
+def tiny_qwen2_config(
+    vocab_size: int,
+    num_layers: int = 4,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    max_positions: int = 4096,
+    **kw,
+) -> Qwen2Config:
     """A small Qwen2 config with GQA (``heads`` query heads share ``kv_heads`` KV heads)."""
     return Qwen2Config(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 3 * hidden,
-        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, **kw,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 3 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **kw,
     )

@@ -76,29 +76,54 @@ class ScriptArguments(TrlScriptArguments):
         ``curve_max_new_tokens`` tokens (default ``max_completion_length``); ``output_dir/learning_curve.json``.
     """
 
-    method: str = field(default="ngc", metadata={"help": "ngc | breadcrumbs (picks the trainer and its config)."})
+    method: str = field(
+        default="ngc", metadata={"help": "ngc | breadcrumbs (picks the trainer and its config)."}
+    )
     task: str = field(default="countdown", metadata={"help": "countdown | math | linsys | stargraph"})
-    dataset_source: str = field(default="generated", metadata={
-        "help": "'generated', a Hub dataset name or a local .jsonl/.json/.parquet file."})
-    num_train_problems: int | None = field(default=None, metadata={"help": "Keep the first N training problems."})
+    dataset_source: str = field(
+        default="generated",
+        metadata={"help": "'generated', a Hub dataset name or a local .jsonl/.json/.parquet file."},
+    )
+    num_train_problems: int | None = field(
+        default=None, metadata={"help": "Keep the first N training problems."}
+    )
     prompt_format: str = field(default="chat", metadata={"help": "chat | plain"})
-    reward_format: float = field(default=0.0, metadata={"help": "Generated tasks: reward of a formatted wrong answer."})
+    reward_format: float = field(
+        default=0.0, metadata={"help": "Generated tasks: reward of a formatted wrong answer."}
+    )
     eval_after_train: bool = field(default=False, metadata={"help": "Run a short ngc-eval after training."})
-    eval_num_problems: int = field(default=64, metadata={"help": "Held-out problems of the final evaluation."})
+    eval_num_problems: int = field(
+        default=64, metadata={"help": "Held-out problems of the final evaluation."}
+    )
     eval_policies: str = field(default="full,ngc", metadata={"help": "Comma-separated policies to evaluate."})
     eval_rates: str = field(default="0.5", metadata={"help": "Comma-separated eviction rates to evaluate."})
-    eval_compression_ratios: str = field(default="2,4,8,16,32", metadata={
-        "help": "Breadcrumbs: comma-separated c of the 'breadcrumbs' policy's evaluation runs."})
-    eval_data_source: str | None = field(default=None, metadata={
-        "help": "Evaluation problems (generated tasks: default dataset_source's test split; math: e.g. aime25)."})
-    curve_every: int = field(default=0, metadata={
-        "help": "Learning curve: evaluate on validation problems every N optimizer steps (0 = off)."})
-    curve_num_problems: int = field(default=64, metadata={"help": "Validation problems of the learning curve."})
-    curve_policies: str = field(default="ngc", metadata={
-        "help": "Comma-separated policies of the learning curve ('full' runs at rate 0)."})
+    eval_compression_ratios: str = field(
+        default="2,4,8,16,32",
+        metadata={"help": "Breadcrumbs: comma-separated c of the 'breadcrumbs' policy's evaluation runs."},
+    )
+    eval_data_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation problems (generated tasks: default dataset_source's test split; math: e.g. aime25)."
+        },
+    )
+    curve_every: int = field(
+        default=0,
+        metadata={
+            "help": "Learning curve: evaluate on validation problems every N optimizer steps (0 = off)."
+        },
+    )
+    curve_num_problems: int = field(
+        default=64, metadata={"help": "Validation problems of the learning curve."}
+    )
+    curve_policies: str = field(
+        default="ngc",
+        metadata={"help": "Comma-separated policies of the learning curve ('full' runs at rate 0)."},
+    )
     curve_batch_size: int = field(default=64, metadata={"help": "Sequences decoded together by the curve."})
-    curve_max_new_tokens: int | None = field(default=None, metadata={
-        "help": "Completion budget of the curve (default: max_completion_length)."})
+    curve_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Completion budget of the curve (default: max_completion_length)."}
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -106,7 +131,9 @@ class ScriptArguments(TrlScriptArguments):
         from ngc_trl.tasks import GENERATED_TASKS, check_source
 
         if self.task not in ("math", *GENERATED_TASKS):
-            raise ValueError(f"ScriptArguments.task={self.task!r}: must be one of math, {', '.join(GENERATED_TASKS)}")
+            raise ValueError(
+                f"ScriptArguments.task={self.task!r}: must be one of math, {', '.join(GENERATED_TASKS)}"
+            )
         for name in ("dataset_source", "eval_data_source"):
             try:
                 check_source(self.task, getattr(self, name))
@@ -125,7 +152,9 @@ class ScriptArguments(TrlScriptArguments):
         try:
             plan_runs(self.eval_policies, self.eval_rates, beacon, self.eval_compression_ratios)
         except ValueError as e:
-            raise ValueError(f"ScriptArguments.eval_policies/eval_rates/eval_compression_ratios: {e}") from None
+            raise ValueError(
+                f"ScriptArguments.eval_policies/eval_rates/eval_compression_ratios: {e}"
+            ) from None
         self._check_curve(plan_runs)
 
     def _check_curve(self, plan_runs) -> None:
@@ -143,12 +172,20 @@ class ScriptArguments(TrlScriptArguments):
         if self.curve_every == 0:
             return
         if self.method != "ngc":
-            raise ValueError(f"ScriptArguments.curve_every={self.curve_every}: the learning curve runs with "
-                             "method 'ngc' only")
-        source = self.dataset_name if self.dataset_source == "generated" and self.dataset_name else self.dataset_source
+            raise ValueError(
+                f"ScriptArguments.curve_every={self.curve_every}: the learning curve runs with "
+                "method 'ngc' only"
+            )
+        source = (
+            self.dataset_name
+            if self.dataset_source == "generated" and self.dataset_name
+            else self.dataset_source
+        )
         if self.task == "math" or not source.startswith("generated"):
-            raise ValueError(f"ScriptArguments.curve_every={self.curve_every}: the learning curve needs a generated "
-                             f"task and dataset_source 'generated[:<name>]' (got task {self.task!r}, {source!r})")
+            raise ValueError(
+                f"ScriptArguments.curve_every={self.curve_every}: the learning curve needs a generated "
+                f"task and dataset_source 'generated[:<name>]' (got task {self.task!r}, {source!r})"
+            )
 
 
 def read_method(argv: list[str] | None = None) -> str:
@@ -192,9 +229,17 @@ def load_train_dataset(script_args: ScriptArguments, seed: int = 0) -> datasets.
     if source == "generated" and script_args.dataset_name:
         source = script_args.dataset_name
     if script_args.task in GENERATED_TASKS:
-        return load_generated(script_args.task, source, n=script_args.num_train_problems, seed=seed, split="train",
-                              prompt_format=script_args.prompt_format)
-    ds = task.load_math("dapo", source=None if source == "generated" else source, n=script_args.num_train_problems)
+        return load_generated(
+            script_args.task,
+            source,
+            n=script_args.num_train_problems,
+            seed=seed,
+            split="train",
+            prompt_format=script_args.prompt_format,
+        )
+    ds = task.load_math(
+        "dapo", source=None if source == "generated" else source, n=script_args.num_train_problems
+    )
     if script_args.prompt_format == "plain":
         ds = ds.map(lambda row: {"prompt": "\n".join(m["content"] for m in row["prompt"])})
     return ds
@@ -222,8 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     # ------------------------------------------------------------------ logging
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -250,15 +298,21 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if script_args.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"prompt_format='chat' but {model_args.model_name_or_path} has no chat template; "
-                         "use --prompt_format plain")
+        raise ValueError(
+            f"prompt_format='chat' but {model_args.model_name_or_path} has no chat template; "
+            "use --prompt_format plain"
+        )
 
     # ------------------------------------------------------------------ model
     # 4-bit / 8-bit (QLoRA) needs bitsandbytes and a CUDA GPU: `pip install ngc-trl[gpu]`.
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     quantization_config = get_quantization_config(model_args)
-    model_kwargs = dict(revision=model_args.model_revision, dtype=dtype,
-                        attn_implementation=model_args.attn_implementation, quantization_config=quantization_config)
+    model_kwargs = dict(
+        revision=model_args.model_revision,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization_config,
+    )
     if quantization_config is not None:
         from accelerate import PartialState
 
@@ -274,18 +328,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     if script_args.method == "breadcrumbs":
         trainer, eviction, card_kwargs, extra, forced_token_id = _breadcrumbs_setup(
-            script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs)
+            script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs
+        )
     else:
         trainer, eviction, card_kwargs, extra, forced_token_id = _ngc_setup(
-            script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs)
+            script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs
+        )
     card_kwargs["repo_id"] = training_args.hub_model_id if training_args.push_to_hub else None
     trl_create_model_card = trainer.create_model_card
     source = script_args.dataset_source
     hub_dataset = source if source != "generated" and not os.path.exists(source) else None
-    card_args = dict(model_name=(training_args.hub_model_id or training_args.output_dir).rstrip("/").split("/")[-1],
-                     dataset_name=hub_dataset, tags=[script_args.method])
+    card_args = dict(
+        model_name=(training_args.hub_model_id or training_args.output_dir).rstrip("/").split("/")[-1],
+        dataset_name=hub_dataset,
+        tags=[script_args.method],
+    )
 
-    def create_model_card(*args, **kwargs):  # TRL's card (also rewritten by push_to_hub) + the method's section
+    def create_model_card(
+        *args, **kwargs
+    ):  # TRL's card (also rewritten by push_to_hub) + the method's section
         trl_create_model_card(*args, **kwargs)
         if trainer.accelerator.is_main_process:
             write_model_card(training_args.output_dir, eviction, model_args.model_name_or_path, **card_kwargs)
@@ -304,12 +365,21 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ save model, settings, model card
     logger.info("*** Save model ***")
     trainer.save_model(training_args.output_dir)
-    student = getattr(trainer, "student_model", None)  # Breadcrumbs full fine-tuning: output_dir holds the student
+    student = getattr(
+        trainer, "student_model", None
+    )  # Breadcrumbs full fine-tuning: output_dir holds the student
     decoder = student if student is not None else trainer.model
     if trainer.accelerator.is_main_process:
-        extra.update({"base_model": model_args.model_name_or_path, "task": script_args.task,
-                      "dataset_source": script_args.dataset_source, "prompt_format": script_args.prompt_format,
-                      "loss_type": training_args.loss_type, "use_peft": peft_config is not None})
+        extra.update(
+            {
+                "base_model": model_args.model_name_or_path,
+                "task": script_args.task,
+                "dataset_source": script_args.dataset_source,
+                "prompt_format": script_args.prompt_format,
+                "loss_type": training_args.loss_type,
+                "use_peft": peft_config is not None,
+            }
+        )
         write_ngc_settings(training_args.output_dir, eviction, extra)
         trainer.create_model_card(**card_args)
         decoder.config.use_cache = True
@@ -325,31 +395,51 @@ def main(argv: list[str] | None = None) -> dict:
         data_source = script_args.eval_data_source
         if data_source is None and script_args.task != "math":
             data_source = script_args.dataset_source
-        problems = load_problems(script_args.task, tokenizer, script_args.eval_num_problems, training_args.seed,
-                                 data_source, prompt_format=script_args.prompt_format)
+        problems = load_problems(
+            script_args.task,
+            tokenizer,
+            script_args.eval_num_problems,
+            training_args.seed,
+            data_source,
+            prompt_format=script_args.prompt_format,
+        )
         net = trainer.accelerator.unwrap_model(decoder).eval()
         if script_args.method == "breadcrumbs" and peft_config is not None:
             net.set_adapter(training_args.student_adapter_name)
         with torch.no_grad():
-            summary = evaluate(net, tokenizer, problems, script_args.task, script_args.eval_policies,
-                               script_args.eval_rates, compression_ratios=script_args.eval_compression_ratios,
-                               eviction=eviction,
-                               max_new_tokens=training_args.max_completion_length,
-                               output_dir=os.path.join(training_args.output_dir, "eval"),
-                               interoception=getattr(training_args, "interoception_rates", None) is not None,
-                               forced_token_id=forced_token_id, settings={"model": training_args.output_dir},
-                               batch_size=training_args.per_device_train_batch_size)
+            summary = evaluate(
+                net,
+                tokenizer,
+                problems,
+                script_args.task,
+                script_args.eval_policies,
+                script_args.eval_rates,
+                compression_ratios=script_args.eval_compression_ratios,
+                eviction=eviction,
+                max_new_tokens=training_args.max_completion_length,
+                output_dir=os.path.join(training_args.output_dir, "eval"),
+                interoception=getattr(training_args, "interoception_rates", None) is not None,
+                forced_token_id=forced_token_id,
+                settings={"model": training_args.output_dir},
+                batch_size=training_args.per_device_train_batch_size,
+            )
 
     # ------------------------------------------------------------------ push
     if training_args.push_to_hub:
         from ngc_trl.hub import safe_push
 
         logger.info("Pushing to hub...")
-        safe_push(trainer, commit_message=f"End of {'NGC' if script_args.method == 'ngc' else 'Breadcrumbs'} training", **card_args)
+        safe_push(
+            trainer,
+            commit_message=f"End of {'NGC' if script_args.method == 'ngc' else 'Breadcrumbs'} training",
+            **card_args,
+        )
     return {"output_dir": training_args.output_dir, "eval": summary}
 
 
-def _ngc_setup(script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs):
+def _ngc_setup(
+    script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs
+):
     """`NGCTrainer` (with the optional meta token), its `EvictionConfig`, model-card kwargs, the settings'
     extras and the forced token id."""
     from ngc_trl.trainer import NGCTrainer
@@ -359,27 +449,52 @@ def _ngc_setup(script_args, training_args, model_args, model, tokenizer, peft_co
     if training_args.meta_token:
         from ngc_trl.special_tokens import add_special_token
 
-        meta_token_id = add_special_token(model, tokenizer, training_args.meta_token, training_args.meta_token_init)
+        meta_token_id = add_special_token(
+            model, tokenizer, training_args.meta_token, training_args.meta_token_init
+        )
         # Under LoRA the new row stays at its init (PEFT's trainable_token_indices wraps the tied lm_head,
         # which TRL's fused logits head cannot read); PEFT saves the resized embeddings with the adapter.
         logger.info(f"Meta token {training_args.meta_token!r} -> id {meta_token_id}")
-    trainer = NGCTrainer(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train_dataset,
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = NGCTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     if script_args.curve_every > 0:
         trainer.add_callback(_curve_callback(script_args, training_args, trainer, train_dataset))
     curriculum = None
     if training_args.curriculum_rates is not None:
-        curriculum = {"rates": list(training_args.curriculum_rates),
-                      "stage_steps": training_args.curriculum_stage_steps, "alpha": training_args.curriculum_alpha}
+        curriculum = {
+            "rates": list(training_args.curriculum_rates),
+            "stage_steps": training_args.curriculum_stage_steps,
+            "alpha": training_args.curriculum_alpha,
+        }
         if training_args.curriculum_gate is not None:
-            curriculum.update(gate=training_args.curriculum_gate, gate_reference=training_args.curriculum_gate_reference,
-                              gate_ema=training_args.curriculum_gate_ema)
-    card_kwargs = dict(curriculum=curriculum, interoception_rates=training_args.interoception_rates,
-                       meta_token=training_args.meta_token, task=script_args.task, is_adapter=peft_config is not None)
-    extra = {"interoception_rates": training_args.interoception_rates, "meta_token": training_args.meta_token,
-             "meta_token_id": meta_token_id, "meta_token_init": training_args.meta_token_init if meta_token_id
-             is not None else None, "curriculum": curriculum, "eviction_loss_coef": training_args.eviction_loss_coef,
-             "replay_masks": training_args.replay_masks, "min_length_penalty": training_args.min_length_penalty}
+            curriculum.update(
+                gate=training_args.curriculum_gate,
+                gate_reference=training_args.curriculum_gate_reference,
+                gate_ema=training_args.curriculum_gate_ema,
+            )
+    card_kwargs = dict(
+        curriculum=curriculum,
+        interoception_rates=training_args.interoception_rates,
+        meta_token=training_args.meta_token,
+        task=script_args.task,
+        is_adapter=peft_config is not None,
+    )
+    extra = {
+        "interoception_rates": training_args.interoception_rates,
+        "meta_token": training_args.meta_token,
+        "meta_token_id": meta_token_id,
+        "meta_token_init": training_args.meta_token_init if meta_token_id is not None else None,
+        "curriculum": curriculum,
+        "eviction_loss_coef": training_args.eviction_loss_coef,
+        "replay_masks": training_args.replay_masks,
+        "min_length_penalty": training_args.min_length_penalty,
+    }
     return trainer, training_args.eviction_config(), card_kwargs, extra, meta_token_id
 
 
@@ -391,25 +506,45 @@ def _curve_callback(script_args, training_args, trainer, train_dataset):
     source = script_args.dataset_source
     if source == "generated" and script_args.dataset_name:
         source = script_args.dataset_name
-    problems = load_validation_problems(script_args.task, source, script_args.curve_num_problems, training_args.seed,
-                                        exclude=train_dataset, prompt_format=script_args.prompt_format)
+    problems = load_validation_problems(
+        script_args.task,
+        source,
+        script_args.curve_num_problems,
+        training_args.seed,
+        exclude=train_dataset,
+        prompt_format=script_args.prompt_format,
+    )
     logger.info(f"Learning curve: {len(problems)} validation problems every {script_args.curve_every} steps")
-    return LearningCurveCallback(trainer, problems, script_args.task, script_args.curve_every,
-                                 policies=script_args.curve_policies, max_new_tokens=script_args.curve_max_new_tokens,
-                                 batch_size=script_args.curve_batch_size)
+    return LearningCurveCallback(
+        trainer,
+        problems,
+        script_args.task,
+        script_args.curve_every,
+        policies=script_args.curve_policies,
+        max_new_tokens=script_args.curve_max_new_tokens,
+        batch_size=script_args.curve_batch_size,
+    )
 
 
-def _breadcrumbs_setup(script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset,
-                       reward_funcs):
+def _breadcrumbs_setup(
+    script_args, training_args, model_args, model, tokenizer, peft_config, train_dataset, reward_funcs
+):
     """`BreadcrumbsTrainer` (it adds the beacon token and builds the two adapters / the student copy), the
     student's `EvictionConfig`, model-card kwargs and the settings' extras."""
     from ngc_trl.breadcrumbs import BreadcrumbsTrainer
 
-    trainer = BreadcrumbsTrainer(model=model, reward_funcs=reward_funcs, args=training_args,
-                                 train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config)
+    trainer = BreadcrumbsTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     logger.info(f"Beacon {training_args.beacon_token!r} -> id {trainer.beacon_token_id}")
     card_kwargs = dict(task=script_args.task, is_adapter=peft_config is not None)
     return trainer, trainer.eviction_config(), card_kwargs, trainer.breadcrumbs_training_info(), None
+
 
 if __name__ == "__main__":
     main()

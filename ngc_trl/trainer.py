@@ -102,14 +102,18 @@ class NGCTrainer(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("tools") or kwargs.get("environment_factory"):
-            raise ValueError("NGCTrainer: tools / environments are not supported (a tool loop re-enters the rollout "
-                             "and the eviction records of its turns are not joined); pass tools=None")
+            raise ValueError(
+                "NGCTrainer: tools / environments are not supported (a tool loop re-enters the rollout "
+                "and the eviction records of its turns are not joined); pass tools=None"
+            )
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, NGCConfig):
             raise TypeError("NGCTrainer needs args=NGCConfig(...)")
         if self.aux_loss_enabled:
-            raise ValueError("NGCTrainer: the MoE router auxiliary loss is not supported by the replay forward; set "
-                             "NGCConfig.router_aux_loss_coef=0")
+            raise ValueError(
+                "NGCTrainer: the MoE router auxiliary loss is not supported by the replay forward; set "
+                "NGCConfig.router_aux_loss_coef=0"
+            )
         self.eviction = self.args.eviction_config()
         # for good, not in a context: checkpointed layers are recomputed in backward()
         enable_ngc_attention(self.model)
@@ -120,8 +124,10 @@ class NGCTrainer(GRPOTrainer):
         if self.args.meta_token:
             ids = self.processing_class.convert_tokens_to_ids([self.args.meta_token])
             if ids[0] is None or ids[0] == self.processing_class.unk_token_id:
-                raise ValueError(f"NGCConfig.meta_token={self.args.meta_token!r} is not in the tokenizer; "
-                                 "add it with ngc_trl.special_tokens.add_special_token first")
+                raise ValueError(
+                    f"NGCConfig.meta_token={self.args.meta_token!r} is not in the tokenizer; "
+                    "add it with ngc_trl.special_tokens.add_special_token first"
+                )
             self.meta_token_id = ids[0]
         self._row_rates = None  # per-rollout ε of the generation batch being built
         self._rollout = None  # EvictionOutput of that batch
@@ -129,9 +135,18 @@ class NGCTrainer(GRPOTrainer):
         self._no_grad_evict_logps = []
         self._evict_logp = self._evict_entropy = None
         a = self.args
-        self.curriculum_gate = None if a.curriculum_gate is None else GatedCurriculum(
-            a.curriculum_rates, a.curriculum_stage_steps, a.curriculum_alpha, gate=a.curriculum_gate,
-            reference=a.curriculum_gate_reference, ema=a.curriculum_gate_ema)
+        self.curriculum_gate = (
+            None
+            if a.curriculum_gate is None
+            else GatedCurriculum(
+                a.curriculum_rates,
+                a.curriculum_stage_steps,
+                a.curriculum_alpha,
+                gate=a.curriculum_gate,
+                reference=a.curriculum_gate_reference,
+                ema=a.curriculum_gate_ema,
+            )
+        )
 
     # ------------------------------------------------------------------ rates
     def rate_in_force(self, step: int | None = None) -> float:
@@ -172,7 +187,9 @@ class NGCTrainer(GRPOTrainer):
             return
         step, metrics = self.state.global_step, self._metrics["train"]
         gate = self.curriculum_gate
-        metrics["ngc/curriculum_stage_step"].append(float(step if gate is None else gate.effective_step(step)))
+        metrics["ngc/curriculum_stage_step"].append(
+            float(step if gate is None else gate.effective_step(step))
+        )
         if gate is None:
             return
         metrics["ngc/curriculum_gate_pass"].append(float(gate.update(step, mean_reward)))
@@ -201,8 +218,10 @@ class NGCTrainer(GRPOTrainer):
             with open(path) as f:
                 self.curriculum_gate.load_state_dict(json.load(f))
         else:
-            logger.warning(f"{path} not found: the gated curriculum resumes at stage step "
-                           f"{self.state.global_step} with no reference reward")
+            logger.warning(
+                f"{path} not found: the gated curriculum resumes at stage step "
+                f"{self.state.global_step} with no reference reward"
+            )
             self.curriculum_gate.stage_step = self.curriculum_gate.anchor_step = self.state.global_step
 
     # ------------------------------------------------------------------ generation
@@ -215,19 +234,27 @@ class NGCTrainer(GRPOTrainer):
         self._row_rates = torch.tensor(rates, dtype=torch.float32)
         return super()._generate(prompts)
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
         device = self.accelerator.device
         pad = self.processing_class.pad_token_id
         width = max(len(p) for p in prompt_ids)
         ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompt_ids):
-            ids[i, width - len(p):] = torch.tensor(p, device=device)
-            mask[i, width - len(p):] = 1
-        rates = self._row_rates if self._row_rates is not None else torch.full((len(prompt_ids),), self.rate_in_force())
+            ids[i, width - len(p) :] = torch.tensor(p, device=device)
+            mask[i, width - len(p) :] = 1
+        rates = (
+            self._row_rates
+            if self._row_rates is not None
+            else torch.full((len(prompt_ids),), self.rate_in_force())
+        )
         with (
             unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as model,
             torch.no_grad(),
@@ -235,9 +262,19 @@ class NGCTrainer(GRPOTrainer):
             was_training = model.training
             model.eval()
             out = generate_with_eviction(
-                model, ids, mask, self.eviction, max_new_tokens=self.max_completion_length, do_sample=True,
-                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0, sample_evictions=True,
-                eos_token_id=self.eos_token_ids, pad_token_id=pad, eviction_rate=rates.to(device),
+                model,
+                ids,
+                mask,
+                self.eviction,
+                max_new_tokens=self.max_completion_length,
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k or 0,
+                sample_evictions=True,
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=pad,
+                eviction_rate=rates.to(device),
                 forced_token_id=self.meta_token_id,
             )
             model.train(was_training)
@@ -259,7 +296,9 @@ class NGCTrainer(GRPOTrainer):
             "ngc/rounds": (out.records.positions >= 0).sum(1).float().mean(),
         }
         for k, v in logs.items():
-            self._metrics[mode][k].append(self.accelerator.gather(v.to(self.accelerator.device)).mean().item())
+            self._metrics[mode][k].append(
+                self.accelerator.gather(v.to(self.accelerator.device)).mean().item()
+            )
 
     def _generate_and_score_completions(self, inputs):
         self._no_grad_evict_logps = []
@@ -283,8 +322,17 @@ class NGCTrainer(GRPOTrainer):
         return rewards
 
     # ------------------------------------------------------------------ replay
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
         if any(v is not None for v in multimodal.values()):
             raise ValueError("NGCTrainer supports text-only models")
         records, prompt_len = self._replay_records if self._replay_records is not None else (None, None)
@@ -296,28 +344,46 @@ class NGCTrainer(GRPOTrainer):
         for rows, end in replay_chunks(attention_mask, batch_size or n_rows, self.args.replay_chunk_tokens):
             end = max(end, width - logits_to_keep + 1)  # at least one completion position
             ids, am = input_ids[rows, :end], attention_mask[rows, :end]
-            keep = logits_to_keep - (width - end)  # completion positions left after trimming the right padding
+            keep = logits_to_keep - (
+                width - end
+            )  # completion positions left after trimming the right padding
             rec = records.select(rows) if records is not None else None
             if rec is not None and prompt_len is not None:
                 masked = am.sum(1) <= prompt_len[rows]  # completion masked out (mask_truncated_completions)
                 if masked.any():
                     rec = rec.cleared(masked)
             ctx = ReplayContext(
-                am, rec, self.eviction, prompt_len=None if prompt_len is None else prompt_len[rows],
-                replay_masks=self.args.replay_masks, eviction_logps=rec is not None, backend=self.args.replay_backend,
+                am,
+                rec,
+                self.eviction,
+                prompt_len=None if prompt_len is None else prompt_len[rows],
+                replay_masks=self.args.replay_masks,
+                eviction_logps=rec is not None,
+                backend=self.args.replay_backend,
             )
             labels = ids.masked_fill(am == 0, -100)
             labels[:, :-keep] = -100
             with self.accelerator.autocast():
-                o = model(input_ids=ids, attention_mask=no_mask(self.model), position_ids=ctx.position_ids,
-                          labels=labels, fused_lm_head=True, ngc_replay=ctx)
-            logps = logps.index_put((rows[:, None], torch.arange(keep, device=rows.device)[None]),
-                                    o.log_probs[:, -keep:].float())
+                o = model(
+                    input_ids=ids,
+                    attention_mask=no_mask(self.model),
+                    position_ids=ctx.position_ids,
+                    labels=labels,
+                    fused_lm_head=True,
+                    ngc_replay=ctx,
+                )
+            logps = logps.index_put(
+                (rows[:, None], torch.arange(keep, device=rows.device)[None]), o.log_probs[:, -keep:].float()
+            )
             if compute_entropy:
-                entropies = entropies.index_put((rows[:, None], torch.arange(keep, device=rows.device)[None]),
-                                                o.entropy[:, -keep:].float())
+                entropies = entropies.index_put(
+                    (rows[:, None], torch.arange(keep, device=rows.device)[None]),
+                    o.entropy[:, -keep:].float(),
+                )
             if ctx.records is not None:
-                evict.append((rows, ctx.eviction_logp(self.num_layers), ctx.eviction_entropy(self.num_layers)))
+                evict.append(
+                    (rows, ctx.eviction_logp(self.num_layers), ctx.eviction_entropy(self.num_layers))
+                )
         if evict:
             order = torch.cat([r for r, _, _ in evict]).argsort()  # back to the batch's row order
             self._evict_logp = torch.cat([lp for _, lp, _ in evict])[order]
@@ -342,7 +408,9 @@ class NGCTrainer(GRPOTrainer):
         adv = inputs["advantages"][:, None, None]
         log_ratio = new - old
         if self.importance_sampling_level == "sequence":  # GSPO: one ratio per rollout, over all its actions
-            log_ratio = ((log_ratio * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1))[:, None, None].expand_as(new)
+            log_ratio = ((log_ratio * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1))[:, None, None].expand_as(
+                new
+            )
         ratio = torch.exp(log_ratio)
         clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
         if self.args.delta is not None:  # TRL's two-sided clipping of the unclipped term
@@ -358,7 +426,8 @@ class NGCTrainer(GRPOTrainer):
         self._metrics[mode]["ngc/evict_loss"].append(gather(evict_loss.detach()).mean().item())
         self._metrics[mode]["ngc/evict_entropy"].append(gather(ent.detach()).mean().item())
         self._metrics[mode]["ngc/evict_logp"].append(
-            gather((new.detach() * m).sum() / m.sum().clamp(min=1)).mean().item())
+            gather((new.detach() * m).sum() / m.sum().clamp(min=1)).mean().item()
+        )
         # L_mem itself is ~0 by construction (advantages sum to zero in a group); what moves is the log-prob of
         # the actions of rollouts that did better (A > 0) against worse (A < 0) than their group
         for name, sign in (("pos", 1), ("neg", -1)):

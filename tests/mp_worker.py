@@ -46,8 +46,13 @@ class Probe(TrainerCallback):
             return out
 
         def log_cache_stats(out, rates):
-            rec["local_stats"].append({"step": tr.state.global_step, "eviction_rate": float(rates.float().mean()),
-                                       "peak_compression": float(out.cache_stats.compression.float().mean())})
+            rec["local_stats"].append(
+                {
+                    "step": tr.state.global_step,
+                    "eviction_rate": float(rates.float().mean()),
+                    "peak_compression": float(out.cache_stats.compression.float().mean()),
+                }
+            )
             return orig_log(out, rates)
 
         tr._generate = generate

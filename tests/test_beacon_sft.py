@@ -16,8 +16,11 @@ from ngc_trl.beacons import add_beacon_token, beacon_layout, beacon_logprobs
 from ngc_trl.hub import load_ngc_settings
 from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
 
-ROWS = [("nums 3 5 target 8\n", "3+5=8 yes\n<answer>3+5</answer>"), ("ab\n", "xyz 12345 qq"),
-        ("nums 1 2 3 target 7\n", "1+2=3 left 3 3\n3+3=6 no\nback")]
+ROWS = [
+    ("nums 3 5 target 8\n", "3+5=8 yes\n<answer>3+5</answer>"),
+    ("ab\n", "xyz 12345 qq"),
+    ("nums 1 2 3 target 7\n", "1+2=3 left 3 3\n3+3=6 no\nback"),
+]
 
 
 def beacon_model():
@@ -29,11 +32,26 @@ def beacon_model():
 
 def make_trainer(tmp_path, model, tok, beacon, ratios, **kw):
     kw = dict(per_device_train_batch_size=3, max_steps=1, logging_steps=1, learning_rate=1e-2) | kw
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, completion_only_loss=True, report_to=[],
-                     save_strategy="no", seed=0, disable_tqdm=True, **kw)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        completion_only_loss=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        **kw,
+    )
     ds = Dataset.from_list([{"prompt": p, "completion": c} for p, c in ROWS])
-    return BeaconSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                            beacon_token_id=beacon, compression_ratios=ratios)
+    return BeaconSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        beacon_token_id=beacon,
+        compression_ratios=ratios,
+    )
 
 
 def collated(trainer):
@@ -56,7 +74,9 @@ def test_loss_without_a_beacon_is_the_plain_completion_loss(tmp_path):
     batch = collated(tr)
     model.eval()
     got = tr.compute_loss(model, dict(batch))
-    ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    ref = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -77,7 +97,9 @@ def test_loss_with_beacons_is_the_beacon_masked_nll_of_the_raw_rows(tmp_path):
             total += -beacon_logprobs(model, layout).sum().item()
         count += cid.shape[1]
     torch.testing.assert_close(got.item(), total / count, rtol=1e-5, atol=1e-6)
-    plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    plain = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
     assert abs(got.item() - plain.item()) > 1e-3
 
 
@@ -103,15 +125,36 @@ def test_packing_is_refused(tmp_path):
         make_trainer(tmp_path, model, tok, beacon, [1])
 
 
-TINY = ["--num_train", "16", "--max_steps", "2", "--batch_size", "8", "--num_test", "8", "--max_new_tokens", "32",
-        "--num_layers", "2", "--hidden", "64", "--logging_steps", "1"]
+TINY = [
+    "--num_train",
+    "16",
+    "--max_steps",
+    "2",
+    "--batch_size",
+    "8",
+    "--num_test",
+    "8",
+    "--max_new_tokens",
+    "32",
+    "--num_layers",
+    "2",
+    "--hidden",
+    "64",
+    "--logging_steps",
+    "1",
+]
 
 
 def test_testbed_warm_starts_a_beacon_student(tmp_path):
     base, student = tmp_path / "base", tmp_path / "student"
     testbed.main(["--output_dir", str(base), *TINY])
-    result = testbed.main(["--output_dir", str(student), "--init_from", str(base), "--beacon_ratios", "2,4", *TINY])
-    assert set(result["by_compression_ratio"]) == {"2", "4"} and result["settings"]["eval_policy"] == "breadcrumbs"
+    result = testbed.main(
+        ["--output_dir", str(student), "--init_from", str(base), "--beacon_ratios", "2,4", *TINY]
+    )
+    assert (
+        set(result["by_compression_ratio"]) == {"2", "4"}
+        and result["settings"]["eval_policy"] == "breadcrumbs"
+    )
     assert result["train"]["steps"] == 2
     settings = load_ngc_settings(student)
     assert settings.policy == "breadcrumbs" and settings.compression_ratio == 2
@@ -133,12 +176,29 @@ def _breadcrumbs(tmp_path, model, tok, peft=None, **kw):
 
     from ngc_trl import BreadcrumbsConfig, BreadcrumbsTrainer
 
-    args = BreadcrumbsConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=3, num_generations=3,
-                             max_completion_length=16, compression_ratio=4, learning_rate=1e-2, max_steps=1,
-                             report_to="none", bf16=False, use_cpu=True, save_strategy="no", seed=0, **kw)
-    return BreadcrumbsTrainer(model=model, reward_funcs=lambda completions, **k: [float(len(c)) for c in completions],
-                              args=args, train_dataset=Dataset.from_dict({"prompt": [p for p, _ in ROWS] * 2}),
-                              processing_class=tok, peft_config=LoraConfig(r=2, target_modules=["q_proj"]) if peft else None)
+    args = BreadcrumbsConfig(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_completion_length=16,
+        compression_ratio=4,
+        learning_rate=1e-2,
+        max_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        **kw,
+    )
+    return BreadcrumbsTrainer(
+        model=model,
+        reward_funcs=lambda completions, **k: [float(len(c)) for c in completions],
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": [p for p, _ in ROWS] * 2}),
+        processing_class=tok,
+        peft_config=LoraConfig(r=2, target_modules=["q_proj"]) if peft else None,
+    )
 
 
 def test_breadcrumbs_student_starts_from_the_warm_start(tmp_path):
@@ -168,6 +228,10 @@ def test_breadcrumbs_warm_start_must_share_the_vocabulary(tmp_path):
     with pytest.raises(ValueError, match="student_model_name_or_path"):
         _breadcrumbs(tmp_path, teacher, tok, student_model_name_or_path=str(tmp_path / "warm"))
     with pytest.raises(ValueError, match="student_model_name_or_path needs full fine-tuning"):
-        _breadcrumbs(tmp_path, Qwen2ForCausalLM(tiny_qwen2_config(len(tok), num_layers=2, hidden=64)),
-                     char_tokenizer(), peft=True, student_model_name_or_path=str(tmp_path / "warm"))
-
+        _breadcrumbs(
+            tmp_path,
+            Qwen2ForCausalLM(tiny_qwen2_config(len(tok), num_layers=2, hidden=64)),
+            char_tokenizer(),
+            peft=True,
+            student_model_name_or_path=str(tmp_path / "warm"),
+        )

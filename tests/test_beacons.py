@@ -20,14 +20,23 @@ def crumbs(c, beacon=BEACON):
 
 def rollout(model, c, n=36, seed=0, eos=None, lengths=LENGTHS, **kw):
     ids, mask = left_padded(list(lengths), seed=seed)
-    out = generate_with_eviction(model, ids, mask, crumbs(c if isinstance(c, int) else 2), max_new_tokens=n,
-                                 do_sample=True, generator=torch.Generator().manual_seed(seed), eos_token_id=eos,
-                                 compression_ratio=None if isinstance(c, int) else c, **kw)
+    out = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        crumbs(c if isinstance(c, int) else 2),
+        max_new_tokens=n,
+        do_sample=True,
+        generator=torch.Generator().manual_seed(seed),
+        eos_token_id=eos,
+        compression_ratio=None if isinstance(c, int) else c,
+        **kw,
+    )
     return ids, mask, out
 
 
 def layout_of(ids, mask, out, c):
-    return beacon_layout(ids, mask, out.sequences[:, ids.shape[1]:], out.completion_mask, c, BEACON)
+    return beacon_layout(ids, mask, out.sequences[:, ids.shape[1] :], out.completion_mask, c, BEACON)
 
 
 # ----------------------------------------------------------------------------- (a) replay faithfulness
@@ -45,7 +54,7 @@ def test_replay_reproduces_rollout_logprobs(model, c):
     assert (logp[m] - out.token_logprobs[m]).abs().max() <= 1e-5
     assert (logp[~m] == 0).all()
     # the beacons matter: a plain causal forward over the same tokens is off-policy
-    plain = beacon_layout(ids, mask, out.sequences[:, ids.shape[1]:], m, 10**6, BEACON)
+    plain = beacon_layout(ids, mask, out.sequences[:, ids.shape[1] :], m, 10**6, BEACON)
     assert (beacon_logprobs(model, plain)[m] - out.token_logprobs[m]).abs().max() > 1e-2
 
 
@@ -79,7 +88,8 @@ def test_cache_never_exceeds_prompt_beacons_and_one_window(model, c):
     cs = (c if isinstance(c, torch.Tensor) else torch.full((4,), c)).tolist()
     seen = []
     hook = model.register_forward_hook(
-        lambda mod, args, kwargs, out: seen.append(kwargs["past_key_values"].lengths().clone()), with_kwargs=True
+        lambda mod, args, kwargs, out: seen.append(kwargs["past_key_values"].lengths().clone()),
+        with_kwargs=True,
     )
     try:
         ids, mask, out = rollout(model, c, n=n, eos=[])
@@ -115,14 +125,22 @@ def test_ratio_beyond_generation_is_identical_to_full(model, c, sample):
     ids, mask = left_padded(list(LENGTHS), seed=3)
     kw = dict(max_new_tokens=30, eos_token_id=[], do_sample=sample)
     # both suppress the beacon id (a beacon is only ever forced)
-    full = generate_with_eviction(model, ids, mask, EvictionConfig(policy="full", beacon_token_id=BEACON),
-                                  generator=torch.Generator().manual_seed(1), **kw)
+    full = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        EvictionConfig(policy="full", beacon_token_id=BEACON),
+        generator=torch.Generator().manual_seed(1),
+        **kw,
+    )
     bc = generate_with_eviction(model, ids, mask, crumbs(c), generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(full.sequences, bc.sequences)
     assert torch.equal(full.token_logprobs, bc.token_logprobs)
     assert bc.cache_stats.compression.tolist() == [1.0] * 4
     # one token less and a beacon fires just before the last fed token: outputs change
-    short = generate_with_eviction(model, ids, mask, crumbs(28), generator=torch.Generator().manual_seed(1), **kw)
+    short = generate_with_eviction(
+        model, ids, mask, crumbs(28), generator=torch.Generator().manual_seed(1), **kw
+    )
     assert not torch.equal(full.token_logprobs[:, -1], short.token_logprobs[:, -1])
 
 
@@ -133,7 +151,9 @@ def brute_force(prompt, completion, c):
     n, window = len(completion), 0  # a window is what the rollout cached since the last beacon
     for i, tok in enumerate(completion, start=1):
         items.append(("t", tok, window))
-        if i % c == 0 and i + 1 < n:  # a beacon closes the window, only if t_{i+1} is fed (not the last token)
+        if (
+            i % c == 0 and i + 1 < n
+        ):  # a beacon closes the window, only if t_{i+1} is fed (not the last token)
             items.append(("b", BEACON, window))
             window += 1
     vis = torch.zeros(len(items), len(items), dtype=torch.bool)
@@ -157,14 +177,14 @@ def test_layout_matches_brute_force_mask():
     pids, pmask = torch.zeros(len(n), p, dtype=torch.long), torch.zeros(len(n), p, dtype=torch.long)
     cids, cmask = torch.zeros(len(n), t, dtype=torch.long), torch.zeros(len(n), t, dtype=torch.bool)
     for b in range(len(n)):
-        pids[b, p - p_len[b]:] = torch.randint(3, 90, (p_len[b],), generator=g)
-        pmask[b, p - p_len[b]:] = 1
+        pids[b, p - p_len[b] :] = torch.randint(3, 90, (p_len[b],), generator=g)
+        pmask[b, p - p_len[b] :] = 1
         cids[b, : n[b]] = torch.randint(3, 90, (n[b],), generator=g)
         cmask[b, : n[b]] = True
     lay = beacon_layout(pids, pmask, cids, cmask, c, BEACON)
     vis = lay.visible()
     for b in range(len(n)):
-        toks, is_b, want = brute_force(pids[b, p - p_len[b]:].tolist(), cids[b, : n[b]].tolist(), int(c[b]))
+        toks, is_b, want = brute_force(pids[b, p - p_len[b] :].tolist(), cids[b, : n[b]].tolist(), int(c[b]))
         slots = torch.nonzero(lay.attention_mask[b]).flatten()
         assert slots.tolist() == list(range(p - p_len[b], p - p_len[b] + len(toks)))  # contiguous valid run
         assert lay.input_ids[b, slots].tolist() == toks and lay.is_beacon[b, slots].tolist() == is_b
@@ -173,7 +193,7 @@ def test_layout_matches_brute_force_mask():
         assert not vis[b][:, lay.attention_mask[b] == 0].any()
         assert (lay.death[b, lay.is_beacon[b]] == NEVER).all()
         # completion_index: the slot of the token before t (the last prompt slot for t = 0), never a beacon
-        comp = [s for s, bb in zip(slots.tolist()[p_len[b]:], is_b[p_len[b]:]) if not bb]
+        comp = [s for s, bb in zip(slots.tolist()[p_len[b] :], is_b[p_len[b] :]) if not bb]
         prev = ([p - 1] + comp[:-1])[: n[b]]
         assert lay.completion_index[b, : n[b]].tolist() == prev
         assert not lay.is_beacon[b, lay.completion_index[b]].any()
@@ -188,8 +208,15 @@ def test_layout_rejects_bad_ratio():
 # ----------------------------------------------------------------------------- (e) config validation
 @pytest.mark.parametrize(
     "field,value",
-    [("compression_ratio", 0), ("compression_ratio", 1), ("compression_ratio", 2.5), ("compression_ratio", True),
-     ("beacon_token_id", None), ("beacon_token_id", -1), ("beacon_token_id", "7")],
+    [
+        ("compression_ratio", 0),
+        ("compression_ratio", 1),
+        ("compression_ratio", 2.5),
+        ("compression_ratio", True),
+        ("beacon_token_id", None),
+        ("beacon_token_id", -1),
+        ("beacon_token_id", "7"),
+    ],
 )
 def test_breadcrumbs_config_errors_name_the_field(field, value):
     kw = dict(policy="breadcrumbs", compression_ratio=4, beacon_token_id=7)
@@ -254,13 +281,24 @@ def test_add_beacon_token_mean_init_and_idempotent():
         emb[bid] += 1.0
     row = emb[bid].detach().clone()
     assert add_beacon_token(tok, model) == bid and add_beacon_token(tok) == bid
-    assert len(tok) == bid + 1 and emb.shape[0] == bid + 1 and torch.equal(model.get_input_embeddings().weight[bid], row)
+    assert (
+        len(tok) == bid + 1
+        and emb.shape[0] == bid + 1
+        and torch.equal(model.get_input_embeddings().weight[bid], row)
+    )
 
 
 def test_add_beacon_token_eos_and_random_init_untied_head():
     tok = char_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(cfg)
     bid = add_beacon_token(tok, model, token="<|b|>", init="eos")
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
@@ -280,14 +318,16 @@ def test_beacon_is_never_sampled_but_logprobs_stay_full_vocabulary(model):
     ids, mask = left_padded(list(LENGTHS), seed=3)
     kw = dict(max_new_tokens=20, eos_token_id=[])
     plain = generate_with_eviction(model, ids, mask, eviction=EvictionConfig(policy="full"), **kw)
-    gen = plain.sequences[:, ids.shape[1]:]
+    gen = plain.sequences[:, ids.shape[1] :]
     favourite = torch.bincount(gen.flatten()).argmax().item()  # the model's commonest token
     assert (gen == favourite).sum() >= 4
     for cfg in (EvictionConfig(policy="full", beacon_token_id=favourite), crumbs(3, favourite)):
         out = generate_with_eviction(model, ids, mask, eviction=cfg, **kw)
-        assert not (out.sequences[:, ids.shape[1]:] == favourite).any()
-    out = generate_with_eviction(model, ids, mask, eviction=EvictionConfig(policy="full", beacon_token_id=favourite), **kw)
-    comp = out.sequences[:, ids.shape[1]:]
+        assert not (out.sequences[:, ids.shape[1] :] == favourite).any()
+    out = generate_with_eviction(
+        model, ids, mask, eviction=EvictionConfig(policy="full", beacon_token_id=favourite), **kw
+    )
+    comp = out.sequences[:, ids.shape[1] :]
     layout = beacon_layout(ids, mask, comp, out.completion_mask, 10**6, favourite)  # no beacon fires
     ref = beacon_logprobs(model, layout)
     m = out.completion_mask

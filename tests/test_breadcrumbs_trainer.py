@@ -34,13 +34,30 @@ def tiny_model(tok):
 
 def make_trainer(tmp_path, peft=True, **overrides):
     tok = char_tokenizer()
-    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=3, num_generations=3, max_completion_length=24,
-              compression_ratio=4, learning_rate=5e-2, max_steps=1, logging_steps=1, report_to="none", bf16=False,
-              use_cpu=True, save_strategy="no", seed=0)
+    kw = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_completion_length=24,
+        compression_ratio=4,
+        learning_rate=5e-2,
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
     kw.update(overrides)
-    return BreadcrumbsTrainer(model=tiny_model(tok), reward_funcs=seven_reward, args=BreadcrumbsConfig(**kw),
-                              train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tok,
-                              peft_config=LORA if peft else None)
+    return BreadcrumbsTrainer(
+        model=tiny_model(tok),
+        reward_funcs=seven_reward,
+        args=BreadcrumbsConfig(**kw),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        processing_class=tok,
+        peft_config=LORA if peft else None,
+    )
 
 
 def snapshot(module):
@@ -72,8 +89,14 @@ def test_one_step_with_two_lora_adapters(tmp_path):
     before = snapshot(tr.model)
     tr.train()
     logs = logged(tr)
-    for key in ("loss", "breadcrumbs/grpo_loss", "breadcrumbs/distill_loss", "breadcrumbs/compression_ratio",
-                "breadcrumbs/kl_per_token", "breadcrumbs/student_grad_norm"):
+    for key in (
+        "loss",
+        "breadcrumbs/grpo_loss",
+        "breadcrumbs/distill_loss",
+        "breadcrumbs/compression_ratio",
+        "breadcrumbs/kl_per_token",
+        "breadcrumbs/student_grad_norm",
+    ):
         assert key in logs, key
     assert logs["breadcrumbs/distill_loss"] > 0 and logs["breadcrumbs/compression_ratio"] == 4
     assert logs["breadcrumbs/beacons"] == (24 - 2) // 4  # no EOS on a random model: every row has 24 tokens
@@ -123,8 +146,12 @@ def test_gradient_checkpointing_recomputes_with_each_policys_adapter(tmp_path, r
     grads = {}
     for gc in (False, True):
         kwargs = {"use_reentrant": reentrant} if gc else None
-        tr = make_trainer(tmp_path, max_completion_length=16, gradient_checkpointing=gc,
-                          gradient_checkpointing_kwargs=kwargs)
+        tr = make_trainer(
+            tmp_path,
+            max_completion_length=16,
+            gradient_checkpointing=gc,
+            gradient_checkpointing_kwargs=kwargs,
+        )
         with torch.no_grad():
             for n, p in tr.model.named_parameters():
                 if "lora_B" in n:
@@ -144,10 +171,15 @@ def test_lora_saves_the_student_on_top_and_resumes(tmp_path):
     tr.train()
     out = tmp_path / "final"
     tr.save_model(str(out))
-    assert (out / "adapter_model.safetensors").is_file() and (out / TEACHER_SUBFOLDER / "adapter_config.json").is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (
+        out / TEACHER_SUBFOLDER / "adapter_config.json"
+    ).is_file()
     settings = load_ngc_settings(out)
-    assert (settings.policy, settings.compression_ratio, settings.beacon_token_id) == ("breadcrumbs", 4,
-                                                                                        tr.beacon_token_id)
+    assert (settings.policy, settings.compression_ratio, settings.beacon_token_id) == (
+        "breadcrumbs",
+        4,
+        tr.beacon_token_id,
+    )
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids("<|beacon|>") == tr.beacon_token_id
     base = tiny_model(char_tokenizer())
@@ -201,8 +233,8 @@ def test_token_kl_matches_the_definition_in_chunks():
     with torch.no_grad():
         lt = torch.log_softmax(head(hidden), -1)
     ls = torch.log_softmax(s, -1)
-    fwd = ((lt.exp() * (lt - ls)).sum(-1) * mask)
-    rev = ((ls.exp() * (ls - lt)).sum(-1) * mask)
+    fwd = (lt.exp() * (lt - ls)).sum(-1) * mask
+    rev = (ls.exp() * (ls - lt)).sum(-1) * mask
     (g_ref,) = torch.autograd.grad(fwd.sum(), s)
     for chunk in (1, 3, 100):
         got = token_kl(s, hidden, head, mask, "forward", chunk)
@@ -253,15 +285,29 @@ def test_student_learning_rate_gets_its_own_groups(tmp_path, peft):
     groups = tr.optimizer.param_groups
     assert {id(p) for g in groups if g["lr"] == 0.5 for p in g["params"]} == student
     assert all(g["lr"] == 5e-2 for g in groups if not any(id(p) in student for p in g["params"]))
-    assert sum(len(g["params"]) for g in groups) == len({id(p) for g in groups for p in g["params"]})  # no duplicates
+    assert sum(len(g["params"]) for g in groups) == len(
+        {id(p) for g in groups for p in g["params"]}
+    )  # no duplicates
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("compression_ratio", 1), ("compression_ratio", [4, 1]), ("compression_ratio", []), ("distill_loss_coef", -1.0),
-     ("distill_loss_coef", float("nan")), ("kl_direction", "sideways"), ("beacon_init", "zeros"), ("beacon_token", ""),
-     ("distill_chunk_size", 0), ("teacher_adapter_name", "a.b"), ("student_adapter_name", "teacher"),
-     ("student_learning_rate", 0.0), ("student_learning_rate", float("inf")), ("student_model_name_or_path", " ")],
+    [
+        ("compression_ratio", 1),
+        ("compression_ratio", [4, 1]),
+        ("compression_ratio", []),
+        ("distill_loss_coef", -1.0),
+        ("distill_loss_coef", float("nan")),
+        ("kl_direction", "sideways"),
+        ("beacon_init", "zeros"),
+        ("beacon_token", ""),
+        ("distill_chunk_size", 0),
+        ("teacher_adapter_name", "a.b"),
+        ("student_adapter_name", "teacher"),
+        ("student_learning_rate", 0.0),
+        ("student_learning_rate", float("inf")),
+        ("student_model_name_or_path", " "),
+    ],
 )
 def test_invalid_config_names_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"BreadcrumbsConfig.{field}"):
@@ -269,14 +315,21 @@ def test_invalid_config_names_the_field(tmp_path, field, value):
 
 
 def test_student_init_none_from_the_command_line(tmp_path):
-    a = BreadcrumbsConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, student_model_name_or_path="None")
+    a = BreadcrumbsConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, student_model_name_or_path="None"
+    )
     assert a.student_model_name_or_path is None
 
 
 def test_defaults_are_dr_grpo(tmp_path):
     a = BreadcrumbsConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     assert (a.loss_type, a.scale_rewards, a.compression_ratio, a.distill_loss_coef, a.kl_direction) == (
-        "dr_grpo", "none", 8, 1.0, "forward")
+        "dr_grpo",
+        "none",
+        8,
+        1.0,
+        "forward",
+    )
 
 
 # ----------------------------------------------------------------------------- recipes and entry point
@@ -292,7 +345,12 @@ def test_breadcrumbs_recipe_values():
     s, a, m = parse(ROOT / "recipes" / "breadcrumbs_countdown.yaml")
     assert isinstance(a, BreadcrumbsConfig) and s.method == "breadcrumbs" and s.task == "countdown"
     assert m.model_name_or_path == "Qwen/Qwen2.5-1.5B-Instruct" and m.use_peft
-    assert (a.compression_ratio, a.distill_loss_coef, a.kl_direction, a.beacon_init) == (8, 1.0, "forward", "mean")
+    assert (a.compression_ratio, a.distill_loss_coef, a.kl_direction, a.beacon_init) == (
+        8,
+        1.0,
+        "forward",
+        "mean",
+    )
     assert (a.loss_type, a.scale_rewards, a.beta, a.num_iterations) == ("dr_grpo", "none", 0.0, 1)
     assert a.num_generations == 16 and a.max_completion_length == 1024
     _, a, _ = parse(ROOT / "recipes" / "breadcrumbs_countdown.yaml", "--compression_ratio", "2", "4")
@@ -303,14 +361,22 @@ def test_breadcrumbs_recipe_values():
 
 def _yaml_with(tmp_path, extra: str) -> str:
     path = tmp_path / "bad.yaml"
-    path.write_text((ROOT / "recipes" / "tiny" / "breadcrumbs_countdown.yaml").read_text() + "\n" + extra + "\n")
+    path.write_text(
+        (ROOT / "recipes" / "tiny" / "breadcrumbs_countdown.yaml").read_text() + "\n" + extra + "\n"
+    )
     return str(path)
 
 
-@pytest.mark.parametrize("extra,match", [("compresion_ratio: 4", "compresion_ratio"),
-                                         ("compression_ratio: 1", "compression_ratio"),
-                                         ("kl_direction: up", "kl_direction"), ("method: ngcx", "method"),
-                                         ("eviction_rate: 0.5", "eviction_rate")])  # an NGC-only key
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ("compresion_ratio: 4", "compresion_ratio"),
+        ("compression_ratio: 1", "compression_ratio"),
+        ("kl_direction: up", "kl_direction"),
+        ("method: ngcx", "method"),
+        ("eviction_rate: 0.5", "eviction_rate"),
+    ],
+)  # an NGC-only key
 def test_bad_breadcrumbs_recipe_fails_before_model_load(tmp_path, no_model_load, extra, match):
     with pytest.raises(ValueError, match=match):
         main(["--config", _yaml_with(tmp_path, extra)])
@@ -331,11 +397,32 @@ def _warm_start(base, folder):
 def test_tiny_breadcrumbs_recipe_runs_one_step(tiny_base, tmp_path):
     out = tmp_path / "run"
     warm = _warm_start(tiny_base, tmp_path / "warm")
-    result = main(["--config", str(ROOT / "recipes" / "tiny" / "breadcrumbs_countdown.yaml"),
-                   "--model_name_or_path", str(tiny_base), "--student_model_name_or_path", str(warm),
-                   "--output_dir", str(out), "--max_steps", "1",
-                   "--max_completion_length", "32", "--per_device_train_batch_size", "4", "--num_generations", "4",
-                   "--num_train_problems", "4", "--save_strategy", "no", "--log_level", "warning"])
+    result = main(
+        [
+            "--config",
+            str(ROOT / "recipes" / "tiny" / "breadcrumbs_countdown.yaml"),
+            "--model_name_or_path",
+            str(tiny_base),
+            "--student_model_name_or_path",
+            str(warm),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--max_completion_length",
+            "32",
+            "--per_device_train_batch_size",
+            "4",
+            "--num_generations",
+            "4",
+            "--num_train_problems",
+            "4",
+            "--save_strategy",
+            "no",
+            "--log_level",
+            "warning",
+        ]
+    )
     assert result["output_dir"] == str(out)
     assert (out / "model.safetensors").is_file() and (out / TEACHER_SUBFOLDER / "model.safetensors").is_file()
     settings = load_ngc_settings(out)

@@ -22,8 +22,9 @@ def replay_grads(mode, lora, data):
     model = tiny_qwen2(seed=1)
     if lora:
         torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
-                                                 init_lora_weights=False))
+        model = get_peft_model(
+            model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
+        )
     model.train()
     if MODES[mode] is not None:
         model.gradient_checkpointing_enable(MODES[mode])
@@ -33,8 +34,13 @@ def replay_grads(mode, lora, data):
     route_eviction_logps_through_checkpoints(model)  # idempotent
     seqs, full_mask, records, prompt_len = data
     ctx = ReplayContext(full_mask.long(), records, CFG, prompt_len=prompt_len)
-    out = model(input_ids=seqs, attention_mask=no_mask(model), position_ids=ctx.position_ids, ngc_replay=ctx,
-                use_cache=False)
+    out = model(
+        input_ids=seqs,
+        attention_mask=no_mask(model),
+        position_ids=ctx.position_ids,
+        ngc_replay=ctx,
+        use_cache=False,
+    )
     tok = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, seqs[:, 1:, None])[..., 0]
     ev = ctx.eviction_logp(3)
     assert ev.requires_grad, mode
@@ -62,13 +68,19 @@ def test_trainer_eviction_loss_gradient_survives_reentrant_checkpointing_with_lo
     batch, grads = None, {}
     for mode in ("none", "reentrant"):
         for coef in (0.0, 1.0):
-            ckpt = {} if mode == "none" else {"gradient_checkpointing": True,
-                                              "gradient_checkpointing_kwargs": MODES[mode]}
+            ckpt = (
+                {}
+                if mode == "none"
+                else {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": MODES[mode]}
+            )
             tr = make_trainer(tmp_path, eviction_loss_coef=coef, **ckpt)
             if mode != "none":  # what Trainer.train() does before the first step
                 tr.model.activation_checkpointing_enable(activation_checkpointing_kwargs=MODES[mode])
                 layer = tr.model.base_model.model.model.layers[0]
-                assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords["use_reentrant"]
+                assert (
+                    layer.gradient_checkpointing
+                    and layer._gradient_checkpointing_func.keywords["use_reentrant"]
+                )
             if batch is None:
                 torch.manual_seed(1)
                 batch = tr._generate_and_score_completions([{"prompt": "abc 7\n"}] * 3)
@@ -76,7 +88,9 @@ def test_trainer_eviction_loss_gradient_survives_reentrant_checkpointing_with_lo
             tr.model.train()
             tr.current_gradient_accumulation_steps = 1
             tr._compute_loss(tr.model, dict(batch)).backward()
-            grads[mode, coef] = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+            grads[mode, coef] = {
+                n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None
+            }
     for mode in ("none", "reentrant"):
         mem = {n: grads[mode, 1.0][n] - grads[mode, 0.0][n] for n in grads[mode, 1.0]}
         if mode == "none":

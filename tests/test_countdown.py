@@ -129,7 +129,13 @@ def _hostile_strings(rng: random.Random, count: int) -> list[str]:
         "ÿ" * 5000,
         "<answer>" * 1000,
     ]
-    alphabet = list("0123456789+-*/()  .,_=<>%^&|~!'\"[]{}:;\\\nabcxyzé×÷−\x00") + ["**", "//", "__", "import", "("]
+    alphabet = list("0123456789+-*/()  .,_=<>%^&|~!'\"[]{}:;\\\nabcxyzé×÷−\x00") + [
+        "**",
+        "//",
+        "__",
+        "import",
+        "(",
+    ]
     out = list(fixed)
     while len(out) < count:
         length = rng.choice([1, 3, 8, 20, 60, 199, 200, 201, 1000])
@@ -239,7 +245,12 @@ def _replay_trace(trace: str, nums: list[int], target: int) -> None:
     lines = trace.strip("\n").split("\n")
     state = list(nums)
     root_stack = [list(nums)]
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
+    ops = {
+        "+": lambda a, b: a + b,
+        "-": lambda a, b: a - b,
+        "*": lambda a, b: a * b,
+        "/": lambda a, b: a // b,
+    }
     step = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
     for line in lines[:-3]:
         restated = line.startswith("target ")  # a two-number line restates the target first
@@ -255,7 +266,7 @@ def _replay_trace(trace: str, nums: list[int], target: int) -> None:
             a, b, c = int(a), int(b), int(c)
             assert a >= b and ops[op](a, b) == c and (op != "/" or a % b == 0), line
         if " left " in line:
-            (a, op, b, c), = moves
+            ((a, op, b, c),) = moves
             rest = list(state)
             rest.remove(int(a))
             rest.remove(int(b))
@@ -300,7 +311,9 @@ def test_search_trace_controls_and_docstring_example():
     body = "\n".join("    " + line for line in example.strip("\n").split("\n"))
     assert body in countdown.__doc__  # the documented example is real output
     assert search_trace([4, 4, 10], 44, max_chars=50) is None
-    assert search_trace([3, 5, 7, 8], 24, random.Random(5)) == search_trace([3, 5, 7, 8], 24, random.Random(5))
+    assert search_trace([3, 5, 7, 8], 24, random.Random(5)) == search_trace(
+        [3, 5, 7, 8], 24, random.Random(5)
+    )
     assert search_trace([3, 5, 7, 8], 24, random.Random(5)) != search_trace([3, 5, 7, 8], 24)
     plain = search_trace([4, 4, 10], 44, restate_target=False)
     assert plain == example.replace("target 44: ", "") and "target" not in plain

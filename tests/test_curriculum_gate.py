@@ -45,7 +45,9 @@ def test_fixed_reference_gates_every_level_and_nan_holds():
     gate = GatedCurriculum([0.1, 0.5], 2, 1.0, gate=0.5, reference=0.6)
     assert gate.update(0, 0.29) is False and gate.rate(5) == pytest.approx(0.1)  # 0.29 < 0.3: hold at ε_0
     assert gate.update(5, 0.3) is True  # 0.3 >= 0.5 × 0.6
-    assert gate.effective_step(6) == 1 and gate.rate(6) == pytest.approx(curriculum_rate(1, [0.1, 0.5], 2, 1.0))
+    assert gate.effective_step(6) == 1 and gate.rate(6) == pytest.approx(
+        curriculum_rate(1, [0.1, 0.5], 2, 1.0)
+    )
     assert gate.update(6, float("nan")) is False and gate.effective_step(100) == 1
     with pytest.raises(ValueError, match="before the last update"):
         gate.update(3, 1.0)
@@ -69,23 +71,41 @@ def test_state_round_trips_through_json():
     assert run(a, more, start=6) == run(b, more, start=6)
 
 
-BASE = dict(per_device_train_batch_size=3, num_generations=3, max_completion_length=12, eviction_interval=8,
-            block_size=2, score_window=3, learning_rate=1e-3, logging_steps=1, report_to="none", bf16=False,
-            use_cpu=True, seed=0)
+BASE = dict(
+    per_device_train_batch_size=3,
+    num_generations=3,
+    max_completion_length=12,
+    eviction_interval=8,
+    block_size=2,
+    score_window=3,
+    learning_rate=1e-3,
+    logging_steps=1,
+    report_to="none",
+    bf16=False,
+    use_cpu=True,
+    seed=0,
+)
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(curriculum_rates=[0.1, 0.5], curriculum_gate=0.0), "curriculum_gate"),
-    (dict(curriculum_rates=[0.1, 0.5], curriculum_gate=1.5), "curriculum_gate"),
-    (dict(curriculum_gate=0.8), "curriculum_gate"),  # no staircase to gate
-    (dict(curriculum_rates=[0.1, 0.5], curriculum_gate_reference=0.5), "curriculum_gate_reference"),
-    (dict(curriculum_rates=[0.1, 0.5], curriculum_gate=0.8, curriculum_gate_reference=0.0),
-     "curriculum_gate_reference"),
-    (dict(curriculum_rates=[0.1, 0.5], curriculum_gate=0.8, curriculum_gate_reference=float("inf")),
-     "curriculum_gate_reference"),
-    (dict(curriculum_gate_ema=1.0), "curriculum_gate_ema"),
-    (dict(curriculum_gate_ema=-0.1), "curriculum_gate_ema"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(curriculum_rates=[0.1, 0.5], curriculum_gate=0.0), "curriculum_gate"),
+        (dict(curriculum_rates=[0.1, 0.5], curriculum_gate=1.5), "curriculum_gate"),
+        (dict(curriculum_gate=0.8), "curriculum_gate"),  # no staircase to gate
+        (dict(curriculum_rates=[0.1, 0.5], curriculum_gate_reference=0.5), "curriculum_gate_reference"),
+        (
+            dict(curriculum_rates=[0.1, 0.5], curriculum_gate=0.8, curriculum_gate_reference=0.0),
+            "curriculum_gate_reference",
+        ),
+        (
+            dict(curriculum_rates=[0.1, 0.5], curriculum_gate=0.8, curriculum_gate_reference=float("inf")),
+            "curriculum_gate_reference",
+        ),
+        (dict(curriculum_gate_ema=1.0), "curriculum_gate_ema"),
+        (dict(curriculum_gate_ema=-0.1), "curriculum_gate_ema"),
+    ],
+)
 def test_config_rejects_bad_gate_values_naming_the_field(tmp_path, kwargs, field):
     with pytest.raises(ValueError, match=f"NGCConfig.{field}"):
         NGCConfig(output_dir=str(tmp_path), **BASE, **kwargs)
@@ -97,8 +117,18 @@ def test_gate_fields_parse_from_the_command_line():
     from ngc_trl.train import make_parser
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "countdown_ngc.yaml"
-    argv = ["--config", str(recipe), "--report_to", "none", "--curriculum_gate", "0.8",
-            "--curriculum_gate_reference", "0.6", "--curriculum_gate_ema", "0.5"]
+    argv = [
+        "--config",
+        str(recipe),
+        "--report_to",
+        "none",
+        "--curriculum_gate",
+        "0.8",
+        "--curriculum_gate_reference",
+        "0.6",
+        "--curriculum_gate_ema",
+        "0.5",
+    ]
     _, args, _ = make_parser().parse_args_and_config(args=argv)
     assert (args.curriculum_gate, args.curriculum_gate_reference, args.curriculum_gate_ema) == (0.8, 0.6, 0.5)
     _, args, _ = make_parser().parse_args_and_config(args=argv[:4])
@@ -132,8 +162,14 @@ def test_without_gate_the_trainer_rate_is_eq6_at_every_step(tmp_path):
 def test_gated_training_holds_and_the_gate_survives_a_checkpoint(tmp_path):
     """Reward 0 < 0.5 × reference 1: the clock never moves, every rollout runs at ε_0 (Eq. 6 would be at
     0.5 from step 1), and a run resumed from checkpoint-2 continues the gate's count."""
-    gated = dict(curriculum_rates=[0.1, 0.5], curriculum_stage_steps=1, curriculum_gate=0.5,
-                 curriculum_gate_reference=1.0, save_strategy="steps", save_steps=2)
+    gated = dict(
+        curriculum_rates=[0.1, 0.5],
+        curriculum_stage_steps=1,
+        curriculum_gate=0.5,
+        curriculum_gate_reference=1.0,
+        save_strategy="steps",
+        save_steps=2,
+    )
     tr = make_trainer(tmp_path, max_steps=2, **gated)
     tr.train()
     logs = [h for h in tr.state.log_history if "ngc/eviction_rate" in h]
@@ -156,7 +192,10 @@ def test_gate_hooks_keep_their_trl_signature():
 
     from trl import GRPOTrainer
 
-    expected = {"_prepare_inputs": ["self", "generation_batch"], "_save_checkpoint": ["self", "model", "trial"],
-                "_load_optimizer_and_scheduler": ["self", "checkpoint"]}
+    expected = {
+        "_prepare_inputs": ["self", "generation_batch"],
+        "_save_checkpoint": ["self", "model", "trial"],
+        "_load_optimizer_and_scheduler": ["self", "checkpoint"],
+    }
     for name, params in expected.items():
         assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == params, name

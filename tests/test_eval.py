@@ -76,15 +76,31 @@ def test_pass_at_k_large_n_is_stable():
 
 
 def _rec(policy, rate, pid, peak, correct=True, sample=0, same=2.0):
-    return {"policy": policy, "rate": rate, "problem_id": pid, "sample": sample, "correct": correct,
-            "peak_total": peak, "peak_entries": [peak // 2, peak - peak // 2], "compression_same_tokens": same,
-            "mean_entries": 1.0, "footprint": 10, "completion_tokens": 5, "prompt_tokens": 3, "rounds": 1,
-            "finished": True}
+    return {
+        "policy": policy,
+        "rate": rate,
+        "problem_id": pid,
+        "sample": sample,
+        "correct": correct,
+        "peak_total": peak,
+        "peak_entries": [peak // 2, peak - peak // 2],
+        "compression_same_tokens": same,
+        "mean_entries": 1.0,
+        "footprint": 10,
+        "completion_tokens": 5,
+        "prompt_tokens": 3,
+        "rounds": 1,
+        "finished": True,
+    }
 
 
 def test_peak_compression_is_a_mean_of_per_prompt_ratios():
-    recs = [_rec("full", None, "a", 100), _rec("full", None, "b", 200),
-            _rec("ngc", 0.5, "a", 50, correct=False), _rec("ngc", 0.5, "b", 25)]
+    recs = [
+        _rec("full", None, "a", 100),
+        _rec("full", None, "b", 200),
+        _rec("ngc", 0.5, "a", 50, correct=False),
+        _rec("ngc", 0.5, "b", 25),
+    ]
     full, ngc = summarize(recs, [("full", None), ("ngc", 0.5)], [1])
     assert full["peak_compression"] == 1.0 and full["compression_source"] == "full_run"
     assert ngc["peak_compression"] == pytest.approx((2 + 8) / 2)  # not 300 / 75 = 4
@@ -109,7 +125,7 @@ def test_pareto_auc_by_hand():
     assert auc["auc"]["b"] == pytest.approx(0.4)
     assert "full" not in auc["auc"]
     # a fixed range cuts a segment in its middle: up to sqrt(8)x = log2 1.5
-    cut = pareto_auc(rows, max_compression=2 ** 1.5)["auc"]["a"]
+    cut = pareto_auc(rows, max_compression=2**1.5)["auc"]["a"]
     assert cut == pytest.approx((0.7 + 0.5 * (0.6 + 0.4) / 2) / 1.5)
     # a method's own uncompressed accuracy as its anchor: a student at 0% everywhere scores 0
     own = pareto_auc(rows + [_row("s", 2.0, 0.0)], anchors={"s": 0.0, "a": 0.6})["auc"]
@@ -119,8 +135,15 @@ def test_pareto_auc_by_hand():
 def test_common_range_auc_by_hand():
     from ngc_trl.metrics import common_range_auc
 
-    rows = [_row("full", 1.0, 0.8), _row("a", 2.0, 0.6), _row("a", 8.0, 0.2),
-            _row("b", 1.5, 0.1), _row("b", 2.0, 0.9), _row("b", 4.0, 0.5), _row("one", 3.0, 1.0)]
+    rows = [
+        _row("full", 1.0, 0.8),
+        _row("a", 2.0, 0.6),
+        _row("a", 8.0, 0.2),
+        _row("b", 1.5, 0.1),
+        _row("b", 2.0, 0.9),
+        _row("b", 4.0, 0.5),
+        _row("one", 3.0, 1.0),
+    ]
     out = common_range_auc(rows)
     # range: the largest first run (2x) to the smallest last run (4x); "one" has no curve
     assert out["range"] == pytest.approx([2.0, 4.0]) and set(out["auc"]) == {"a", "b"}
@@ -130,15 +153,24 @@ def test_common_range_auc_by_hand():
     anchored = pareto_auc(rows)["auc"]
     assert anchored["a"] > anchored["b"]
     # disjoint ranges: no common AUC
-    assert common_range_auc([_row("a", 1.5, 0.5), _row("a", 2.0, 0.5), _row("b", 3.0, 0.1), _row("b", 4.0, 0.1)]) == {
-        "range": None, "auc": {}}
+    assert common_range_auc(
+        [_row("a", 1.5, 0.5), _row("a", 2.0, 0.5), _row("b", 3.0, 0.1), _row("b", 4.0, 0.1)]
+    ) == {"range": None, "auc": {}}
 
 
 def test_combine_anchors_each_label_at_its_own_models_full_cache(tmp_path):
     def folder(name, rows):
-        stats = dict(compression_source="full_run", **{"pass@1_se": 0.0}, mean_peak_entries_per_layer=1.0,
-                     max_peak_entries_per_layer=1, mean_entries_per_layer=1.0, mean_completion_tokens=1.0,
-                     truncated=0.0, num_problems=1, num_completions=1)
+        stats = dict(
+            compression_source="full_run",
+            **{"pass@1_se": 0.0},
+            mean_peak_entries_per_layer=1.0,
+            max_peak_entries_per_layer=1,
+            mean_entries_per_layer=1.0,
+            mean_completion_tokens=1.0,
+            truncated=0.0,
+            num_problems=1,
+            num_completions=1,
+        )
         rows = [{**stats, **r} for r in rows]
         (tmp_path / name).mkdir()
         summary = {"settings": {"task": "countdown", "k": [1], "model": name}, "results": rows}
@@ -160,8 +192,19 @@ def test_combine_anchors_each_label_at_its_own_models_full_cache(tmp_path):
 # ----------------------------------------------------------------------------- evaluate(): reports, resume
 def test_reports_for_two_policies_two_rates(lm, tok, problems, tmp_path):
     out = tmp_path / "eval"
-    summary = ev.evaluate(lm, tok, problems, "countdown", "full,keydiff", "0.25,0.5", eviction=SMALL,
-                          max_new_tokens=16, batch_size=3, output_dir=out, progress=False)
+    summary = ev.evaluate(
+        lm,
+        tok,
+        problems,
+        "countdown",
+        "full,keydiff",
+        "0.25,0.5",
+        eviction=SMALL,
+        max_new_tokens=16,
+        batch_size=3,
+        output_dir=out,
+        progress=False,
+    )
     rows = {(r["policy"], r["rate"]): r for r in summary["results"]}
     assert set(rows) == {("full", None), ("keydiff", 0.25), ("keydiff", 0.5)}
     assert rows[("full", None)]["peak_compression"] == 1.0
@@ -171,13 +214,22 @@ def test_reports_for_two_policies_two_rates(lm, tok, problems, tmp_path):
         assert r["num_problems"] == 4 and r["mean_rounds"] >= 1
         assert r["mean_peak_entries_per_layer"] < rows[("full", None)]["mean_peak_entries_per_layer"]
         assert 0.0 <= r["pass@1"] <= 1.0
-    assert rows[("keydiff", 0.5)]["mean_entries_per_layer"] < rows[("keydiff", 0.25)]["mean_entries_per_layer"]
+    assert (
+        rows[("keydiff", 0.5)]["mean_entries_per_layer"] < rows[("keydiff", 0.25)]["mean_entries_per_layer"]
+    )
     saved = json.loads((out / "summary.json").read_text())
     assert saved["results"] == summary["results"]
-    assert saved["settings"]["eviction"]["eviction_interval"] == 8 and saved["settings"]["rates"] == [0.25, 0.5]
+    assert saved["settings"]["eviction"]["eviction_interval"] == 8 and saved["settings"]["rates"] == [
+        0.25,
+        0.5,
+    ]
     assert saved["compression_reference"] == "full_run"
     table = (out / "results.md").read_text()
-    assert "| keydiff | ε=0.25 |" in table and "| keydiff | ε=0.50 |" in table and "| full | — | 1.00× |" in table
+    assert (
+        "| keydiff | ε=0.25 |" in table
+        and "| keydiff | ε=0.50 |" in table
+        and "| full | — | 1.00× |" in table
+    )
     assert "| keydiff |" in table.split("Area under")[1]  # the AUC table
     assert set(saved["auc"]["auc"]) == {"keydiff"}
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -191,10 +243,20 @@ def test_reports_for_two_policies_two_rates(lm, tok, problems, tmp_path):
 
 def test_killed_run_resumes_without_loss_or_duplicates(lm, tok, problems, tmp_path, monkeypatch):
     out = tmp_path / "eval"
-    kw = dict(eviction=SMALL, max_new_tokens=12, batch_size=3, num_samples=2, temperature=0.8, top_p=0.95,
-              output_dir=out, progress=False)
+    kw = dict(
+        eviction=SMALL,
+        max_new_tokens=12,
+        batch_size=3,
+        num_samples=2,
+        temperature=0.8,
+        top_p=0.95,
+        output_dir=out,
+        progress=False,
+    )
     args = (lm, tok, problems, "countdown", "ngc,keydiff", "0.25,0.5")
-    expected = {(p, r, q["id"], j) for p in ("ngc", "keydiff") for r in (0.25, 0.5) for q in problems for j in (0, 1)}
+    expected = {
+        (p, r, q["id"], j) for p in ("ngc", "keydiff") for r in (0.25, 0.5) for q in problems for j in (0, 1)
+    }
 
     killer = CountingGenerate(kill_at=5)  # 4 batches land (3 + 3 + 2 + 3 rows), the 5th call dies
     monkeypatch.setattr(ev, "generate_with_eviction", killer)
@@ -241,8 +303,19 @@ def test_math_set_is_graded(lm, tok, monkeypatch):
     monkeypatch.setenv("NGC_MATH_DATA", str(MATH_DIR))
     probs = ev.load_problems("amc23", tok, num_problems=2)
     assert {"id", "prompt", "answer"} <= set(probs[0])
-    s = ev.evaluate(lm, tok, probs, "amc23", "full", "0.5", eviction=SMALL, max_new_tokens=4, temperature=0.6,
-                    top_p=0.95, progress=False)
+    s = ev.evaluate(
+        lm,
+        tok,
+        probs,
+        "amc23",
+        "full",
+        "0.5",
+        eviction=SMALL,
+        max_new_tokens=4,
+        temperature=0.6,
+        top_p=0.95,
+        progress=False,
+    )
     (row,) = s["results"]
     assert row["num_completions"] == 2 and row["pass@1"] == 0.0 and s["settings"]["do_sample"]
 
@@ -285,7 +358,9 @@ def test_cli_bad_arguments_fail_before_any_work(model_dir, tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=r"--num_samples.*--temperature"):  # countdown is greedy by default
         ev.main(["--model", str(model_dir), "--num_samples", "4", *base])
     with pytest.raises(SystemExit, match=r"--k"):
-        ev.main(["--model", str(model_dir), "--num_samples", "4", "--temperature", "0.7", "--k", "1,8", *base])
+        ev.main(
+            ["--model", str(model_dir), "--num_samples", "4", "--temperature", "0.7", "--k", "1,8", *base]
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -293,21 +368,46 @@ def test_cli_reads_model_settings_and_loads_peft_adapters(model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    argv = ["--task", "countdown", "--policies", "full,ngc", "--rates", "0.5", "--num_problems", "2",
-            "--max_new_tokens", "10", "--prompt_format", "plain", "--batch_size", "2", "--device", "cpu"]
+    argv = [
+        "--task",
+        "countdown",
+        "--policies",
+        "full,ngc",
+        "--rates",
+        "0.5",
+        "--num_problems",
+        "2",
+        "--max_new_tokens",
+        "10",
+        "--prompt_format",
+        "plain",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     s = ev.main(["--model", str(model_dir), "--output_dir", str(tmp_path / "base"), *argv])
-    assert s["settings"]["eviction"]["eviction_interval"] == 8 and s["settings"]["eviction"]["block_size"] == 4
+    assert (
+        s["settings"]["eviction"]["eviction_interval"] == 8 and s["settings"]["eviction"]["block_size"] == 4
+    )
     assert s["settings"]["temperature"] == 0.0 and s["settings"]["k"] == [1]
-    s2 = ev.main(["--model", str(model_dir), "--output_dir", str(tmp_path / "cli"), "--block_size", "2", *argv])
-    assert s2["settings"]["eviction"]["block_size"] == 2 and s2["settings"]["eviction"]["eviction_interval"] == 8
+    s2 = ev.main(
+        ["--model", str(model_dir), "--output_dir", str(tmp_path / "cli"), "--block_size", "2", *argv]
+    )
+    assert (
+        s2["settings"]["eviction"]["block_size"] == 2 and s2["settings"]["eviction"]["eviction_interval"] == 8
+    )
 
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                          LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # B = 0: merged == base
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )  # B = 0: merged == base
     adapter = tmp_path / "adapter"
     peft.save_pretrained(adapter)
     (adapter / ev.SETTINGS_FILE).write_text((model_dir / ev.SETTINGS_FILE).read_text())
     s3 = ev.main(["--model", str(adapter), "--output_dir", str(tmp_path / "adapter_eval"), *argv])
-    done = [[r["completion"] for r in _lines(tmp_path / d / "samples.jsonl")] for d in ("base", "adapter_eval")]
+    done = [
+        [r["completion"] for r in _lines(tmp_path / d / "samples.jsonl")] for d in ("base", "adapter_eval")
+    ]
     assert done[0] == done[1] and s3["results"][0]["num_completions"] == 2
 
 
@@ -324,14 +424,28 @@ def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_p
         ev.plan_runs("breadcrumbs", "0.5", EvictionConfig(beacon_token_id=beacon), "4,1")
     cfg = EvictionConfig(eviction_interval=8, block_size=4, score_window=3, beacon_token_id=beacon)
     out = tmp_path / "bc"
-    summary = ev.evaluate(student, student_tok, problems, "countdown", "full,breadcrumbs,streaming_llm", "0.5",
-                          compression_ratios="2,4", eviction=cfg, max_new_tokens=24, batch_size=4,
-                          output_dir=out, progress=False)
+    summary = ev.evaluate(
+        student,
+        student_tok,
+        problems,
+        "countdown",
+        "full,breadcrumbs,streaming_llm",
+        "0.5",
+        compression_ratios="2,4",
+        eviction=cfg,
+        max_new_tokens=24,
+        batch_size=4,
+        output_dir=out,
+        progress=False,
+    )
     rows = {(r["policy"], r["rate"]): r for r in summary["results"]}
     assert set(rows) == {("full", None), ("breadcrumbs", 2.0), ("breadcrumbs", 4.0), ("streaming_llm", 0.5)}
     full, c2, c4 = rows[("full", None)], rows[("breadcrumbs", 2.0)], rows[("breadcrumbs", 4.0)]
     assert c2["peak_compression"] > 1.0 and c4["peak_compression"] > 1.0
-    assert max(c2["mean_peak_entries_per_layer"], c4["mean_peak_entries_per_layer"]) < full["mean_peak_entries_per_layer"]
+    assert (
+        max(c2["mean_peak_entries_per_layer"], c4["mean_peak_entries_per_layer"])
+        < full["mean_peak_entries_per_layer"]
+    )
     recs = _lines(out / "samples.jsonl")
     for r in recs:  # peak ≈ prompt + one beacon per closed window + the open window (method.md §8)
         if r["policy"] == "breadcrumbs":
@@ -345,11 +459,24 @@ def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_p
 
     # a second model's folder (here: the heuristics on another model) on one axis with the student
     base_out = tmp_path / "base"
-    ev.evaluate(tiny_qwen2(vocab=len(tok)), tok, problems, "countdown", "full,tova", "0.5", eviction=SMALL,
-                max_new_tokens=24, batch_size=4, output_dir=base_out, progress=False)
+    ev.evaluate(
+        tiny_qwen2(vocab=len(tok)),
+        tok,
+        problems,
+        "countdown",
+        "full,tova",
+        "0.5",
+        eviction=SMALL,
+        max_new_tokens=24,
+        batch_size=4,
+        output_dir=base_out,
+        progress=False,
+    )
     both = combine([str(base_out), f"{out}=student"], tmp_path / "all")
     names = [r["policy"] for r in both["results"]]
-    assert names[:2] == ["full", "tova"] and "student (full cache, bc)" in names and names.count("student") == 3
+    assert (
+        names[:2] == ["full", "tova"] and "student (full cache, bc)" in names and names.count("student") == 3
+    )
     assert set(both["auc"]["auc"]) == {"tova", "student"}
     assert (tmp_path / "all" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "student (full cache, bc)" in (tmp_path / "all" / "results.md").read_text()
@@ -360,11 +487,15 @@ def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_p
 def test_default_data_source_is_the_models_training_distribution(tmp_path):
     from ngc_trl.eval import trained_data_source
 
-    (tmp_path / "ngc_training.json").write_text(json.dumps({"task": "countdown", "dataset_source": "generated:testbed"}))
+    (tmp_path / "ngc_training.json").write_text(
+        json.dumps({"task": "countdown", "dataset_source": "generated:testbed"})
+    )
     assert trained_data_source(tmp_path, "countdown") == "generated:testbed"
     assert trained_data_source(tmp_path, "stargraph") is None  # trained on another task
     assert trained_data_source(tmp_path, "aime25") is None
-    (tmp_path / "ngc_training.json").write_text(json.dumps({"task": "countdown", "dataset_source": "my/hub-set"}))
+    (tmp_path / "ngc_training.json").write_text(
+        json.dumps({"task": "countdown", "dataset_source": "my/hub-set"})
+    )
     assert trained_data_source(tmp_path, "countdown") is None  # only generator distributions are carried over
     (tmp_path / "ngc_training.json").write_text("{not json")
     assert trained_data_source(tmp_path, "countdown") is None

@@ -8,11 +8,23 @@ from ngc_trl import EvictionConfig
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("eviction_interval", 0), ("eviction_interval", -3), ("eviction_interval", 2.5),
-        ("eviction_rate", 1.0), ("eviction_rate", -0.1), ("eviction_rate", "half"),
-        ("block_size", 0), ("score_window", 0), ("policy", "lru"), ("num_sink", -1), ("num_recent", 1.5),
-        ("block_reduction", "median"), ("logit_scale", 0.0), ("logit_scale", float("nan")),
-        ("logit_transform", "exp"), ("window_size", 0), ("protect_prompt", "yes"),
+        ("eviction_interval", 0),
+        ("eviction_interval", -3),
+        ("eviction_interval", 2.5),
+        ("eviction_rate", 1.0),
+        ("eviction_rate", -0.1),
+        ("eviction_rate", "half"),
+        ("block_size", 0),
+        ("score_window", 0),
+        ("policy", "lru"),
+        ("num_sink", -1),
+        ("num_recent", 1.5),
+        ("block_reduction", "median"),
+        ("logit_scale", 0.0),
+        ("logit_scale", float("nan")),
+        ("logit_transform", "exp"),
+        ("window_size", 0),
+        ("protect_prompt", "yes"),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
@@ -44,5 +56,9 @@ def test_round_positions_count_the_prompt():
     cfg = EvictionConfig(eviction_interval=8)
     assert cfg.round_positions(prompt_length=5, total_length=30) == [8, 16, 24]
     assert cfg.round_positions(prompt_length=5, total_length=25) == [8, 16]  # last token is never fed
-    assert cfg.round_positions(prompt_length=12, total_length=30) == [12, 16, 24]  # long prompt: after prefill
+    assert cfg.round_positions(prompt_length=12, total_length=30) == [
+        12,
+        16,
+        24,
+    ]  # long prompt: after prefill
     assert cfg.round_positions(prompt_length=16, total_length=30) == [16, 24]

@@ -12,8 +12,14 @@ SMALL = dict(eviction_interval=8, block_size=2, score_window=3)
 
 
 def hf_greedy(model, ids, mask, n, eos):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                         eos_token_id=eos, pad_token_id=0)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
     return out
 
 
@@ -21,20 +27,29 @@ def hf_greedy(model, ids, mask, n, eos):
 def test_no_eviction_is_token_identical_to_generate(model, policy, rate):
     ids, mask = left_padded([5, 11, 8, 3])
     want = hf_greedy(model, ids, mask, 40, eos=None)
-    out = generate_with_eviction(model, ids, mask, EvictionConfig(policy=policy, eviction_rate=rate, **SMALL),
-                                 max_new_tokens=40, eos_token_id=[])
+    out = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        EvictionConfig(policy=policy, eviction_rate=rate, **SMALL),
+        max_new_tokens=40,
+        eos_token_id=[],
+    )
     assert torch.equal(out.sequences, want)
     assert out.records.acted.sum() == 0
 
 
 def test_stops_per_sequence_at_eos_like_generate(model):
     ids, mask = left_padded([6, 10, 4], seed=3)
-    free = generate_with_eviction(model, ids, mask, EvictionConfig(policy="full"), max_new_tokens=30, eos_token_id=[])
-    gen = free.sequences[:, ids.shape[1]:]
+    free = generate_with_eviction(
+        model, ids, mask, EvictionConfig(policy="full"), max_new_tokens=30, eos_token_id=[]
+    )
+    gen = free.sequences[:, ids.shape[1] :]
     eos = int(gen[0, 5])  # a token the first row emits: use it as EOS so rows stop at different steps
     want = hf_greedy(model, ids, mask, 30, eos=eos)
-    out = generate_with_eviction(model, ids, mask, EvictionConfig(policy="full"), max_new_tokens=30,
-                                 eos_token_id=eos, pad_token_id=0)
+    out = generate_with_eviction(
+        model, ids, mask, EvictionConfig(policy="full"), max_new_tokens=30, eos_token_id=eos, pad_token_id=0
+    )
     assert torch.equal(out.sequences, want[:, : out.sequences.shape[1]])
     lengths = out.completion_mask.sum(1)
     assert lengths[0] == 6 and len(set(lengths.tolist())) > 1
@@ -65,8 +80,16 @@ def simulate_lengths(prompt_len, n_fed, rounds, block_size):
 def test_every_round_keeps_the_scheduled_blocks_and_peak_matches(model, rate, n_new):
     cfg = EvictionConfig(policy="ngc", eviction_rate=rate, **SMALL)
     ids, mask = left_padded([5, 12, 9], seed=1)
-    out = generate_with_eviction(model, ids, mask, cfg, max_new_tokens=n_new, eos_token_id=[],
-                                 do_sample=True, generator=torch.Generator().manual_seed(0))
+    out = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        cfg,
+        max_new_tokens=n_new,
+        eos_token_id=[],
+        do_sample=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     rec, stats = out.records, out.cache_stats
     # K = ceil((1 - eps) N) kept in every (round, layer)
     valid = rec.positions >= 0
@@ -86,8 +109,16 @@ def test_every_round_keeps_the_scheduled_blocks_and_peak_matches(model, rate, n_
 
 def test_layers_and_sequences_evict_differently(model):
     ids, mask = left_padded([7, 7], seed=2)
-    out = generate_with_eviction(model, ids, mask, EvictionConfig(policy="ngc", **SMALL), max_new_tokens=30,
-                                 do_sample=True, generator=torch.Generator().manual_seed(1), eos_token_id=[])
+    out = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        EvictionConfig(policy="ngc", **SMALL),
+        max_new_tokens=30,
+        do_sample=True,
+        generator=torch.Generator().manual_seed(1),
+        eos_token_id=[],
+    )
     r0, r1 = out.records.rounds(0), out.records.rounds(1)
     assert any(len({tuple(lay["evicted"]) for lay in r["layers"]}) > 1 for r in r0)  # layers diverge
     assert any(a["layers"][0]["evicted"] != b["layers"][0]["evicted"] for a, b in zip(r0, r1))  # rows diverge
@@ -95,10 +126,24 @@ def test_layers_and_sequences_evict_differently(model):
 
 def test_eviction_changes_outputs_and_frees_memory(model):
     ids, mask = left_padded([6, 9], seed=4)
-    full = generate_with_eviction(model, ids, mask, EvictionConfig(policy="full", **SMALL), max_new_tokens=48,
-                                  eos_token_id=[], cache_growth=1)
-    ngc = generate_with_eviction(model, ids, mask, EvictionConfig(policy="ngc", **SMALL), max_new_tokens=48,
-                                 eos_token_id=[], cache_growth=1)
+    full = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        EvictionConfig(policy="full", **SMALL),
+        max_new_tokens=48,
+        eos_token_id=[],
+        cache_growth=1,
+    )
+    ngc = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        EvictionConfig(policy="ngc", **SMALL),
+        max_new_tokens=48,
+        eos_token_id=[],
+        cache_growth=1,
+    )
     assert not torch.equal(full.sequences, ngc.sequences)
     assert ngc.cache_stats.peak_bytes < 0.6 * full.cache_stats.peak_bytes
     assert full.cache_stats.compression.tolist() == [1.0, 1.0]
@@ -121,18 +166,30 @@ def test_layer_compaction_shrinks_storage_and_keeps_temporal_order():
 
 def test_prompt_longer_than_interval_evicts_after_prefill(model):
     ids, mask = left_padded([13, 4], seed=5)
-    out = generate_with_eviction(model, ids, mask, EvictionConfig(policy="ngc", **SMALL), max_new_tokens=20,
-                                 eos_token_id=[])
-    assert [r["position"] for r in out.records.rounds(0)] == [13, 16, 24]  # 33 tokens: the last one is never fed
+    out = generate_with_eviction(
+        model, ids, mask, EvictionConfig(policy="ngc", **SMALL), max_new_tokens=20, eos_token_id=[]
+    )
+    assert [r["position"] for r in out.records.rounds(0)] == [
+        13,
+        16,
+        24,
+    ]  # 33 tokens: the last one is never fed
     assert [r["position"] for r in out.records.rounds(1)] == [8, 16]
 
 
 def test_meta_token_is_forced_before_every_round(model):
     ids, mask = left_padded([5, 10], seed=6)
-    out = generate_with_eviction(model, ids, mask, EvictionConfig(policy="ngc", **SMALL), max_new_tokens=30,
-                                 eos_token_id=[], forced_token_id=95)
+    out = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        EvictionConfig(policy="ngc", **SMALL),
+        max_new_tokens=30,
+        eos_token_id=[],
+        forced_token_id=95,
+    )
     for i, p in enumerate(mask.sum(1).tolist()):
-        gen = out.sequences[i, ids.shape[1]:]
+        gen = out.sequences[i, ids.shape[1] :]
         for r in out.records.rounds(i):
             assert int(gen[r["position"] - 1 - p]) == 95
 
@@ -140,17 +197,36 @@ def test_meta_token_is_forced_before_every_round(model):
 def test_same_generator_seed_reproduces_rollout(model):
     ids, mask = left_padded([5, 8], seed=7)
     kw = dict(max_new_tokens=25, do_sample=True, temperature=0.9, top_p=0.95, top_k=20, eos_token_id=[])
-    a = generate_with_eviction(model, ids, mask, EvictionConfig(policy="ngc", **SMALL),
-                               generator=torch.Generator().manual_seed(3), **kw)
-    b = generate_with_eviction(model, ids, mask, EvictionConfig(policy="ngc", **SMALL),
-                               generator=torch.Generator().manual_seed(3), **kw)
+    a = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        EvictionConfig(policy="ngc", **SMALL),
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
+    b = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        EvictionConfig(policy="ngc", **SMALL),
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.records.kept, b.records.kept)
 
 
 def test_per_sequence_rates(model):
     ids, mask = left_padded([6, 6], seed=8)
-    out = generate_with_eviction(model, ids, mask, EvictionConfig(policy="ngc", **SMALL), max_new_tokens=30,
-                                 eos_token_id=[], eviction_rate=torch.tensor([0.0, 0.75]))
+    out = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        EvictionConfig(policy="ngc", **SMALL),
+        max_new_tokens=30,
+        eos_token_id=[],
+        eviction_rate=torch.tensor([0.0, 0.75]),
+    )
     assert out.records.acted[0].sum() == 0 and out.records.acted[1].sum() > 0
     with pytest.raises(ValueError, match="eviction_rate"):
         generate_with_eviction(model, ids, mask, EvictionConfig(), eviction_rate=torch.tensor([0.5, 1.0]))

@@ -33,8 +33,12 @@ def keep_threads():
 
 def test_dry_run_writes_every_section(tmp_path):
     out = tmp_path / "x.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry_run", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--dry_run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["dry_run"] is True and r["errors"] == [] and "--dry_run" in r["command"]
@@ -42,13 +46,24 @@ def test_dry_run_writes_every_section(tmp_path):
     for name in SECTIONS:
         sec = r[name]
         assert sec["status"] == "ok", (name, sec.get("error"), sec.get("traceback"))
-        assert "error" not in sec and sec["command"] == r["command"] and sec["machine"]["torch"] == torch.__version__
+        assert (
+            "error" not in sec
+            and sec["command"] == r["command"]
+            and sec["machine"]["torch"] == torch.__version__
+        )
 
     par = r["replay_parity"]
     for dt in ("fp32", "bf16"):
         diffs = par[dt]["max_abs_diff"]
-        for k in ("forward_token_logp_all", "forward_eviction_logp", "backward_grad_abs", "backward_grad_rel",
-                  "flex_vs_rollout_token_logp", "flex_vs_rollout_eviction_logp", "dense_vs_rollout_eviction_logp"):
+        for k in (
+            "forward_token_logp_all",
+            "forward_eviction_logp",
+            "backward_grad_abs",
+            "backward_grad_rel",
+            "flex_vs_rollout_token_logp",
+            "flex_vs_rollout_eviction_logp",
+            "dense_vs_rollout_eviction_logp",
+        ):
             assert diffs[k] >= 0 and k in par[dt]["tolerance"]
         assert par[dt]["backward_backend"] == {"dense": "dense", "flex": "dense"}  # no flex backward on CPU
         assert par[dt]["actions"] > 0 and par[dt]["rows_with_actions"] == 2
@@ -61,14 +76,24 @@ def test_dry_run_writes_every_section(tmp_path):
     cells = {(x["policy"], x["length"]) for x in dec["rows"]}
     assert cells == {(p, n) for p in ("full", "ngc", "tova") for n in (32, 48, 64)}
     for row in dec["rows"]:
-        for k in ("tokens_per_s", "tokens_per_s_ratio", "peak_kv_bytes", "peak_kv_bytes_ratio", "eviction_share",
-                  "cuda_peak_delta_bytes", "expected_bytes_ratio"):
+        for k in (
+            "tokens_per_s",
+            "tokens_per_s_ratio",
+            "peak_kv_bytes",
+            "peak_kv_bytes_ratio",
+            "eviction_share",
+            "cuda_peak_delta_bytes",
+            "expected_bytes_ratio",
+        ):
             assert k in row
         assert row["rounds"] > 0 if row["policy"] != "full" else row["rounds"] == 0
         assert row["peak_kv_bytes_ratio"] < 1 if row["policy"] != "full" else row["peak_kv_bytes_ratio"] == 1
     assert set(dec["summary"]) == {"32", "48", "64"} and "tokens_per_s_ratio" in dec["summary"]["64"]["ngc"]
-    assert set(dec["targets"]) >= {"eviction_share_le_5pct", "ngc_tokens_per_s_ge_1x_full_at_shortest",
-                                   "ngc_tokens_per_s_ge_1.5x_full_at_longest"}
+    assert set(dec["targets"]) >= {
+        "eviction_share_le_5pct",
+        "ngc_tokens_per_s_ge_1x_full_at_shortest",
+        "ngc_tokens_per_s_ge_1.5x_full_at_longest",
+    }
 
     ts = r["train_step"]
     for k in ("ngc_s", "vanilla_s", "ratio", "ngc_peak_bytes", "vanilla_peak_bytes"):
@@ -89,10 +114,14 @@ def test_dry_run_writes_every_section(tmp_path):
 
 def test_budget_skips_cells_that_do_not_fit(tmp_path, keep_threads):
     out = tmp_path / "b.json"
-    r = gpu_check.main(["--dry_run", "--sections", "decode,fixed_budget", "--budget_s", "0.01", "--out", str(out)])
+    r = gpu_check.main(
+        ["--dry_run", "--sections", "decode,fixed_budget", "--budget_s", "0.01", "--out", str(out)]
+    )
     assert json.loads(out.read_text())["decode"]["rows"] == r["decode"]["rows"]
     assert r["replay_parity"]["status"] == "not_selected" and r["errors"] == []
-    assert [(x["policy"], x["length"]) for x in r["decode"]["rows"]] == [("full", 32)]  # nothing predicted yet
+    assert [(x["policy"], x["length"]) for x in r["decode"]["rows"]] == [
+        ("full", 32)
+    ]  # nothing predicted yet
     assert len(r["decode"]["skipped"]) == 8 and all(s["predicted_s"] > 0 for s in r["decode"]["skipped"])
     assert r["decode"]["targets"]["ngc_tokens_per_s_ge_1x_full_at_shortest"] is None
     assert "skipped" in r["fixed_budget"] and r["fixed_budget"]["targets"]["sequences_ge_2x"] is None
@@ -137,17 +166,20 @@ def test_head_dim_check():
             gpu_check.check_head_dim({"hidden_size": 1024, "num_attention_heads": 4, "head_dim": hd}, "x")
 
 
-@pytest.mark.parametrize("argv", [
-    ["--dry_run", "--sections", "decode,bogus"],
-    ["--dry_run", "--batch_size", "0"],
-    ["--dry_run", "--fixed_batch", "0"],
-    ["--dry_run", "--lengths", "1"],  # prompt 16, δ 16: no round before the last token
-    ["--dry_run", "--lengths", "32,x"],
-    ["--dry_run", "--heuristic", "ngc"],
-    ["--dry_run", "--device", "tpu"],
-    ["--dry_run", "--budget_s", "0"],
-    ["--device", "cpu"],  # the real check runs on CUDA only
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--dry_run", "--sections", "decode,bogus"],
+        ["--dry_run", "--batch_size", "0"],
+        ["--dry_run", "--fixed_batch", "0"],
+        ["--dry_run", "--lengths", "1"],  # prompt 16, δ 16: no round before the last token
+        ["--dry_run", "--lengths", "32,x"],
+        ["--dry_run", "--heuristic", "ngc"],
+        ["--dry_run", "--device", "tpu"],
+        ["--dry_run", "--budget_s", "0"],
+        ["--device", "cpu"],  # the real check runs on CUDA only
+    ],
+)
 def test_bad_arguments_are_rejected(argv):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(argv)
@@ -156,15 +188,25 @@ def test_bad_arguments_are_rejected(argv):
 def test_arguments_resolve_per_run():
     a = gpu_check.parse_args(["--dry_run"])
     d = a.cfg["decode"]
-    assert a.device == "cpu" and d["lengths"] == [32, 48, 64] and d["batch_size"] == 2 and d["shape"] == "tiny"
+    assert (
+        a.device == "cpu" and d["lengths"] == [32, 48, 64] and d["batch_size"] == 2 and d["shape"] == "tiny"
+    )
     a = gpu_check.parse_args(["--dry_run", "--lengths", "40,20", "--batch_size", "3", "--sections", "decode"])
-    assert a.cfg["decode"]["lengths"] == [40, 20] and a.cfg["decode"]["fixed_batch"] == 3 and a.sections == ["decode"]
-    assert gpu_check.REAL["decode"]["lengths"] == [1024, 4096, 8192] and gpu_check.REAL["decode"]["batch_size"] == 32
+    assert (
+        a.cfg["decode"]["lengths"] == [40, 20]
+        and a.cfg["decode"]["fixed_batch"] == 3
+        and a.sections == ["decode"]
+    )
+    assert (
+        gpu_check.REAL["decode"]["lengths"] == [1024, 4096, 8192]
+        and gpu_check.REAL["decode"]["batch_size"] == 32
+    )
     # the real run's schedule (prompt 64, δ 256) rejects a length without a round
     cfg = copy.deepcopy(gpu_check.REAL)
     cfg["decode"].update(lengths=[100], fixed_batch=32)
-    ns = SimpleNamespace(sections=["decode"], heuristic="tova", device="cpu", dry_run=True, budget_s=1.0,
-                         max_fixed_batch=8)
+    ns = SimpleNamespace(
+        sections=["decode"], heuristic="tova", device="cpu", dry_run=True, budget_s=1.0, max_fixed_batch=8
+    )
     with pytest.raises(ValueError, match="no eviction round"):
         gpu_check.validate(ns, cfg)
     cfg["decode"]["lengths"] = [1024, 8192]
@@ -179,8 +221,16 @@ def test_flex_mask_reads_a_contiguous_death_tensor(monkeypatch):
     model = tiny_qwen2()
     cfg = EvictionConfig(policy="ngc", eviction_interval=8, block_size=2, score_window=3)
     ids, mask = left_padded([5, 11], seed=0)
-    out = generate_with_eviction(model, ids, mask, cfg, max_new_tokens=20, do_sample=True,
-                                 generator=torch.Generator().manual_seed(0), eos_token_id=[])
+    out = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        cfg,
+        max_new_tokens=20,
+        do_sample=True,
+        generator=torch.Generator().manual_seed(0),
+        eos_token_id=[],
+    )
     full_mask = torch.cat([mask.bool(), out.completion_mask], 1).long()
     ctx = ReplayContext(full_mask, out.records, cfg, prompt_len=mask.sum(1), backend="flex")
     assert not ctx.layer_death(1).is_contiguous()  # the strided view the mask must not capture

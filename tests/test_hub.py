@@ -36,11 +36,26 @@ def test_settings_and_card_round_trip_through_adapter_folder(tiny, tmp_path):
     peft_model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     cfg = EvictionConfig(eviction_interval=128, eviction_rate=0.4, block_size=16, score_window=5)
-    write_ngc_settings(tmp_path, cfg, {"meta_token": "<|gc|>", "interoception_rates": None,
-                                       "curriculum": {"rates": [0.1, 0.4]}, "base_model": "tiny"})
+    write_ngc_settings(
+        tmp_path,
+        cfg,
+        {
+            "meta_token": "<|gc|>",
+            "interoception_rates": None,
+            "curriculum": {"rates": [0.1, 0.4]},
+            "base_model": "tiny",
+        },
+    )
     (tmp_path / "README.md").write_text("# TRL card\n")
-    write_model_card(tmp_path, cfg, "tiny-base", curriculum={"rates": [0.1, 0.4], "stage_steps": 20, "alpha": 0.6},
-                     meta_token="<|gc|>", task="countdown", is_adapter=True)
+    write_model_card(
+        tmp_path,
+        cfg,
+        "tiny-base",
+        curriculum={"rates": [0.1, 0.4], "stage_steps": 20, "alpha": 0.6},
+        meta_token="<|gc|>",
+        task="countdown",
+        is_adapter=True,
+    )
     write_model_card(tmp_path, cfg, "tiny-base", is_adapter=True)  # idempotent: replaces the NGC section
 
     assert (tmp_path / "adapter_config.json").is_file()
@@ -62,10 +77,25 @@ def test_card_mentions_curriculum_interoception_meta_token(tmp_path):
     from ngc_trl.hub import model_card_text
 
     cfg = EvictionConfig()
-    text = model_card_text(cfg, "base", curriculum={"rates": [0.1, 0.5], "stage_steps": 20, "alpha": 0.6},
-                           interoception_rates=[0.25, 0.5], meta_token="<|gc|>", repo_id="org/model")
-    for needle in ("[0.1, 0.5]", "[0.25, 0.5]", "`<|gc|>`", 'load_ngc_settings("org/model")', "ε", "| block size b | 32",
-                   "| score window w | 5", "`ngc`", "forced_token_id"):
+    text = model_card_text(
+        cfg,
+        "base",
+        curriculum={"rates": [0.1, 0.5], "stage_steps": 20, "alpha": 0.6},
+        interoception_rates=[0.25, 0.5],
+        meta_token="<|gc|>",
+        repo_id="org/model",
+    )
+    for needle in (
+        "[0.1, 0.5]",
+        "[0.25, 0.5]",
+        "`<|gc|>`",
+        'load_ngc_settings("org/model")',
+        "ε",
+        "| block size b | 32",
+        "| score window w | 5",
+        "`ngc`",
+        "forced_token_id",
+    ):
         assert needle in text
 
 

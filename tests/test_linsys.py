@@ -97,43 +97,49 @@ def test_generated_splits_are_disjoint():
 
 
 # ----------------------------------------------------------------------------- parser and verifier
-@pytest.mark.parametrize("answer, problem", [
-    ("x=2, y=1", P2),
-    ("y = 1 ; x = 2", P2),  # any order, ; separator, spaces
-    ("x=2\ny=1", P2),
-    ("x=+2, y=1", P2),
-    ("x=002, y=1", P2),
-    ("x=1, y=2, z=3", P3),
-    ("z=3,x=1,y=2", P3),
-    ("x=-7, y=3", {"coeffs": [[1, 1], [1, -1]], "rhs": [-4, -10]}),
-    ("x=\u22127, y=3", {"coeffs": [[1, 1], [1, -1]], "rhs": [-4, -10]}),  # unicode minus
-])
+@pytest.mark.parametrize(
+    "answer, problem",
+    [
+        ("x=2, y=1", P2),
+        ("y = 1 ; x = 2", P2),  # any order, ; separator, spaces
+        ("x=2\ny=1", P2),
+        ("x=+2, y=1", P2),
+        ("x=002, y=1", P2),
+        ("x=1, y=2, z=3", P3),
+        ("z=3,x=1,y=2", P3),
+        ("x=-7, y=3", {"coeffs": [[1, 1], [1, -1]], "rhs": [-4, -10]}),
+        ("x=\u22127, y=3", {"coeffs": [[1, 1], [1, -1]], "rhs": [-4, -10]}),  # unicode minus
+    ],
+)
 def test_verify_accepts(answer, problem):
     assert verify(answer, problem)
 
 
-@pytest.mark.parametrize("answer, problem", [
-    ("x=2, y=2", P2),  # wrong value
-    ("x=1, y=2", P2),  # swapped values
-    ("x=2", P2),  # missing variable
-    ("x=2, y=1, y=1", P2),  # duplicated variable
-    ("x=2, x=2, y=1", P2),
-    ("x=2, y=1, z=0", P2),  # extra variable
-    ("x=2, Y=1", P2),  # names are case-sensitive
-    ("x=2, y=1,", P2),  # empty piece
-    ("x=2 y=1", P2),  # no separator
-    ("x=2.0, y=1", P2),  # decimals
-    ("x=4/2, y=1", P2),  # expressions are not evaluated
-    ("x=1+1, y=1", P2),
-    ("x=２, y=1", P2),  # full-width digit
-    ("x=١, y=2, z=3", P3),  # Arabic-Indic digit
-    ("(x, y) = (2, 1)", P2),
-    ("x=2, y=1 and z=3", P3),
-    ("", P2),
-    ("x=" + "0" * 13 + "2, y=1", P2),  # over 12 digits
-    ("x=2, y=1" + " " * 200, P2),  # over 200 characters
-    ("x=1, y=2, z=4", P3),
-])
+@pytest.mark.parametrize(
+    "answer, problem",
+    [
+        ("x=2, y=2", P2),  # wrong value
+        ("x=1, y=2", P2),  # swapped values
+        ("x=2", P2),  # missing variable
+        ("x=2, y=1, y=1", P2),  # duplicated variable
+        ("x=2, x=2, y=1", P2),
+        ("x=2, y=1, z=0", P2),  # extra variable
+        ("x=2, Y=1", P2),  # names are case-sensitive
+        ("x=2, y=1,", P2),  # empty piece
+        ("x=2 y=1", P2),  # no separator
+        ("x=2.0, y=1", P2),  # decimals
+        ("x=4/2, y=1", P2),  # expressions are not evaluated
+        ("x=1+1, y=1", P2),
+        ("x=２, y=1", P2),  # full-width digit
+        ("x=١, y=2, z=3", P3),  # Arabic-Indic digit
+        ("(x, y) = (2, 1)", P2),
+        ("x=2, y=1 and z=3", P3),
+        ("", P2),
+        ("x=" + "0" * 13 + "2, y=1", P2),  # over 12 digits
+        ("x=2, y=1" + " " * 200, P2),  # over 200 characters
+        ("x=1, y=2, z=4", P3),
+    ],
+)
 def test_verify_rejects(answer, problem):
     assert not verify(answer, problem)
 
@@ -191,8 +197,14 @@ def _hostile_strings(rng: random.Random, count: int) -> list[str]:
         "=,=,=,=",
         "x=2, y=1" + "\n" * 50_000,
     ]
-    alphabet = list("0123456789+-*/()=,;  \n\t.xyzwXYZ_<>^eE'\"é\x00１٢−") + ["**", "x=", "y=", "<answer>",
-                                                                          "</answer>", "9" * 20]
+    alphabet = list("0123456789+-*/()=,;  \n\t.xyzwXYZ_<>^eE'\"é\x00１٢−") + [
+        "**",
+        "x=",
+        "y=",
+        "<answer>",
+        "</answer>",
+        "9" * 20,
+    ]
     out = list(fixed)
     while len(out) < count:
         length = rng.choice([1, 3, 8, 20, 60, 199, 200, 201, 1000])
@@ -237,8 +249,18 @@ def test_score_and_reward():
     ]
     coeffs = [P2["coeffs"], P3["coeffs"], P2["coeffs"], P2["coeffs"]]
     rhs = [P2["rhs"], P3["rhs"], P2["rhs"], P2["rhs"]]
-    assert linsys_reward(prompts=[None] * 4, completions=completions, coeffs=coeffs, rhs=rhs) == [1.0, 1.0, 0.0, 0.0]
-    assert linsys_reward(None, completions, coeffs, rhs, format_reward=0.1, trainer_state=None) == [1.0, 1.0, 0.1, 0.0]
+    assert linsys_reward(prompts=[None] * 4, completions=completions, coeffs=coeffs, rhs=rhs) == [
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    ]
+    assert linsys_reward(None, completions, coeffs, rhs, format_reward=0.1, trainer_state=None) == [
+        1.0,
+        1.0,
+        0.1,
+        0.0,
+    ]
 
 
 # ----------------------------------------------------------------------------- traces
@@ -261,10 +283,14 @@ def test_solution_traces_verify():
 def test_show_work_steps_are_true_two_operand_facts_and_end_in_the_compact_results():
     step = re.compile(r"(-?\d+)([*+-])(-?\d+)=(-?\d+)")
     ops = {"*": lambda x, y: x * y, "+": lambda x, y: x + y, "-": lambda x, y: x - y}
-    problems = generate_problems(200, seed=5) + generate_problems(50, seed=6, **linsys.DISTRIBUTIONS["testbed"])
+    problems = generate_problems(200, seed=5) + generate_problems(
+        50, seed=6, **linsys.DISTRIBUTIONS["testbed"]
+    )
     for i, p in enumerate(problems):
         # natural order, or the same drawn order for both
-        worked, compact = (solution_trace(p, None if i % 2 else random.Random(i), show_work=w) for w in (True, False))
+        worked, compact = (
+            solution_trace(p, None if i % 2 else random.Random(i), show_work=w) for w in (True, False)
+        )
         assert score(worked, p["coeffs"], p["rhs"]) == 1.0
         facts = step.findall(worked)
         assert facts and all(ops[op](int(x), int(y)) == int(z) for x, op, y, z in facts)

@@ -45,15 +45,25 @@ def test_extract_answer_huge_input_is_fast():
 
 @pytest.mark.parametrize(
     "pred, gold",
-    [("\\frac{1}{2}", "0.5"), ("0.5", "\\frac{1}{2}"), ("70.0", "70"), ("70", "70"), ("\\dfrac{3}{4}", "3/4"),
-     ("1,000", "1000"), ("2\\sqrt{2}", "\\sqrt{8}"), ("$204$", "204")],
+    [
+        ("\\frac{1}{2}", "0.5"),
+        ("0.5", "\\frac{1}{2}"),
+        ("70.0", "70"),
+        ("70", "70"),
+        ("\\dfrac{3}{4}", "3/4"),
+        ("1,000", "1000"),
+        ("2\\sqrt{2}", "\\sqrt{8}"),
+        ("$204$", "204"),
+    ],
 )
 def test_grade_equivalent_forms(pred, gold):
     assert grade(pred, gold)
 
 
-@pytest.mark.parametrize("pred, gold", [("71", "70"), ("\\frac{1}{3}", "0.5"), ("", "1"), (None, "1"),
-                                        ("x" * 2000, "1"), ("\\sqrt{2}", "2")])
+@pytest.mark.parametrize(
+    "pred, gold",
+    [("71", "70"), ("\\frac{1}{3}", "0.5"), ("", "1"), (None, "1"), ("x" * 2000, "1"), ("\\sqrt{2}", "2")],
+)
 def test_grade_wrong(pred, gold):
     assert not grade(pred, gold)
 
@@ -75,7 +85,11 @@ def test_grade_from_a_thread():
 
 def test_math_reward():
     completions = [[{"role": "assistant", "content": "... Answer: 204"}], "\\boxed{203}", "nothing"]
-    assert math_reward(prompts=[None] * 3, completions=completions, answer=["204", "204", "204"]) == [1.0, 0.0, 0.0]
+    assert math_reward(prompts=[None] * 3, completions=completions, answer=["204", "204", "204"]) == [
+        1.0,
+        0.0,
+        0.0,
+    ]
 
 
 def test_build_prompt_styles():
@@ -115,14 +129,23 @@ def test_load_dapo_fixture_dedupes(tmp_path):
 
     rows = []
     for i, (problem, answer) in enumerate([("P1", "1"), ("P2", "2"), ("P1", "1"), ("P3", "3"), ("P2", "2")]):
-        rows.append({"data_source": "math_dapo",
-                     "prompt": [{"role": "user", "content": DAPO_PREFIX + problem + DAPO_SUFFIX}],
-                     "ability": "MATH", "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
-                     "extra_info": {"index": f"uuid-{i}"}})
+        rows.append(
+            {
+                "data_source": "math_dapo",
+                "prompt": [{"role": "user", "content": DAPO_PREFIX + problem + DAPO_SUFFIX}],
+                "ability": "MATH",
+                "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
+                "extra_info": {"index": f"uuid-{i}"},
+            }
+        )
     path = tmp_path / "dapo-math-17k.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(path))
     ds = load_math("dapo", source=str(path))
-    assert len(ds) == 3 and ds["answer"] == ["1", "2", "3"] and ds["id"] == ["dapo-uuid-0", "dapo-uuid-1", "dapo-uuid-3"]
+    assert (
+        len(ds) == 3
+        and ds["answer"] == ["1", "2", "3"]
+        and ds["id"] == ["dapo-uuid-0", "dapo-uuid-1", "dapo-uuid-3"]
+    )
     assert ds[0]["prompt"] == [{"role": "user", "content": DAPO_PREFIX + "P1" + DAPO_SUFFIX}]
     boxed = load_math(str(path), style="boxed", n=2)
     assert len(boxed) == 2 and boxed[1]["prompt"][0]["content"].startswith("P2\n\nPlease reason")

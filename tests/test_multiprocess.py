@@ -17,10 +17,20 @@ import yaml
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "mp_worker.py"
-SMALL = {"max_completion_length": 32, "eviction_interval": 16, "block_size": 4, "per_device_train_batch_size": 2,
-         "num_generations": 4, "num_train_problems": 8, "eval_after_train": False, "logging_steps": 1,
-         "save_strategy": "no", "log_level": "warning", "max_steps": 2,
-         "learning_rate": 5e-2}
+SMALL = {
+    "max_completion_length": 32,
+    "eviction_interval": 16,
+    "block_size": 4,
+    "per_device_train_batch_size": 2,
+    "num_generations": 4,
+    "num_train_problems": 8,
+    "eval_after_train": False,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "log_level": "warning",
+    "max_steps": 2,
+    "learning_rate": 5e-2,
+}
 NGC_ONLY = ("eviction_interval", "block_size")
 
 
@@ -41,8 +51,18 @@ def launch(tmp_path, recipe, name, tiny_base, **changes):
     for f in probes.glob("probe-*.json"):
         f.unlink()
     # torchrun (accelerate's own CPU multi-process launcher needs mpirun); accelerate picks gloo from the env
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port()),
-           str(WORKER), "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port()),
+        str(WORKER),
+        "--config",
+        str(path),
+    ]
     env = {**os.environ, "NGC_PROBE_DIR": str(probes), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
     assert res.returncode == 0, res.stderr[-4000:]
@@ -74,12 +94,20 @@ def check_weights_and_metrics(p0, p1, key):
 
 
 def test_two_process_ngc_interoception_rates_agree_per_group(tmp_path, tiny_base):
-    p0, p1 = launch(tmp_path, "countdown_ngc.yaml", "intero", tiny_base, curriculum_rates=None,
-                    interoception_rates=[0.25, 0.5, 0.75])
+    p0, p1 = launch(
+        tmp_path,
+        "countdown_ngc.yaml",
+        "intero",
+        tiny_base,
+        curriculum_rates=None,
+        interoception_rates=[0.25, 0.5, 0.75],
+    )
     by_prompt = {}
     for rank, p in enumerate((p0, p1)):
         for r in p["rollouts"]:
-            by_prompt.setdefault((r["step"], r["prompt"].split("<eviction_rate>")[0]), set()).add((rank, r["rate"]))
+            by_prompt.setdefault((r["step"], r["prompt"].split("<eviction_rate>")[0]), set()).add(
+                (rank, r["rate"])
+            )
     shared = [v for v in by_prompt.values() if {rank for rank, _ in v} == {0, 1}]
     assert shared  # some groups were split across the ranks
     for v in by_prompt.values():
@@ -88,8 +116,13 @@ def test_two_process_ngc_interoception_rates_agree_per_group(tmp_path, tiny_base
 
 
 def test_two_process_ngc_curriculum_and_resume(tmp_path, tiny_base):
-    gated = dict(curriculum_rates=[0.1, 0.3, 0.5], curriculum_stage_steps=1, curriculum_gate=0.01,
-                 save_strategy="steps", save_steps=2)
+    gated = dict(
+        curriculum_rates=[0.1, 0.3, 0.5],
+        curriculum_stage_steps=1,
+        curriculum_gate=0.01,
+        save_strategy="steps",
+        save_steps=2,
+    )
     p0, p1 = launch(tmp_path, "countdown_ngc.yaml", "gate", tiny_base, **gated)
     assert p0["rate_in_force"] == p1["rate_in_force"] and len(p0["rate_in_force"]) == 2
     check_weights_and_metrics(p0, p1, "ngc/eviction_rate")
@@ -102,8 +135,14 @@ def test_two_process_ngc_curriculum_and_resume(tmp_path, tiny_base):
 
 
 def test_two_process_breadcrumbs(tmp_path, tiny_base):
-    p0, p1 = launch(tmp_path, "breadcrumbs_countdown.yaml", "bc", tiny_base, student_model_name_or_path=None,
-                    compression_ratio=4)
+    p0, p1 = launch(
+        tmp_path,
+        "breadcrumbs_countdown.yaml",
+        "bc",
+        tiny_base,
+        student_model_name_or_path=None,
+        compression_ratio=4,
+    )
     check_weights_and_metrics(p0, p1, None)
     for key in ("breadcrumbs/distill_loss", "breadcrumbs/kl_per_token"):
         assert logged(p0, key) == logged(p1, key) and logged(p0, key)  # gathered: the same on both ranks

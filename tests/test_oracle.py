@@ -42,10 +42,21 @@ def _view(rows, round_pos, layer_idx, n_live, s=16, b=4):
     pos = torch.cat([pos[:, :5], pos[:, 6:]], 1)  # slot j holds position j (j < 5) or j + 1
     live = torch.arange(s)[None] < torch.tensor(n_live)[:, None]
     pos = torch.where(live, pos, torch.zeros_like(pos))
-    return LayerView(keys=torch.zeros(r, 1, s, 2), values=torch.zeros(r, 1, s, 2), pos=pos, live=live,
-                     bid=block_ids(live, b), queries=None, q_pos=None, q_valid=None, scale=1.0,
-                     prompt_len=torch.zeros(r, dtype=torch.long), rows=torch.tensor(rows),
-                     layer_idx=layer_idx, round_pos=torch.tensor(round_pos))
+    return LayerView(
+        keys=torch.zeros(r, 1, s, 2),
+        values=torch.zeros(r, 1, s, 2),
+        pos=pos,
+        live=live,
+        bid=block_ids(live, b),
+        queries=None,
+        q_pos=None,
+        q_valid=None,
+        scale=1.0,
+        prompt_len=torch.zeros(r, dtype=torch.long),
+        rows=torch.tensor(rows),
+        layer_idx=layer_idx,
+        round_pos=torch.tensor(round_pos),
+    )
 
 
 def test_keeps_the_blocks_with_most_future_attention():
@@ -94,7 +105,9 @@ def test_needs_its_hindsight_and_fails_before_decoding(model):
     with pytest.raises(ValueError, match="NGCConfig.eviction_policy"):
         pol.token_scores(_view([0], [8], 0, [8]))
     ids, mask = left_padded([12, 9])
-    with pytest.raises(ValueError, match="evaluation-only"):  # before the prefill: a training rollout stops here
+    with pytest.raises(
+        ValueError, match="evaluation-only"
+    ):  # before the prefill: a training rollout stops here
         generate_with_eviction(model, ids, mask, eviction=cfg, max_new_tokens=4)
     hs = Hindsight(torch.zeros(1, 3, 1, 4), torch.full((1, 1), -1), torch.tensor([4]))
     with pytest.raises(ValueError, match="batch of 2"):
@@ -104,7 +117,9 @@ def test_needs_its_hindsight_and_fails_before_decoding(model):
         view.rows = None
         OraclePolicy(cfg, hs).token_scores(view)
     with pytest.raises(ValueError, match="was given for"):
-        generate_with_eviction(model, ids, mask, eviction=SMALL, max_new_tokens=4, policy=OraclePolicy(cfg, hs))
+        generate_with_eviction(
+            model, ids, mask, eviction=SMALL, max_new_tokens=4, policy=OraclePolicy(cfg, hs)
+        )
 
 
 # ----------------------------------------------------------------------------- F against eager attention
@@ -142,17 +157,23 @@ def test_future_attention_matches_eager_probabilities(chunk_elements):
         got_rounds = hs.round_pos[b][hs.round_pos[b] >= 0].tolist()
         assert got_rounds == rounds
         if not rounds:
-            assert b == 2 and (hs.future[b] == 0).all()  # a one-token completion: nothing fed after the prompt
+            assert (
+                b == 2 and (hs.future[b] == 0).all()
+            )  # a one-token completion: nothing fed after the prompt
             continue
         prompt = ids[b, mask[b].bool()].tolist()
         ref = _reference_future(eager, prompt, comp, rounds)
         n = ref.shape[-1]
-        torch.testing.assert_close(hs.future[b, :, :len(rounds), :n].double(), ref, rtol=1e-5, atol=1e-6)
-        assert (hs.future[b, :, :, n:] == 0).all() and (hs.future[b, :, len(rounds):] == 0).all()
+        torch.testing.assert_close(hs.future[b, :, : len(rounds), :n].double(), ref, rtol=1e-5, atol=1e-6)
+        assert (hs.future[b, :, :, n:] == 0).all() and (hs.future[b, :, len(rounds) :] == 0).all()
         # every query's probabilities sum to 1: the mass at p counts the n − p queries at or after p
         for r, p in enumerate(rounds):
-            torch.testing.assert_close(hs.future[b, :, r].sum(-1).double(), torch.full((3,), float(n - p),
-                                       dtype=torch.float64), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(
+                hs.future[b, :, r].sum(-1).double(),
+                torch.full((3,), float(n - p), dtype=torch.float64),
+                rtol=1e-5,
+                atol=1e-4,
+            )
 
 
 def test_first_round_in_decoding_keeps_top_k_of_the_teacher_forced_f(model):
@@ -160,7 +181,9 @@ def test_first_round_in_decoding_keeps_top_k_of_the_teacher_forced_f(model):
     ids, mask = left_padded([13, 6], seed=5)
     full = generate_with_eviction(model, ids, mask, eviction=EvictionConfig(policy="full"), max_new_tokens=20)
     hs = future_attention(model, ids, mask, full.completion_ids, cfg)
-    out = generate_with_eviction(model, ids, mask, eviction=cfg, max_new_tokens=20, policy=OraclePolicy(cfg, hs))
+    out = generate_with_eviction(
+        model, ids, mask, eviction=cfg, max_new_tokens=20, policy=OraclePolicy(cfg, hs)
+    )
     rec = out.records
     for b in range(2):
         p = int(rec.positions[b, 0])
@@ -169,7 +192,7 @@ def test_first_round_in_decoding_keeps_top_k_of_the_teacher_forced_f(model):
         k = max(1, math.ceil(0.5 * n_blocks))
         for layer in range(3):
             f = hs.future[b, layer, 0, :p]
-            means = torch.stack([f[i * 4:(i + 1) * 4].mean() for i in range(n_blocks)])
+            means = torch.stack([f[i * 4 : (i + 1) * 4].mean() for i in range(n_blocks)])
             want = sorted(torch.topk(means, k).indices.tolist())
             kept = rec.kept[b, 0, layer]
             assert sorted(kept[kept >= 0].tolist()) == want
@@ -198,20 +221,25 @@ def test_eval_full_then_oracle_reuses_completions_and_resumes(tok, tmp_path, mon
     assert calls == []  # full ran first, in this call: its completions are the hindsight
     lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted((r["policy"], r["problem_id"]) for r in lines) == sorted(
-        (pol, p["id"]) for pol in ("full", "oracle") for p in problems)
+        (pol, p["id"]) for pol in ("full", "oracle") for p in problems
+    )
     assert [r["policy"] for r in lines[:3]] == ["full"] * 3
     oracle = next(r for r in summary["results"] if r["policy"] == "oracle")
     assert oracle["rate"] == 0.5 and oracle["num_problems"] == 3
     assert all(r["rounds"] > 0 for r in lines if r["policy"] == "oracle")
-    assert ev.evaluate(lm, tok, problems, "countdown", "oracle,full", "0.5", output_dir=out, **kw)["results"] == \
-        summary["results"]  # resumed: nothing left to do
+    assert (
+        ev.evaluate(lm, tok, problems, "countdown", "oracle,full", "0.5", output_dir=out, **kw)["results"]
+        == summary["results"]
+    )  # resumed: nothing left to do
     assert calls == [] and len((out / "samples.jsonl").read_text().splitlines()) == 6
 
     # without full in the list, the oracle decodes the full-cache completions itself (once per batch)
     alone = ev.evaluate(lm, tok, problems, "countdown", "oracle", "0.5", output_dir=tmp_path / "alone", **kw)
     assert calls == [2, 1]
-    got = {r["problem_id"]: r["completion"] for r in map(json.loads, (tmp_path / "alone" / "samples.jsonl")
-                                                          .read_text().splitlines())}
+    got = {
+        r["problem_id"]: r["completion"]
+        for r in map(json.loads, (tmp_path / "alone" / "samples.jsonl").read_text().splitlines())
+    }
     assert got == {r["problem_id"]: r["completion"] for r in lines if r["policy"] == "oracle"}
     assert [r["policy"] for r in alone["results"]] == ["oracle"]
 
@@ -220,5 +248,11 @@ def test_training_config_refuses_the_oracle():
     from ngc_trl import NGCConfig
 
     with pytest.raises(ValueError, match="NGCConfig.eviction_policy='oracle'"):
-        NGCConfig(output_dir="unused", eviction_policy="oracle", eviction_loss_coef=0.0, use_cpu=True, bf16=False,
-                  report_to="none")
+        NGCConfig(
+            output_dir="unused",
+            eviction_policy="oracle",
+            eviction_loss_coef=0.0,
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+        )

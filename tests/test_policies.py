@@ -261,7 +261,9 @@ def test_random():
     torch.testing.assert_close(a, policy("random").token_scores(view))
 
 
-@pytest.mark.parametrize("name", sorted(n for n in POLICIES if not POLICIES[n].hindsight))  # oracle: test_oracle.py
+@pytest.mark.parametrize(
+    "name", sorted(n for n in POLICIES if not POLICIES[n].hindsight)
+)  # oracle: test_oracle.py
 def test_scores_are_well_formed(name):
     """(R, S), no NaN; +inf only on live slots and only for methods with native protections; the
     engine's block reduction of them is finite."""

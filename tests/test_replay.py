@@ -12,8 +12,18 @@ CFG = EvictionConfig(policy="ngc", eviction_interval=8, block_size=2, score_wind
 
 def rollout(model, cfg=CFG, lengths=(5, 11, 8), n=36, seed=0, eos=None, **kw):
     ids, mask = left_padded(list(lengths), seed=seed)
-    out = generate_with_eviction(model, ids, mask, cfg, max_new_tokens=n, do_sample=True, temperature=1.0,
-                                 generator=torch.Generator().manual_seed(seed), eos_token_id=eos, **kw)
+    out = generate_with_eviction(
+        model,
+        ids,
+        mask,
+        cfg,
+        max_new_tokens=n,
+        do_sample=True,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(seed),
+        eos_token_id=eos,
+        **kw,
+    )
     full_mask = torch.cat([mask.bool(), out.completion_mask], 1)
     return ids, mask, out, full_mask
 
@@ -24,8 +34,20 @@ def pick_eos(model):
     return int(out.sequences[1, -20])
 
 
-@pytest.mark.parametrize("cfg", [CFG, EvictionConfig(policy="ngc", eviction_interval=8, block_size=3,
-                                                     score_window=4, eviction_rate=0.6, logit_scale=20.0)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CFG,
+        EvictionConfig(
+            policy="ngc",
+            eviction_interval=8,
+            block_size=3,
+            score_window=4,
+            eviction_rate=0.6,
+            logit_scale=20.0,
+        ),
+    ],
+)
 def test_replay_reproduces_token_and_eviction_logprobs(model, cfg):
     ids, mask, out, full_mask = rollout(model, cfg, eos=pick_eos(model))
     lengths = out.completion_mask.sum(1)
@@ -34,7 +56,7 @@ def test_replay_reproduces_token_and_eviction_logprobs(model, cfg):
     ctx = ReplayContext(full_mask.long(), out.records, cfg, prompt_len=mask.sum(1))
     logp = replay_forward(model, out.sequences, full_mask.long(), ctx)
     p = ids.shape[1]
-    tok = logp[:, p - 1:]
+    tok = logp[:, p - 1 :]
     m = out.completion_mask
     assert (tok[m] - out.token_logprobs[m]).abs().max() < 1e-5
     ev = ctx.eviction_logp(model.config.num_hidden_layers)
@@ -49,7 +71,7 @@ def test_without_replay_masks_tokens_differ(model):
     logp = replay_forward(model, out.sequences, full_mask.long(), ctx)
     p = mask.shape[1]
     m = out.completion_mask
-    assert (logp[:, p - 1:][m] - out.token_logprobs[m]).abs().max() > 1e-2  # full context = off-policy
+    assert (logp[:, p - 1 :][m] - out.token_logprobs[m]).abs().max() > 1e-2  # full context = off-policy
     # a record-free context is the plain causal forward
     plain = replay_forward(model, out.sequences, full_mask.long(), ReplayContext(full_mask.long()))
     assert torch.allclose(plain, logp, atol=1e-5)

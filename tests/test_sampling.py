@@ -39,7 +39,9 @@ def test_pl_log_prob_with_padding_pool_and_batch():
     pool = torch.tensor([[True, True, True, True, False], [True, True, True, False, False]])
     order = torch.tensor([[2, 0, -1], [1, -1, -1]])
     got = plackett_luce_log_prob(logits, order, pool)
-    assert got[0].item() == pytest.approx(brute_force_pl(logits[0].tolist(), [2, 0], pool[0].tolist()), abs=1e-6)
+    assert got[0].item() == pytest.approx(
+        brute_force_pl(logits[0].tolist(), [2, 0], pool[0].tolist()), abs=1e-6
+    )
     assert got[1].item() == pytest.approx(math.log(1 / 3), abs=1e-6)
     # empty action
     assert plackett_luce_log_prob(logits, torch.full((2, 3), -1), pool).abs().max().item() == 0

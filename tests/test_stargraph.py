@@ -26,7 +26,11 @@ from ngc_trl.tasks.stargraph import (
 )
 
 # source 12; arms 12>5>33>40, 12>7>2, 12>9>11>60
-G = {"edges": [[7, 2], [12, 5], [33, 40], [12, 7], [5, 33], [11, 60], [12, 9], [9, 11]], "source": 12, "goal": 40}
+G = {
+    "edges": [[7, 2], [12, 5], [33, 40], [12, 7], [5, 33], [11, 60], [12, 9], [9, 11]],
+    "source": 12,
+    "goal": 40,
+}
 
 
 # ----------------------------------------------------------------------------- registry
@@ -78,7 +82,9 @@ def test_generator_ranges_and_errors():
     for p in generate_problems(40, seed=1, degree=(2, 5), path_length=(2, 8), label_range=(100, 200)):
         _check_path_star(p, (2, 5), (2, 8), (100, 200))
     with pytest.raises(ValueError):
-        generate_problems(1, seed=0, degree=(3, 3), path_length=(5, 5), label_range=(0, 11))  # needs 13 labels
+        generate_problems(
+            1, seed=0, degree=(3, 3), path_length=(5, 5), label_range=(0, 11)
+        )  # needs 13 labels
     with pytest.raises(ValueError):
         generate_problems(1, seed=0, path_length=(1, 3))
     with pytest.raises(ValueError):
@@ -107,31 +113,34 @@ def test_verify_accepts(answer):
     assert verify(answer, G)
 
 
-@pytest.mark.parametrize("answer", [
-    "12,5,40",  # skips a node: 5>40 is not an edge
-    "12,33,40",
-    "12,40",
-    "40,33,5,12",  # reversed: edges are directed
-    "5,33,40",  # does not start at the source
-    "12,5,33",  # does not reach the goal
-    "12,9,11,60",  # another arm
-    "12,5,33,40,33,40",  # repeats nodes
-    "12,5,33,40,12,5,33,40",
-    "12,7,2,40",  # 2>40 is not an edge
-    "12,5,99,40",  # node not in the graph
-    "12 5 33 40",  # separators
-    "12;5;33;40",
-    "12->5->33->40",
-    "12,5,33,40,",
-    "[12,5,33,40]",
-    "12,5,33,4e1",
-    "12,5,33,0x28",
-    "12,5,33,４０",  # full-width digits
-    "12,5,33,٤٠",  # Arabic-Indic digits
-    "12,5,33," + "0" * 12 + "40",  # over 12 digits
-    "",
-    "12,5,33,40" + " " * 400,  # over 400 characters
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "12,5,40",  # skips a node: 5>40 is not an edge
+        "12,33,40",
+        "12,40",
+        "40,33,5,12",  # reversed: edges are directed
+        "5,33,40",  # does not start at the source
+        "12,5,33",  # does not reach the goal
+        "12,9,11,60",  # another arm
+        "12,5,33,40,33,40",  # repeats nodes
+        "12,5,33,40,12,5,33,40",
+        "12,7,2,40",  # 2>40 is not an edge
+        "12,5,99,40",  # node not in the graph
+        "12 5 33 40",  # separators
+        "12;5;33;40",
+        "12->5->33->40",
+        "12,5,33,40,",
+        "[12,5,33,40]",
+        "12,5,33,4e1",
+        "12,5,33,0x28",
+        "12,5,33,４０",  # full-width digits
+        "12,5,33,٤٠",  # Arabic-Indic digits
+        "12,5,33," + "0" * 12 + "40",  # over 12 digits
+        "",
+        "12,5,33,40" + " " * 400,  # over 400 characters
+    ],
+)
 def test_verify_rejects(answer):
     assert not verify(answer, G)
 
@@ -189,8 +198,17 @@ def _hostile_strings(rng: random.Random, count: int) -> list[str]:
         ",,,,",
         "-12,-5",
     ]
-    alphabet = list("0123456789,;>-  \n\t.()[]<>eE'\"é\x00１٢") + ["**", "->", "<answer>", "</answer>", "9" * 20,
-                                                                  "12,", "5,", "33,", "40"]
+    alphabet = list("0123456789,;>-  \n\t.()[]<>eE'\"é\x00１٢") + [
+        "**",
+        "->",
+        "<answer>",
+        "</answer>",
+        "9" * 20,
+        "12,",
+        "5,",
+        "33,",
+        "40",
+    ]
     out = list(fixed)
     while len(out) < count:
         length = rng.choice([1, 3, 8, 20, 60, 199, 400, 401, 1000])
@@ -235,16 +253,20 @@ def test_score_and_reward():
         "no answer",
     ]
     edges, source, goal = [e] * 4, [s] * 4, [g, 60, g, g]
-    assert stargraph_reward(prompts=[None] * 4, completions=completions, edges=edges, source=source,
-                            goal=goal) == [1.0, 1.0, 0.0, 0.0]
-    assert stargraph_reward(None, completions, edges, source, goal, format_reward=0.1, trainer_state=None) == [
-        1.0, 1.0, 0.1, 0.0]
+    assert stargraph_reward(
+        prompts=[None] * 4, completions=completions, edges=edges, source=source, goal=goal
+    ) == [1.0, 1.0, 0.0, 0.0]
+    assert stargraph_reward(
+        None, completions, edges, source, goal, format_reward=0.1, trainer_state=None
+    ) == [1.0, 1.0, 0.1, 0.0]
 
 
 # ----------------------------------------------------------------------------- traces
 def test_solution_traces_verify():
     rng = random.Random(0)
-    for p in generate_problems(300, seed=3) + generate_problems(20, seed=4, degree=(2, 6), path_length=(2, 12)):
+    for p in generate_problems(300, seed=3) + generate_problems(
+        20, seed=4, degree=(2, 6), path_length=(2, 12)
+    ):
         trace = solution_trace(p, rng)
         assert trace.startswith(f"\ngoal {p['goal']}\n") and trace.endswith("</answer>")
         assert f"\nstart {p['source']}\n</think>\n<answer>" in trace
@@ -256,7 +278,9 @@ def test_solution_traces_verify():
 
 
 def test_solution_trace_example_and_errors():
-    example = solution_trace({"edges": [[7, 2], [12, 5], [33, 40], [12, 7], [5, 33]], "source": 12, "goal": 40})
+    example = solution_trace(
+        {"edges": [[7, 2], [12, 5], [33, 40], [12, 7], [5, 33]], "source": 12, "goal": 40}
+    )
     body = "\n".join("    " + line for line in example.strip("\n").split("\n"))
     assert body in stargraph.__doc__  # the documented example is real output
     with pytest.raises(ValueError, match="not reachable"):
@@ -264,11 +288,16 @@ def test_solution_trace_example_and_errors():
 
 
 def test_search_traces_are_honest_and_verify():
-    for p in generate_problems(300, seed=5) + generate_problems(20, seed=6, degree=(2, 6), path_length=(2, 9)):
+    for p in generate_problems(300, seed=5) + generate_problems(
+        20, seed=6, degree=(2, 6), path_length=(2, 9)
+    ):
         trace = stargraph.search_trace(p)
         assert score(trace, p["edges"], p["source"], p["goal"]) == 1.0
         lines = trace.strip("\n").split("\n")
-        assert lines[-2:] == ["</think>", f"<answer>{','.join(map(str, solve(p['edges'], p['source'], p['goal'])))}</answer>"]
+        assert lines[-2:] == [
+            "</think>",
+            f"<answer>{','.join(map(str, solve(p['edges'], p['source'], p['goal'])))}</answer>",
+        ]
         edges = {(a, b) for a, b in p["edges"]}
         firsts = [b for a, b in p["edges"] if a == p["source"]]  # the arms in prompt order
         for k, line in enumerate(lines[:-2]):
@@ -280,13 +309,17 @@ def test_search_traces_are_honest_and_verify():
             assert all((int(s.split(">")[0]), int(s.split(">")[1])) in edges for s in steps)
             assert all(int(s.split(">")[0]) == nodes[i] for i, s in enumerate(steps))  # a connected walk
             assert not any(a == nodes[-1] for a, _ in edges)  # walked to the arm's end
-            assert verdict == ("yes" if nodes[-1] == p["goal"] else "no") and (verdict == "yes") == (k == len(lines) - 3)
+            assert verdict == ("yes" if nodes[-1] == p["goal"] else "no") and (verdict == "yes") == (
+                k == len(lines) - 3
+            )
     plain = stargraph.search_trace(G, restate_goal=False)
     assert plain == stargraph.search_trace(G).replace(f"goal {G['goal']}: ", "") and "goal" not in plain
 
 
 def test_search_trace_example_and_errors():
-    example = stargraph.search_trace({"edges": [[7, 2], [12, 7], [33, 40], [12, 5], [5, 33]], "source": 12, "goal": 40})
+    example = stargraph.search_trace(
+        {"edges": [[7, 2], [12, 7], [33, 40], [12, 5], [5, 33]], "source": 12, "goal": 40}
+    )
     body = "\n".join("    " + line for line in example.strip("\n").split("\n"))
     assert body in stargraph.__doc__  # the documented example is real output
     with pytest.raises(ValueError, match="no arm"):
@@ -326,7 +359,8 @@ def test_load_stargraph():
     assert all(len(arms(row["edges"], row["source"])) == 4 for row in test)
     row = train[3]
     path = ",".join(map(str, solve(row["edges"], row["source"], row["goal"])))
-    assert stargraph_reward(None, [f"<answer>{path}</answer>"], [row["edges"]], [row["source"]],
-                            [row["goal"]]) == [1.0]
+    assert stargraph_reward(
+        None, [f"<answer>{path}</answer>"], [row["edges"]], [row["source"]], [row["goal"]]
+    ) == [1.0]
     with pytest.raises(ValueError):
         load_stargraph(5, split="all")

@@ -14,7 +14,11 @@ def test_sft_example_is_prompt_plus_verifying_trace():
     args = testbed.TestbedArgs(num_train=6)
     for ex in testbed.sft_examples(args, "<eos>"):
         assert ex["prompt"] == build_plain_prompt(ex["nums"], ex["target"])
-        assert ex["completion"].startswith("\n") and " left " in ex["completion"] and ex["completion"].endswith("</answer><eos>")
+        assert (
+            ex["completion"].startswith("\n")
+            and " left " in ex["completion"]
+            and ex["completion"].endswith("</answer><eos>")
+        )
         assert score(ex["completion"], ex["nums"], ex["target"]) == 1.0
         assert len(ex["prompt"]) < 64  # shorter than the tiny recipes' eviction interval
 
@@ -36,8 +40,13 @@ def test_linsys_testbed_examples_verify_and_its_words_are_single_tokens():
         lengths.append(len(ids))
     assert sum("*" in ex["completion"] for ex in examples) >= 15  # only a diagonal system needs no arithmetic
     lengths.sort()
-    assert lengths[10] >= 100 and lengths[-1] <= 300  # a few eviction intervals of the tiny recipes' delta = 64
-    assert len(tok("eliminate")["input_ids"]) == 1 and len(testbed.build_tokenizer("number")("eliminate")["input_ids"]) > 1
+    assert (
+        lengths[10] >= 100 and lengths[-1] <= 300
+    )  # a few eviction intervals of the tiny recipes' delta = 64
+    assert (
+        len(tok("eliminate")["input_ids"]) == 1
+        and len(testbed.build_tokenizer("number")("eliminate")["input_ids"]) > 1
+    )
     with pytest.raises(ValueError, match="task"):
         testbed.problem_kwargs(testbed.TestbedArgs(task="sudoku"))
 
@@ -52,7 +61,19 @@ def test_number_tokenizer_is_lossless_and_numbers_are_single_tokens():
     for n in (0, 7, 12, 144, 999, 1000, 1728, 1999):
         assert tok.convert_ids_to_tokens(tok(str(n))["input_ids"]) == [str(n)]
     assert tok.convert_ids_to_tokens(tok("2000 0123 nothing")["input_ids"]) == [
-        "200", "0", " ", "0", "123", " ", "no", "t", "h", "i", "n", "g"]
+        "200",
+        "0",
+        " ",
+        "0",
+        "123",
+        " ",
+        "no",
+        "t",
+        "h",
+        "i",
+        "n",
+        "g",
+    ]
     ex = testbed.sft_examples(testbed.TestbedArgs(num_train=4), tok.eos_token)[0]
     text = ex["prompt"] + ex["completion"]
     ids = tok(text)["input_ids"]
@@ -73,10 +94,28 @@ def test_prefixed_number_tokens_make_an_edge_lookup_one_induction_step():
     tok = number_tokenizer(prefixes=" >", max_prefixed=99)
     assert len(tok) == len(number_tokenizer()) + 200
     pieces = tok.convert_ids_to_tokens(tok("edges 62>51 27>64 from 5 to 74 123>100")["input_ids"])
-    assert pieces == ["edges", " 62", ">51", " 27", ">64", " ", "from", " 5", " ", "to", " 74", " ", "123", ">",
-                      "100"]
+    assert pieces == [
+        "edges",
+        " 62",
+        ">51",
+        " 27",
+        ">64",
+        " ",
+        "from",
+        " 5",
+        " ",
+        "to",
+        " 74",
+        " ",
+        "123",
+        ">",
+        "100",
+    ]
     p = stargraph.generate_problems(1, 0, split="train", **stargraph.DISTRIBUTIONS["testbed"])[0]
-    prompt, trace = stargraph.build_plain_prompt(*[p[k] for k in ("edges", "source", "goal")]), stargraph.search_trace(p)
+    prompt, trace = (
+        stargraph.build_plain_prompt(*[p[k] for k in ("edges", "source", "goal")]),
+        stargraph.search_trace(p),
+    )
     prompt_toks, trace_toks = (tok.convert_ids_to_tokens(tok(x)["input_ids"]) for x in (prompt, trace))
     for i, t in enumerate(trace_toks[:-1]):  # every next node of a walk follows its node in the prompt
         if t.startswith(" ") and trace_toks[i + 1].startswith(">") and t[1:].isdigit() and i > 2:
@@ -114,9 +153,28 @@ def test_digit_initialised_number_embeddings_share_place_values():
 
 def test_testbed_end_to_end(tmp_path):
     out = tmp_path / "base"
-    testbed.main(["--output_dir", str(out), "--num_train", "16", "--max_steps", "2", "--batch_size", "8",
-          "--num_test", "8", "--max_new_tokens", "32", "--num_layers", "2", "--hidden", "64",
-          "--logging_steps", "1"])
+    testbed.main(
+        [
+            "--output_dir",
+            str(out),
+            "--num_train",
+            "16",
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "8",
+            "--num_test",
+            "8",
+            "--max_new_tokens",
+            "32",
+            "--num_layers",
+            "2",
+            "--hidden",
+            "64",
+            "--logging_steps",
+            "1",
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
@@ -152,9 +210,24 @@ def test_testbed_tokenizer_ids_do_not_depend_on_the_hash_seed():
     import subprocess
     import sys
 
-    pairs = [("number", "countdown"), ("number_sep", "stargraph"), ("number", "linsys"), ("char", "countdown")]
-    code = ("import json; from ngc_trl.testbed import build_tokenizer; "
-            f"print(json.dumps([sorted(build_tokenizer(k, t).get_vocab().items()) for k, t in {pairs!r}]))")
-    vocabs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    pairs = [
+        ("number", "countdown"),
+        ("number_sep", "stargraph"),
+        ("number", "linsys"),
+        ("char", "countdown"),
+    ]
+    code = (
+        "import json; from ngc_trl.testbed import build_tokenizer; "
+        f"print(json.dumps([sorted(build_tokenizer(k, t).get_vocab().items()) for k, t in {pairs!r}]))"
+    )
+    vocabs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2")
+    ]
     assert vocabs[0] and vocabs[0] == vocabs[1]

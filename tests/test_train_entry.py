@@ -11,7 +11,9 @@ from ngc_trl.config import NGCConfig
 from ngc_trl.train import main, make_parser, read_method
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(glob.glob(str(ROOT / "recipes" / "*.yaml")) + glob.glob(str(ROOT / "recipes" / "tiny" / "*.yaml")))
+RECIPES = sorted(
+    glob.glob(str(ROOT / "recipes" / "*.yaml")) + glob.glob(str(ROOT / "recipes" / "tiny" / "*.yaml"))
+)
 CPU = ["--bf16", "false", "--use_cpu", "true", "--report_to", "none"]  # the paper recipes ask for bf16 GPUs
 
 
@@ -22,11 +24,21 @@ def parse(path, *extra):
 
 def test_recipes_found():
     names = {Path(p).relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
-    assert {"countdown.yaml", "dapo_math.yaml", "countdown_interoception.yaml", "countdown_full_cache.yaml",
-            "countdown_ablation_kv_dropout.yaml", "countdown_ablation_token_only.yaml", "tiny/countdown_ngc.yaml",
-            "tiny/countdown_full_cache.yaml", "tiny/countdown_kv_dropout.yaml",
-            "tiny/countdown_token_only.yaml", "breadcrumbs_countdown.yaml", "tiny/breadcrumbs_countdown.yaml",
-            "tiny/breadcrumbs_stargraph.yaml"} <= names
+    assert {
+        "countdown.yaml",
+        "dapo_math.yaml",
+        "countdown_interoception.yaml",
+        "countdown_full_cache.yaml",
+        "countdown_ablation_kv_dropout.yaml",
+        "countdown_ablation_token_only.yaml",
+        "tiny/countdown_ngc.yaml",
+        "tiny/countdown_full_cache.yaml",
+        "tiny/countdown_kv_dropout.yaml",
+        "tiny/countdown_token_only.yaml",
+        "breadcrumbs_countdown.yaml",
+        "tiny/breadcrumbs_countdown.yaml",
+        "tiny/breadcrumbs_stargraph.yaml",
+    } <= names
     for name in ("ddp", "zero2", "zero3"):
         assert (ROOT / "recipes" / "accelerate_configs" / f"{name}.yaml").is_file()
 
@@ -37,7 +49,9 @@ def test_recipe_parses(path):
     assert args.loss_type == "dr_grpo" and args.scale_rewards == "none" and args.beta == 0.0
     assert args.num_iterations == 1
     assert model_args.model_name_or_path
-    if isinstance(args, NGCConfig):  # Breadcrumbs: the beacon id (hence its EvictionConfig) needs the tokenizer
+    if isinstance(
+        args, NGCConfig
+    ):  # Breadcrumbs: the beacon id (hence its EvictionConfig) needs the tokenizer
         args.eviction_config()
 
 
@@ -56,8 +70,15 @@ def test_countdown_recipe_has_paper_values():
     assert (a.adam_beta1, a.adam_beta2, a.adam_epsilon, a.max_grad_norm) == (0.9, 0.95, 1e-15, 1.0)
     assert a.lr_scheduler_type == "constant"
     assert a.curriculum_rates == [0.1, 0.2, 0.3, 0.4, 0.5] and a.curriculum_stage_steps == 20
-    assert m.use_peft and set(m.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"}
+    assert m.use_peft and set(m.lora_target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert a.push_to_hub and a.hub_model_id.endswith("DeepSeek-R1-Distill-Qwen-1.5B-NGC-Countdown")
     assert a.eviction_loss_coef == 1.0 and a.replay_masks and s.task == "countdown"
 
@@ -102,11 +123,18 @@ def test_unknown_yaml_key_fails_before_model_load(tmp_path, no_model_load):
         main(["--config", _yaml_with(tmp_path, "evicton_rate: 0.5")])
 
 
-@pytest.mark.parametrize("extra,field", [("eviction_rate: 1.5", "eviction_rate"), ("block_size: 0", "block_size"),
-                                         ("task: sudoku", "task"), ("prompt_format: xml", "prompt_format"),
-                                         ("eval_rates: '2.0'", "eval_"),
-                                         ("dataset_source: 'generated:nope'", "dataset_source"),
-                                         ("curriculum_rates: [0.5, 0.1]", "curriculum_rates")])
+@pytest.mark.parametrize(
+    "extra,field",
+    [
+        ("eviction_rate: 1.5", "eviction_rate"),
+        ("block_size: 0", "block_size"),
+        ("task: sudoku", "task"),
+        ("prompt_format: xml", "prompt_format"),
+        ("eval_rates: '2.0'", "eval_"),
+        ("dataset_source: 'generated:nope'", "dataset_source"),
+        ("curriculum_rates: [0.5, 0.1]", "curriculum_rates"),
+    ],
+)
 def test_bad_value_fails_before_model_load(tmp_path, no_model_load, extra, field):
     with pytest.raises(ValueError, match=field):
         main(["--config", _yaml_with(tmp_path, extra)])
@@ -114,12 +142,38 @@ def test_bad_value_fails_before_model_load(tmp_path, no_model_load, extra, field
 
 def test_one_training_step_end_to_end(tiny_base, tmp_path):
     out = tmp_path / "run"
-    result = main(["--config", str(ROOT / "recipes" / "tiny" / "countdown_ngc.yaml"),
-                   "--model_name_or_path", str(tiny_base), "--output_dir", str(out), "--max_steps", "1",
-                   "--max_completion_length", "48", "--eviction_interval", "32", "--block_size", "8",
-                   "--per_device_train_batch_size", "4", "--num_generations", "4", "--num_train_problems", "8",
-                   "--eval_after_train", "true", "--eval_num_problems", "2", "--save_strategy", "no",
-                   "--log_level", "warning"])
+    result = main(
+        [
+            "--config",
+            str(ROOT / "recipes" / "tiny" / "countdown_ngc.yaml"),
+            "--model_name_or_path",
+            str(tiny_base),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--max_completion_length",
+            "48",
+            "--eviction_interval",
+            "32",
+            "--block_size",
+            "8",
+            "--per_device_train_batch_size",
+            "4",
+            "--num_generations",
+            "4",
+            "--num_train_problems",
+            "8",
+            "--eval_after_train",
+            "true",
+            "--eval_num_problems",
+            "2",
+            "--save_strategy",
+            "no",
+            "--log_level",
+            "warning",
+        ]
+    )
     assert result["output_dir"] == str(out)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     settings = json.loads((out / "ngc_settings.json").read_text())
@@ -138,15 +192,49 @@ def test_generated_tasks_train_and_evaluate_by_name(tiny_base, tmp_path, task):
     """The entry point loads LinSys / StarGraph from the generator, rewards with their verifiers, and the
     final evaluation reads the held-out split of the same distribution."""
     out = tmp_path / task
-    result = main(["--config", str(ROOT / "recipes" / "tiny" / "countdown_ngc.yaml"), "--task", task,
-                   "--dataset_source", "generated", "--model_name_or_path", str(tiny_base), "--output_dir", str(out),
-                   "--max_steps", "1", "--max_completion_length", "16", "--per_device_train_batch_size", "4",
-                   "--num_generations", "4", "--num_train_problems", "8", "--eval_after_train", "true",
-                   "--eval_num_problems", "2", "--eval_policies", "full", "--save_strategy", "no",
-                   "--log_level", "warning"])
+    result = main(
+        [
+            "--config",
+            str(ROOT / "recipes" / "tiny" / "countdown_ngc.yaml"),
+            "--task",
+            task,
+            "--dataset_source",
+            "generated",
+            "--model_name_or_path",
+            str(tiny_base),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--max_completion_length",
+            "16",
+            "--per_device_train_batch_size",
+            "4",
+            "--num_generations",
+            "4",
+            "--num_train_problems",
+            "8",
+            "--eval_after_train",
+            "true",
+            "--eval_num_problems",
+            "2",
+            "--eval_policies",
+            "full",
+            "--save_strategy",
+            "no",
+            "--log_level",
+            "warning",
+        ]
+    )
     assert json.loads((out / "ngc_training.json").read_text())["task"] == task
     assert [r["policy"] for r in result["eval"]["results"]] == ["full"]
     records = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
     assert [r["problem_id"] for r in records] == [f"{task}-0", f"{task}-1"]
     with pytest.raises(ValueError, match="ScriptArguments.dataset_source"):
-        parse(ROOT / "recipes" / "tiny" / "countdown_ngc.yaml", "--task", task, "--dataset_source", "generated:nope")
+        parse(
+            ROOT / "recipes" / "tiny" / "countdown_ngc.yaml",
+            "--task",
+            task,
+            "--dataset_source",
+            "generated:nope",
+        )

@@ -25,13 +25,33 @@ def make_trainer(tmp_path, peft=True, **overrides):
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(tiny_qwen2_config(len(tok), num_layers=2, hidden=64, initializer_range=0.2))
     ds = Dataset.from_dict({"prompt": ["nums 3 5 7 target 9\n", "nums 1 2 target 3\n", "abc 7\n"] * 4})
-    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=3, num_generations=3, max_completion_length=24,
-              eviction_interval=8, block_size=2, score_window=3, learning_rate=5e-2, max_steps=1, logging_steps=1,
-              report_to="none", bf16=False, use_cpu=True, save_strategy="no", seed=0)
+    kw = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_completion_length=24,
+        eviction_interval=8,
+        block_size=2,
+        score_window=3,
+        learning_rate=5e-2,
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
     kw.update(overrides)
     args = NGCConfig(**kw)
-    return NGCTrainer(model=model, reward_funcs=seven_reward, args=args, train_dataset=ds, processing_class=tok,
-                      peft_config=LORA if peft else None)
+    return NGCTrainer(
+        model=model,
+        reward_funcs=seven_reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=LORA if peft else None,
+    )
 
 
 def test_one_step_with_lora_updates_adapter_only_and_logs_ngc_metrics(tmp_path):
@@ -39,8 +59,16 @@ def test_one_step_with_lora_updates_adapter_only_and_logs_ngc_metrics(tmp_path):
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     tr.train()
     logs = {k for h in tr.state.log_history for k in h}
-    for key in ("loss", "ngc/evict_loss", "ngc/evict_entropy", "ngc/peak_compression", "ngc/peak_entries",
-                "ngc/mean_entries", "ngc/prompt_kept", "ngc/eviction_rate"):
+    for key in (
+        "loss",
+        "ngc/evict_loss",
+        "ngc/evict_entropy",
+        "ngc/peak_compression",
+        "ngc/peak_entries",
+        "ngc/mean_entries",
+        "ngc/prompt_kept",
+        "ngc/eviction_rate",
+    ):
         assert key in logs, key
     changed = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
@@ -130,21 +158,33 @@ def test_interoception_tags_prompts_per_group(tmp_path):
     chat = add_rate_tag([{"role": "user", "content": "q"}], 0.75)
     assert chat[0]["content"] == "q\n<eviction_rate>75%</eviction_rate>"
     tr = make_trainer(tmp_path, interoception_rates=[0.25, 0.75])
-    batch = tr._generate_and_score_completions([{"prompt": "abc 7\n"}] * 3 + [{"prompt": "nums 1 2 target 3\n"}] * 3)
+    batch = tr._generate_and_score_completions(
+        [{"prompt": "abc 7\n"}] * 3 + [{"prompt": "nums 1 2 target 3\n"}] * 3
+    )
     texts = tr.processing_class.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
-    tags = [t[t.index("<eviction_rate>"):] for t in texts]
+    tags = [t[t.index("<eviction_rate>") :] for t in texts]
     assert len(set(tags[:3])) == 1 and len(set(tags[3:])) == 1  # one rate per group
     assert set(batch["ngc_eviction_rate"].tolist()) <= {0.25, 0.75}
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("eviction_interval", 0), ("eviction_rate", 1.5), ("eviction_loss_coef", -1.0), ("replay_backend", "x"),
-     ("curriculum_rates", [0.5, 0.2]), ("curriculum_alpha", 0.0), ("interoception_rates", [1.2]),
-     ("eviction_policy", "snapkv")],
+    [
+        ("eviction_interval", 0),
+        ("eviction_rate", 1.5),
+        ("eviction_loss_coef", -1.0),
+        ("replay_backend", "x"),
+        ("curriculum_rates", [0.5, 0.2]),
+        ("curriculum_alpha", 0.0),
+        ("interoception_rates", [1.2]),
+        ("eviction_policy", "snapkv"),
+    ],
 )
 def test_invalid_config_names_the_field(tmp_path, field, value):
-    with pytest.raises(ValueError, match=field.replace("eviction_", "") if field.startswith("eviction_i") else field.split("_")[-1]):
+    with pytest.raises(
+        ValueError,
+        match=field.replace("eviction_", "") if field.startswith("eviction_i") else field.split("_")[-1],
+    ):
         NGCConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
 
 
@@ -167,7 +207,9 @@ def test_length_sorted_replay_chunks_are_exact(tmp_path):
     assert [c[0].tolist() for c in replay_chunks(am, 3, max_tokens=8)] == [[2, 0], [1]]
 
     tr = make_trainer(tmp_path, peft=False, max_completion_length=40)
-    batch = tr._generate_and_score_completions([{"prompt": "nums 3 5 7 target 9\n"}, {"prompt": "abc 7\n"}] * 3)
+    batch = tr._generate_and_score_completions(
+        [{"prompt": "nums 3 5 7 target 9\n"}, {"prompt": "abc 7\n"}] * 3
+    )
     lens = batch["completion_mask"].sum(1)
     assert lens.min() < lens.max()  # ragged, so trimming matters
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
@@ -178,8 +220,9 @@ def test_length_sorted_replay_chunks_are_exact(tmp_path):
     for budget in (0, 64):
         tr.args.replay_chunk_tokens = budget
         tr.model.zero_grad()
-        lp, ent, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, am, batch["completion_ids"].shape[1],
-                                                           compute_entropy=True)
+        lp, ent, _ = tr._get_per_token_logps_and_entropies(
+            tr.model, ids, am, batch["completion_ids"].shape[1], compute_entropy=True
+        )
         ev = tr._evict_logp
         ((lp * batch["completion_mask"]).sum() + ev.sum()).backward()
         grad = tr.model.model.layers[0].self_attn.q_proj.weight.grad.clone()

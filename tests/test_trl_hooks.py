@@ -7,8 +7,14 @@ from trl import GRPOTrainer
 
 EXPECTED = {
     "_generate": ["self", "prompts"],
-    "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations",
-                              "has_tool_images"],
+    "_generate_single_turn": [
+        "self",
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+        "has_tool_images",
+    ],
     "_generate_and_score_completions": ["self", "inputs"],
     "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
     "_compute_loss": ["self", "model", "inputs"],
@@ -21,8 +27,16 @@ BREADCRUMBS_EXPECTED = {
     "_save": ["self", "output_dir", "state_dict"],
     "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
 }
-LOGPS = ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
-         "compute_aux_loss"]
+LOGPS = [
+    "self",
+    "model",
+    "input_ids",
+    "attention_mask",
+    "logits_to_keep",
+    "batch_size",
+    "compute_entropy",
+    "compute_aux_loss",
+]
 
 
 def test_overridden_grpo_hooks_keep_their_signature():
@@ -37,7 +51,12 @@ def test_every_ngc_override_exists_on_grpo_trainer():
     from ngc_trl.trainer import NGCTrainer
 
     for name, fn in vars(NGCTrainer).items():
-        if name.startswith("_") and not name.startswith("__") and callable(fn) and name not in ("_group_rate", "_log_cache_stats"):
+        if (
+            name.startswith("_")
+            and not name.startswith("__")
+            and callable(fn)
+            and name not in ("_group_rate", "_log_cache_stats")
+        ):
             assert hasattr(GRPOTrainer, name), f"NGCTrainer overrides {name}, which GRPOTrainer no longer has"
 
 
@@ -61,8 +80,12 @@ def test_beacon_sft_overrides_only_sft_compute_loss_with_its_signature():
     from ngc_trl.beacon_sft import BeaconSFTTrainer
 
     got = list(inspect.signature(SFTTrainer.compute_loss).parameters)
-    assert got == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"], f"SFTTrainer.compute_loss: {got}"
-    assert {n for n, f in vars(BeaconSFTTrainer).items() if callable(f) and not n.startswith("__")} == {"compute_loss"}
+    assert got == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"], (
+        f"SFTTrainer.compute_loss: {got}"
+    )
+    assert {n for n, f in vars(BeaconSFTTrainer).items() if callable(f) and not n.startswith("__")} == {
+        "compute_loss"
+    }
 
 
 def test_every_breadcrumbs_override_exists_on_grpo_trainer():
@@ -71,9 +94,17 @@ def test_every_breadcrumbs_override_exists_on_grpo_trainer():
     helpers = ("_set_adapter_grads", "_student", "_teacher_modules", "_draw_ratios", "_load_student")
     for name, fn in vars(BreadcrumbsTrainer).items():
         if name.startswith("_") and not name.startswith("__") and callable(fn) and name not in helpers:
-            assert hasattr(GRPOTrainer, name), f"BreadcrumbsTrainer overrides {name}, which GRPOTrainer no longer has"
-        if not name.startswith("_") and callable(fn) and name not in ("eviction_config", "breadcrumbs_training_info"):
-            assert hasattr(GRPOTrainer, name), f"BreadcrumbsTrainer overrides {name}, which GRPOTrainer no longer has"
+            assert hasattr(GRPOTrainer, name), (
+                f"BreadcrumbsTrainer overrides {name}, which GRPOTrainer no longer has"
+            )
+        if (
+            not name.startswith("_")
+            and callable(fn)
+            and name not in ("eviction_config", "breadcrumbs_training_info")
+        ):
+            assert hasattr(GRPOTrainer, name), (
+                f"BreadcrumbsTrainer overrides {name}, which GRPOTrainer no longer has"
+            )
 
 
 def test_internals_of_the_breadcrumbs_adapter_switch():

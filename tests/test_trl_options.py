@@ -79,8 +79,9 @@ def test_breadcrumbs_trains_with(tmp_path, name):
     check_step(tr, "breadcrumbs/distill_loss")
 
 
-@pytest.mark.parametrize("name,value", [(n, v) for n, vs in NGC_REFUSED.items()
-                                        for v in (vs if isinstance(vs, list) else [vs])])
+@pytest.mark.parametrize(
+    "name,value", [(n, v) for n, vs in NGC_REFUSED.items() for v in (vs if isinstance(vs, list) else [vs])]
+)
 def test_ngc_config_refuses(tmp_path, name, value):
     with pytest.raises(ValueError, match=f"NGCConfig.{name}"):
         NGCConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{name: value})
@@ -105,7 +106,18 @@ def test_ngc_trainer_refuses_tools(tmp_path):
     with pytest.raises(ValueError, match="tools"):
         tok = ngc.char_tokenizer()
         model = ngc.Qwen2ForCausalLM(ngc.tiny_qwen2_config(len(tok), num_layers=2, hidden=64))
-        NGCTrainer(model=model, reward_funcs=ngc.seven_reward, tools=[calculator],
-                   args=NGCConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=3,
-                                  num_generations=3, max_completion_length=8),
-                   train_dataset=ngc.Dataset.from_dict({"prompt": ["abc"] * 3}), processing_class=tok)
+        NGCTrainer(
+            model=model,
+            reward_funcs=ngc.seven_reward,
+            tools=[calculator],
+            args=NGCConfig(
+                output_dir=str(tmp_path),
+                use_cpu=True,
+                report_to="none",
+                per_device_train_batch_size=3,
+                num_generations=3,
+                max_completion_length=8,
+            ),
+            train_dataset=ngc.Dataset.from_dict({"prompt": ["abc"] * 3}),
+            processing_class=tok,
+        )

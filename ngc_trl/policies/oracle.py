@@ -91,8 +91,9 @@ class OraclePolicy(EvictionPolicy):
     def token_scores(self, view: LayerView) -> torch.Tensor:
         self.check_batch()
         if view.rows is None or view.layer_idx is None or view.round_pos is None:
-            raise ValueError("oracle: the view lacks rows / layer_idx / round_pos (only generate_with_eviction "
-                             "fills them)")
+            raise ValueError(
+                "oracle: the view lacks rows / layer_idx / round_pos (only generate_with_eviction fills them)"
+            )
         hs = self.data
         match = hs.round_pos[view.rows] == view.round_pos[:, None]  # (R, R_max)
         found = match.any(-1)
@@ -112,7 +113,9 @@ class _FutureMass:
 
     def __init__(self, pos, valid, round_pos, chunk_elements):
         self.pos, self.valid, self.round_pos, self.chunk_elements = pos, valid, round_pos, chunk_elements
-        self.visible = valid[:, None, :] & valid[:, :, None] & (pos[:, None, :] <= pos[:, :, None])  # (B, T, T)
+        self.visible = (
+            valid[:, None, :] & valid[:, :, None] & (pos[:, None, :] <= pos[:, :, None])
+        )  # (B, T, T)
         self.per_layer: dict[int, torch.Tensor] = {}
 
     def attend(self, module, query, key, value, scaling):
@@ -124,16 +127,28 @@ class _FutureMass:
         mass = torch.zeros(b, self.round_pos.shape[1], t, device=query.device)  # (B, R, T) by slot
         chunk = max(1, self.chunk_elements // max(1, b * h * t))
         for i in range(0, t, chunk):
-            probs = window_attention(query[:, :, i:i + chunk], key, visible[:, i:i + chunk], scaling)  # (B, H, c, T)
-            later = rounds & valid[:, None, i:i + chunk] & (pos[:, None, i:i + chunk] >= self.round_pos[:, :, None])
+            probs = window_attention(
+                query[:, :, i : i + chunk], key, visible[:, i : i + chunk], scaling
+            )  # (B, H, c, T)
+            later = (
+                rounds
+                & valid[:, None, i : i + chunk]
+                & (pos[:, None, i : i + chunk] >= self.round_pos[:, :, None])
+            )
             mass += torch.einsum("brc,bct->brt", later.float(), probs.sum(1)) / h
         self.per_layer[module.layer_idx] = mass
         return masked_sdpa(query, key, value, visible, scaling)
 
 
 @torch.no_grad()
-def future_attention(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completions: list[list[int]],
-                     eviction: EvictionConfig, chunk_elements: int = CHUNK_ELEMENTS) -> Hindsight:
+def future_attention(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completions: list[list[int]],
+    eviction: EvictionConfig,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> Hindsight:
     """Teacher-force prompt + completion once and return its future attention at the round positions.
 
     Args:
@@ -156,8 +171,8 @@ def future_attention(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     comp = torch.zeros(b, width, dtype=input_ids.dtype, device=device)
     comp_valid = torch.zeros(b, width, dtype=torch.bool, device=device)
     for i, c in enumerate(fed):
-        comp[i, :len(c)] = torch.tensor(c, dtype=input_ids.dtype)
-        comp_valid[i, :len(c)] = True
+        comp[i, : len(c)] = torch.tensor(c, dtype=input_ids.dtype)
+        comp_valid[i, : len(c)] = True
     ids = torch.cat([input_ids, comp], 1)
     valid = torch.cat([attention_mask.bool(), comp_valid], 1)
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -166,13 +181,19 @@ def future_attention(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     rounds = [eviction.round_positions(int(p), int(p) + len(c)) for p, c in zip(prompt_len, completions)]
     round_pos = torch.full((b, max([len(r) for r in rounds] + [1])), -1, dtype=torch.long)
     for i, r in enumerate(rounds):
-        round_pos[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        round_pos[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     round_pos = round_pos.to(device)
 
     ctx = _FutureMass(pos, valid, round_pos, chunk_elements)
     with use_ngc_attention(model):
-        model(input_ids=ids, attention_mask=no_mask(model), position_ids=pos, ngc_replay=ctx, use_cache=False,
-              logits_to_keep=1)
+        model(
+            input_ids=ids,
+            attention_mask=no_mask(model),
+            position_ids=pos,
+            ngc_replay=ctx,
+            use_cache=False,
+            logits_to_keep=1,
+        )
     n_layers = len(ctx.per_layer)
     by_slot = torch.stack([ctx.per_layer[i] for i in range(n_layers)], 1)  # (B, L, R, T) indexed by slot
     n_pos = int(length.max()) if b else 0
@@ -185,8 +206,15 @@ def future_attention(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 @torch.no_grad()
-def full_cache_completions(model, input_ids, attention_mask, known: list[list[int] | None], max_new_tokens: int,
-                           eos_token_id=None, pad_token_id=None) -> list[list[int]]:
+def full_cache_completions(
+    model,
+    input_ids,
+    attention_mask,
+    known: list[list[int] | None],
+    max_new_tokens: int,
+    eos_token_id=None,
+    pad_token_id=None,
+) -> list[list[int]]:
     """``known`` with every ``None`` replaced by the greedy full-cache completion of that row's prompt
     (decoded together, in one `generate_with_eviction` call with ``policy='full'``)."""
     from ngc_trl.generation import generate_with_eviction
@@ -195,22 +223,38 @@ def full_cache_completions(model, input_ids, attention_mask, known: list[list[in
     missing = [i for i, c in enumerate(out) if c is None]
     if missing:
         idx = torch.tensor(missing, device=input_ids.device)
-        gen = generate_with_eviction(model, input_ids[idx], attention_mask[idx], eviction=EvictionConfig(policy="full"),
-                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
-                                     pad_token_id=pad_token_id)
+        gen = generate_with_eviction(
+            model,
+            input_ids[idx],
+            attention_mask[idx],
+            eviction=EvictionConfig(policy="full"),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
         for i, c in zip(missing, gen.completion_ids):
             out[i] = c
     return out
 
 
-def oracle_for_batch(model, input_ids, attention_mask, eviction: EvictionConfig, known: list[list[int] | None],
-                     max_new_tokens: int, eos_token_id=None, pad_token_id=None) -> tuple[OraclePolicy, list[list[int]]]:
+def oracle_for_batch(
+    model,
+    input_ids,
+    attention_mask,
+    eviction: EvictionConfig,
+    known: list[list[int] | None],
+    max_new_tokens: int,
+    eos_token_id=None,
+    pad_token_id=None,
+) -> tuple[OraclePolicy, list[list[int]]]:
     """The `OraclePolicy` of one evaluation batch, and the full-cache completions it used.
 
     ``known``: per row, the greedy full-cache completion if already decoded (the ``full`` run), else None
     (decoded here). ``eviction``: the oracle run's config (its δ gives the recorded round positions).
     """
-    completions = full_cache_completions(model, input_ids, attention_mask, known, max_new_tokens,
-                                         eos_token_id, pad_token_id)
+    completions = full_cache_completions(
+        model, input_ids, attention_mask, known, max_new_tokens, eos_token_id, pad_token_id
+    )
     hs = future_attention(model, input_ids, attention_mask, completions, eviction)
     return OraclePolicy(eviction, hs), completions

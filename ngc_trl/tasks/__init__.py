@@ -17,10 +17,18 @@ from typing import Any
 
 from ngc_trl.tasks import countdown, linsys, math, stargraph
 
-TASKS: dict[str, ModuleType] = {"countdown": countdown, "math": math, "linsys": linsys, "stargraph": stargraph}
+TASKS: dict[str, ModuleType] = {
+    "countdown": countdown,
+    "math": math,
+    "linsys": linsys,
+    "stargraph": stargraph,
+}
 # the instance columns of each generated task, in the order its `score` and `build_plain_prompt` take them
-COLUMNS: dict[str, tuple[str, ...]] = {"countdown": ("nums", "target"), "linsys": ("coeffs", "rhs"),
-                                       "stargraph": ("edges", "source", "goal")}
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "countdown": ("nums", "target"),
+    "linsys": ("coeffs", "rhs"),
+    "stargraph": ("edges", "source", "goal"),
+}
 GENERATED_TASKS = tuple(COLUMNS)
 
 
@@ -40,11 +48,15 @@ def distribution(name: str, source: str = "generated") -> dict[str, Any]:
     if name not in GENERATED_TASKS or dists is None:
         raise ValueError(f"task {name!r} has no generator")
     if source != "generated" and not source.startswith("generated:"):
-        raise ValueError(f"task {name!r}: data source must be 'generated' or 'generated:<name>', got {source!r}")
+        raise ValueError(
+            f"task {name!r}: data source must be 'generated' or 'generated:<name>', got {source!r}"
+        )
     key = source.partition(":")[2] or "standard"
     if key not in dists:
-        raise ValueError(f"unknown {name} distribution {key!r} in source {source!r}; "
-                         f"valid: {', '.join('generated:' + k for k in dists)}")
+        raise ValueError(
+            f"unknown {name} distribution {key!r} in source {source!r}; "
+            f"valid: {', '.join('generated:' + k for k in dists)}"
+        )
     return dict(dists[key])
 
 
@@ -58,16 +70,25 @@ def check_source(name: str, source: str | None) -> None:
         distribution(name, source)
 
 
-def load_generated(name: str, source: str = "generated", n: int | None = None, seed: int = 0,
-                   split: str = "train", *, prompt_format: str = "chat", prefill: bool = True):
+def load_generated(
+    name: str,
+    source: str = "generated",
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "train",
+    *,
+    prompt_format: str = "chat",
+    prefill: bool = True,
+):
     """A generated task's problems as a ``datasets.Dataset`` (``prompt`` + the :data:`COLUMNS` of ``name``).
 
     Countdown also takes a Hub name or a local file as ``source`` (:func:`countdown.load_countdown`);
     LinSys and StarGraph are generated only.
     """
     if name == "countdown":
-        return countdown.load_countdown(source, n=n, seed=seed, split=split, prompt_format=prompt_format,
-                                        prefill=prefill)
+        return countdown.load_countdown(
+            source, n=n, seed=seed, split=split, prompt_format=prompt_format, prefill=prefill
+        )
     loader = {"linsys": linsys.load_linsys, "stargraph": stargraph.load_stargraph}.get(name)
     if loader is None:
         raise ValueError(f"task {name!r} is not generated; generated tasks: {', '.join(GENERATED_TASKS)}")
@@ -85,5 +106,18 @@ def score_row(name: str, text: str, row: Mapping[str, Any], format_reward: float
     return get_task(name).score(text, *instance_args(name, row), format_reward=format_reward)
 
 
-__all__ = ["COLUMNS", "GENERATED_TASKS", "TASKS", "check_source", "countdown", "distribution", "get_task", "instance_args",
-           "linsys", "load_generated", "math", "score_row", "stargraph"]
+__all__ = [
+    "COLUMNS",
+    "GENERATED_TASKS",
+    "TASKS",
+    "check_source",
+    "countdown",
+    "distribution",
+    "get_task",
+    "instance_args",
+    "linsys",
+    "load_generated",
+    "math",
+    "score_row",
+    "stargraph",
+]

@@ -101,7 +101,9 @@ TEST_BUCKETS = 16  # generated instances whose hash % 16 == 0 form the test spli
 # named generator settings: ``load_countdown("generated:<name>")``
 DISTRIBUTIONS: dict[str, dict[str, Any]] = {
     # Countdown-Tasks-3to4 (Stream-of-Search / TinyZero)
-    "standard": dict(count_range=(3, 4), num_range=(1, 99), target_range=(10, 100), test_buckets=TEST_BUCKETS),
+    "standard": dict(
+        count_range=(3, 4), num_range=(1, 99), target_range=(10, 100), test_buckets=TEST_BUCKETS
+    ),
     # the offline tiny testbed (ngc_trl.testbed): learnable by a ~1M-parameter model in minutes on CPU;
     # ~2,600 solvable instances, so a 1/4 test split keeps >= 256 distinct held-out instances
     "testbed": dict(count_range=(3, 3), num_range=(1, 12), target_range=(10, 60), test_buckets=4),
@@ -109,8 +111,12 @@ DISTRIBUTIONS: dict[str, dict[str, Any]] = {
 
 _UNICODE_OPS = str.maketrans({"×": "*", "÷": "/", "−": "-"})
 _ALLOWED_CHARS = frozenset("0123456789+-*/() ")
-_BINOPS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__, ast.Mult: Fraction.__mul__,
-           ast.Div: Fraction.__truediv__}
+_BINOPS = {
+    ast.Add: Fraction.__add__,
+    ast.Sub: Fraction.__sub__,
+    ast.Mult: Fraction.__mul__,
+    ast.Div: Fraction.__truediv__,
+}
 _ALLOWED_NODES = (ast.Expression, ast.BinOp, ast.Constant, *_BINOPS)
 
 
@@ -130,12 +136,16 @@ def _can_reach(nums: tuple[int, ...], target: int) -> bool:
         return nums[0] == target
     if n == 2:
         a, b = (nums[0], nums[1]) if nums[0] >= nums[1] else (nums[1], nums[0])
-        return a + b == target or a * b == target or a - b == target or (
-            b != 0 and a % b == 0 and a // b == target)
+        return (
+            a + b == target
+            or a * b == target
+            or a - b == target
+            or (b != 0 and a % b == 0 and a // b == target)
+        )
     for i in range(n):
         for j in range(i + 1, n):
             a, b = (nums[i], nums[j]) if nums[i] >= nums[j] else (nums[j], nums[i])
-            rest = nums[:i] + nums[i + 1:j] + nums[j + 1:]
+            rest = nums[:i] + nums[i + 1 : j] + nums[j + 1 :]
             for _, c in _combine(a, b):
                 if _can_reach(rest + (c,), target):
                     return True
@@ -148,7 +158,7 @@ def _moves(state: tuple[int, ...]) -> list[tuple[int, str, int, int, tuple[int, 
     for i in range(len(state)):
         for j in range(i + 1, len(state)):
             b, a = state[i], state[j]
-            rest = state[:i] + state[i + 1:j] + state[j + 1:]
+            rest = state[:i] + state[i + 1 : j] + state[j + 1 :]
             for op, c in _combine(a, b):
                 child = tuple(sorted(rest + (c,)))
                 if child not in seen:
@@ -200,10 +210,18 @@ def _split_of(nums: Sequence[int], target: int, test_buckets: int = TEST_BUCKETS
     return "test" if bucket == 0 else "train"
 
 
-def generate_problems(n: int, seed: int, *, count_range: tuple[int, int] = (3, 4),
-                      num_range: tuple[int, int] = (1, 99), target_range: tuple[int, int] = (10, 100),
-                      split: str | None = None, test_buckets: int = TEST_BUCKETS, unique: bool = False,
-                      max_draws: int = 100_000) -> list[dict]:
+def generate_problems(
+    n: int,
+    seed: int,
+    *,
+    count_range: tuple[int, int] = (3, 4),
+    num_range: tuple[int, int] = (1, 99),
+    target_range: tuple[int, int] = (10, 100),
+    split: str | None = None,
+    test_buckets: int = TEST_BUCKETS,
+    unique: bool = False,
+    max_draws: int = 100_000,
+) -> list[dict]:
     """Generate ``n`` solvable instances, deterministically for a seed.
 
     Per instance: draw a target from ``target_range`` and a count from ``count_range``, then draw the
@@ -322,8 +340,14 @@ class _TraceWriter:
         return None
 
 
-def search_trace(nums: Sequence[int], target: int, rng: random.Random | None = None, *,
-                 max_chars: int | None = None, restate_target: bool = True) -> str | None:
+def search_trace(
+    nums: Sequence[int],
+    target: int,
+    rng: random.Random | None = None,
+    *,
+    max_chars: int | None = None,
+    restate_target: bool = True,
+) -> str | None:
     """A depth-first search chain of thought that ends in a verifying ``<answer>`` (module docstring).
 
     The search is honest: moves are tried in order (canonical, or shuffled per node by ``rng``), every
@@ -371,8 +395,12 @@ def search_trace(nums: Sequence[int], target: int, rng: random.Random | None = N
 
 
 # ----------------------------------------------------------------------------- prompts
-def chat_messages(content: str, eviction_rate_tag: str | None = None, prefill: bool = False,
-                  system_prompt: str | None = None) -> list[dict]:
+def chat_messages(
+    content: str,
+    eviction_rate_tag: str | None = None,
+    prefill: bool = False,
+    system_prompt: str | None = None,
+) -> list[dict]:
     """A task's user ``content`` as chat messages: the interoception tag appended, an optional system
     turn first and the assistant prefill (:data:`PREFILL`) last. Shared by every task's ``build_prompt``."""
     if eviction_rate_tag:
@@ -384,8 +412,14 @@ def chat_messages(content: str, eviction_rate_tag: str | None = None, prefill: b
     return messages
 
 
-def build_prompt(nums: Sequence[int], target: int, *, eviction_rate_tag: str | None = None,
-                 prefill: bool = False, system_prompt: str | None = None) -> list[dict]:
+def build_prompt(
+    nums: Sequence[int],
+    target: int,
+    *,
+    eviction_rate_tag: str | None = None,
+    prefill: bool = False,
+    system_prompt: str | None = None,
+) -> list[dict]:
     """TinyZero's Countdown prompt as chat messages.
 
     Parameters
@@ -401,10 +435,12 @@ def build_prompt(nums: Sequence[int], target: int, *, eviction_rate_tag: str | N
         A system message (TinyZero used one; none by default).
     """
     numbers = "[" + ", ".join(str(int(x)) for x in nums) + "]"
-    content = (f"Using the numbers {numbers}, create an equation that equals {int(target)}. You can use basic "
-               "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work in "
-               "<think> </think> tags. And return the final answer in <answer> </answer> tags, for example "
-               "<answer> (1 + 2) / 3 </answer>.")
+    content = (
+        f"Using the numbers {numbers}, create an equation that equals {int(target)}. You can use basic "
+        "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work in "
+        "<think> </think> tags. And return the final answer in <answer> </answer> tags, for example "
+        "<answer> (1 + 2) / 3 </answer>."
+    )
     return chat_messages(content, eviction_rate_tag, prefill, system_prompt)
 
 
@@ -420,8 +456,14 @@ def build_plain_prompt(nums: Sequence[int], target: int, eviction_rate_tag: str 
     return line + "\n<think>"
 
 
-def format_prompt(nums: Sequence[int], target: int, tokenizer: Any = None, *,
-                  eviction_rate_tag: str | None = None, prefill: bool = True) -> str:
+def format_prompt(
+    nums: Sequence[int],
+    target: int,
+    tokenizer: Any = None,
+    *,
+    eviction_rate_tag: str | None = None,
+    prefill: bool = True,
+) -> str:
     """The prompt string fed to the model.
 
     With a tokenizer that has a chat template: the template applied to :func:`build_prompt` with
@@ -429,8 +471,11 @@ def format_prompt(nums: Sequence[int], target: int, tokenizer: Any = None, *,
     :func:`build_plain_prompt` (which always ends in ``<think>``).
     """
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(build_prompt(nums, target, eviction_rate_tag=eviction_rate_tag),
-                                             tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            build_prompt(nums, target, eviction_rate_tag=eviction_rate_tag),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         return text + (PREFILL if prefill else "")
     return build_plain_prompt(nums, target, eviction_rate_tag=eviction_rate_tag)
 
@@ -449,7 +494,7 @@ def extract_answer(text: str) -> str | None:
     start = text.rfind("<answer>", max(0, end - MAX_ANSWER_CHARS - len("<answer>")), end)
     if start < 0:
         return None
-    return text[start + len("<answer>"):end].strip()
+    return text[start + len("<answer>") : end].strip()
 
 
 class _Reject(Exception):
@@ -529,9 +574,17 @@ reward_func = countdown_reward
 
 
 # ----------------------------------------------------------------------------- datasets
-def load_countdown(source: str = "generated", n: int | None = None, seed: int = 0, split: str = "train", *,
-                   prompt_format: str = "chat", prefill: bool = True, eviction_rate_tag: str | None = None,
-                   **ranges: Any):
+def load_countdown(
+    source: str = "generated",
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "train",
+    *,
+    prompt_format: str = "chat",
+    prefill: bool = True,
+    eviction_rate_tag: str | None = None,
+    **ranges: Any,
+):
     """Countdown as a ``datasets.Dataset`` with columns ``prompt``, ``nums``, ``target``.
 
     Parameters
@@ -566,8 +619,10 @@ def load_countdown(source: str = "generated", n: int | None = None, seed: int = 
             raise ValueError("generated data has no 'all' split: use 'train' or 'test'")
         name = source.partition(":")[2] or "standard"
         if name not in DISTRIBUTIONS:
-            raise ValueError(f"unknown Countdown distribution {name!r} in source {source!r}; "
-                             f"valid: {', '.join('generated:' + k for k in DISTRIBUTIONS)}")
+            raise ValueError(
+                f"unknown Countdown distribution {name!r} in source {source!r}; "
+                f"valid: {', '.join('generated:' + k for k in DISTRIBUTIONS)}"
+            )
         kwargs = {**DISTRIBUTIONS[name], **ranges}
         n = n if n is not None else (10_000 if split == "train" else TEST_ROWS)
         if split == "test" and name != "standard":
@@ -582,8 +637,11 @@ def load_countdown(source: str = "generated", n: int | None = None, seed: int = 
             ds = datasets.load_dataset(builder, data_files=source, split="train")
         else:
             ds = datasets.load_dataset(source, split="train")
-        lo, hi = {"train": (0, TRAIN_ROWS), "test": (TRAIN_ROWS, TRAIN_ROWS + TEST_ROWS),
-                  "all": (0, len(ds))}[split]
+        lo, hi = {
+            "train": (0, TRAIN_ROWS),
+            "test": (TRAIN_ROWS, TRAIN_ROWS + TEST_ROWS),
+            "all": (0, len(ds)),
+        }[split]
         hi = min(hi, len(ds), lo + n if n is not None else hi)
         ds = ds.select(range(lo, hi) if lo < hi else [])
         rows = [{"nums": a, "target": t} for a, t in zip(ds["nums"], ds["target"])]
@@ -592,6 +650,8 @@ def load_countdown(source: str = "generated", n: int | None = None, seed: int = 
     if prompt_format == "plain":
         prompts = [build_plain_prompt(a, t, eviction_rate_tag) for a, t in zip(nums_col, target_col)]
     else:
-        prompts = [build_prompt(a, t, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
-                   for a, t in zip(nums_col, target_col)]
+        prompts = [
+            build_prompt(a, t, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
+            for a, t in zip(nums_col, target_col)
+        ]
     return datasets.Dataset.from_dict({"prompt": prompts, "nums": nums_col, "target": target_col})

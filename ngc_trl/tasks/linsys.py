@@ -176,9 +176,16 @@ def _split_of(coeffs: Sequence[Sequence[int]], rhs: Sequence[int]) -> str:
     return "test" if bucket == 0 else "train"
 
 
-def generate_problems(n: int, seed: int, *, split: str | None = None, num_vars: tuple[int, int] = (2, 3),
-                      coef_range: tuple[int, int] = (-9, 9), solution_range: tuple[int, int] = (-9, 9),
-                      max_draws: int = 100_000) -> list[dict]:
+def generate_problems(
+    n: int,
+    seed: int,
+    *,
+    split: str | None = None,
+    num_vars: tuple[int, int] = (2, 3),
+    coef_range: tuple[int, int] = (-9, 9),
+    solution_range: tuple[int, int] = (-9, 9),
+    max_draws: int = 100_000,
+) -> list[dict]:
     """Generate ``n`` systems with a unique integer solution, deterministically for a seed.
 
     Per instance: draw the variable count from ``num_vars``, then the solution and the coefficient
@@ -247,7 +254,9 @@ def _product_and_sum(pairs: Sequence[tuple[int, int]], start: int | None = None)
     return steps, acc
 
 
-def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None, *, show_work: bool = False) -> str:
+def solution_trace(
+    problem: Mapping[str, Any], rng: random.Random | None = None, *, show_work: bool = False
+) -> str:
     """Fraction-free elimination and back substitution ending in a verifying answer (module docstring).
 
     Parameters
@@ -311,8 +320,11 @@ def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None,
             rows[label] = (new, new_b)
             combo = _combination(a, lab, f, pivot)
             if show_work:
-                work = [f"{names[j]}: " + ", ".join(_product_and_sum([(a, c[j]), (f, pc[j])])[0])
-                        for j in range(n) if j != var and (c[j] or pc[j])]
+                work = [
+                    f"{names[j]}: " + ", ".join(_product_and_sum([(a, c[j]), (f, pc[j])])[0])
+                    for j in range(n)
+                    if j != var and (c[j] or pc[j])
+                ]
                 work.append("rhs: " + ", ".join(_product_and_sum([(a, b), (f, pb)])[0]))
                 lines.append(f"{combo} " + "; ".join(work))
             lhs = f"({combo})/{g}" if g > 1 else combo
@@ -332,7 +344,9 @@ def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None,
         if known:
             line += " with " + ", ".join(f"{names[j]}={values[j]}" for j in sorted(known))
             if show_work:
-                line += ": " + ", ".join(_product_and_sum([(c[j], values[j]) for j in sorted(known)], start=b)[0])
+                line += ": " + ", ".join(
+                    _product_and_sum([(c[j], values[j]) for j in sorted(known)], start=b)[0]
+                )
         term = format_equation([c[var] if j == var else 0 for j in range(n)], rest, spaced=False)
         line += f" gives {term}" + ("" if c[var] == 1 else f" so {names[var]}={values[var]}")
         lines.append(line)
@@ -341,8 +355,14 @@ def solution_trace(problem: Mapping[str, Any], rng: random.Random | None = None,
 
 
 # ----------------------------------------------------------------------------- prompts
-def build_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int], *, eviction_rate_tag: str | None = None,
-                 prefill: bool = False, system_prompt: str | None = None) -> list[dict]:
+def build_prompt(
+    coeffs: Sequence[Sequence[int]],
+    rhs: Sequence[int],
+    *,
+    eviction_rate_tag: str | None = None,
+    prefill: bool = False,
+    system_prompt: str | None = None,
+) -> list[dict]:
     """The LinSys prompt as chat messages (Countdown's wording and options, see its ``build_prompt``).
 
     Parameters
@@ -358,15 +378,18 @@ def build_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int], *, evictio
     """
     names = variable_names(len(coeffs))
     equations = "\n".join(format_equation(row, b) for row, b in zip(coeffs, rhs))
-    content = (f"Solve the following system of linear equations for {', '.join(names)}. The solution is "
-               f"unique and every value is an integer.\n{equations}\nShow your work in <think> </think> "
-               "tags. And return the final answer in <answer> </answer> tags, giving every variable as "
-               "name=value separated by commas, for example <answer>x=1, y=-2</answer>.")
+    content = (
+        f"Solve the following system of linear equations for {', '.join(names)}. The solution is "
+        f"unique and every value is an integer.\n{equations}\nShow your work in <think> </think> "
+        "tags. And return the final answer in <answer> </answer> tags, giving every variable as "
+        "name=value separated by commas, for example <answer>x=1, y=-2</answer>."
+    )
     return chat_messages(content, eviction_rate_tag, prefill, system_prompt)
 
 
-def build_plain_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int],
-                       eviction_rate_tag: str | None = None) -> str:
+def build_plain_prompt(
+    coeffs: Sequence[Sequence[int]], rhs: Sequence[int], eviction_rate_tag: str | None = None
+) -> str:
     """Compact prompt for tokenizers without a chat template, e.g. ``"solve 2x+3y=7; x-y=1\\n<think>"``.
 
     The tag, if given, follows the equations on the first line; :func:`solution_trace` continues it.
@@ -377,12 +400,21 @@ def build_plain_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int],
     return line + "\n<think>"
 
 
-def format_prompt(coeffs: Sequence[Sequence[int]], rhs: Sequence[int], tokenizer: Any = None, *,
-                  eviction_rate_tag: str | None = None, prefill: bool = True) -> str:
+def format_prompt(
+    coeffs: Sequence[Sequence[int]],
+    rhs: Sequence[int],
+    tokenizer: Any = None,
+    *,
+    eviction_rate_tag: str | None = None,
+    prefill: bool = True,
+) -> str:
     """The prompt string fed to the model: chat template + ``PREFILL``, or :func:`build_plain_prompt`."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(build_prompt(coeffs, rhs, eviction_rate_tag=eviction_rate_tag),
-                                             tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            build_prompt(coeffs, rhs, eviction_rate_tag=eviction_rate_tag),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         return text + (PREFILL if prefill else "")
     return build_plain_prompt(coeffs, rhs, eviction_rate_tag=eviction_rate_tag)
 
@@ -401,7 +433,7 @@ def extract_answer(text: str) -> str | None:
     start = text.rfind("<answer>", max(0, end - MAX_ANSWER_CHARS - len("<answer>")), end)
     if start < 0:
         return None
-    return text[start + len("<answer>"):end].strip()
+    return text[start + len("<answer>") : end].strip()
 
 
 def parse_assignment(answer: str) -> dict[str, int] | None:
@@ -438,7 +470,9 @@ def verify(answer: str, problem: Mapping[str, Any]) -> bool:
     return all(sum(int(a) * v for a, v in zip(row, vector)) == int(b) for row, b in zip(coeffs, rhs))
 
 
-def score(completion: str, coeffs: Sequence[Sequence[int]], rhs: Sequence[int], format_reward: float = 0.0) -> float:
+def score(
+    completion: str, coeffs: Sequence[Sequence[int]], rhs: Sequence[int], format_reward: float = 0.0
+) -> float:
     """1.0 if the last answer verifies, ``format_reward`` if an answer is present but wrong, else 0.0."""
     answer = extract_answer(completion)
     if answer is None:
@@ -455,8 +489,16 @@ reward_func = linsys_reward
 
 
 # ----------------------------------------------------------------------------- datasets
-def load_linsys(n: int | None = None, seed: int = 0, split: str = "train", *, prompt_format: str = "chat",
-                prefill: bool = True, eviction_rate_tag: str | None = None, **ranges: Any):
+def load_linsys(
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "train",
+    *,
+    prompt_format: str = "chat",
+    prefill: bool = True,
+    eviction_rate_tag: str | None = None,
+    **ranges: Any,
+):
     """Generated LinSys as a ``datasets.Dataset`` with columns ``prompt``, ``coeffs``, ``rhs``.
 
     Parameters
@@ -486,6 +528,8 @@ def load_linsys(n: int | None = None, seed: int = 0, split: str = "train", *, pr
     if prompt_format == "plain":
         prompts = [build_plain_prompt(a, b, eviction_rate_tag) for a, b in zip(coeffs, rhs)]
     else:
-        prompts = [build_prompt(a, b, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
-                   for a, b in zip(coeffs, rhs)]
+        prompts = [
+            build_prompt(a, b, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
+            for a, b in zip(coeffs, rhs)
+        ]
     return datasets.Dataset.from_dict({"prompt": prompts, "coeffs": coeffs, "rhs": rhs})

@@ -36,8 +36,10 @@ from ngc_trl.tasks.countdown import completion_text
 
 DAPO_HUB_NAME = "BytedTsinghua-SIA/DAPO-Math-17k"
 DAPO_FILE = "data/dapo-math-17k.parquet"
-DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of "
-               "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of "
+    "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 BOXED_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 EVAL_SETS = ("aime24", "aime25", "amc23", "amc25")
@@ -79,7 +81,7 @@ def _boxed_content(text: str, open_at: int) -> str | None:
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return text[open_at + 1:i]
+                return text[open_at + 1 : i]
     return None
 
 
@@ -107,7 +109,7 @@ def extract_answer(text: str) -> str | None:
         end = at
     at = text.lower().rfind("answer:")
     if at >= 0:
-        line = text[at + len("answer:"):].split("\n", 1)[0]
+        line = text[at + len("answer:") :].split("\n", 1)[0]
         if len(line) <= MAX_ANSWER_CHARS:
             line = line.strip().rstrip(".").strip().strip("$").strip()
             return line or None
@@ -118,7 +120,7 @@ def extract_answer(text: str) -> str | None:
 def _clean(s: str) -> str:
     s = s.strip().rstrip(".").strip().strip("$").strip()
     if s.startswith("\\boxed{") and s.endswith("}"):
-        s = s[len("\\boxed{"):-1]
+        s = s[len("\\boxed{") : -1]
     return s.replace(" ", "").replace("\\!", "").replace("\\,", "")
 
 
@@ -166,8 +168,13 @@ class _VerifyWorker:
         atexit.register(self.close)
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-u", "-c", _WORKER_CODE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", _WORKER_CODE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         if self._readline(WORKER_START_TIMEOUT_S) != "ready":
             self.close()
             raise RuntimeError("the math-verify worker did not start (is math-verify installed?)")
@@ -262,7 +269,7 @@ def _read_file(path: str | Path):
 
 def _dapo_problem(content: str) -> str:
     if content.startswith(DAPO_PREFIX):
-        content = content[len(DAPO_PREFIX):]
+        content = content[len(DAPO_PREFIX) :]
     if content.endswith(DAPO_SUFFIX):
         content = content[: -len(DAPO_SUFFIX)]
     return content
@@ -273,7 +280,7 @@ def _dedupe_dapo(ds):
     seen, keep = set(), []
     prompts = ds.select_columns(["prompt"])
     for start in range(0, len(ds), 50_000):
-        batch = prompts[start:start + 50_000]["prompt"]
+        batch = prompts[start : start + 50_000]["prompt"]
         for offset, prompt in enumerate(batch):
             key = hash(completion_text(prompt) if isinstance(prompt, list) else str(prompt))
             if key not in seen:
@@ -288,9 +295,11 @@ def _load_dapo(ds, style: str):
     def convert(row, idx):
         content = completion_text(row["prompt"]) if isinstance(row["prompt"], list) else str(row["prompt"])
         extra = row.get("extra_info") or {}
-        return {"prompt": build_prompt(_dapo_problem(content), style),
-                "answer": str(row["reward_model"]["ground_truth"]),
-                "id": f"dapo-{extra.get('index', idx)}"}
+        return {
+            "prompt": build_prompt(_dapo_problem(content), style),
+            "answer": str(row["reward_model"]["ground_truth"]),
+            "id": f"dapo-{extra.get('index', idx)}",
+        }
 
     return ds.map(convert, with_indices=True, remove_columns=ds.column_names)
 
@@ -304,14 +313,23 @@ def _load_eval(ds, name: str, style: str):
 
     def convert(row, idx):
         rid = row.get("id")
-        return {"prompt": build_prompt(str(row[problem]), style), "answer": str(row[answer]),
-                "id": str(rid) if rid is not None else f"{name}-{idx}"}
+        return {
+            "prompt": build_prompt(str(row[problem]), style),
+            "answer": str(row[answer]),
+            "id": str(rid) if rid is not None else f"{name}-{idx}",
+        }
 
     return ds.map(convert, with_indices=True, remove_columns=ds.column_names)
 
 
-def load_math(name: str, data_dir: str | Path | None = None, *, source: str | None = None,
-              style: str = "dapo", n: int | None = None):
+def load_math(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    source: str | None = None,
+    style: str = "dapo",
+    n: int | None = None,
+):
     """A math dataset with columns ``prompt`` (chat messages), ``answer`` (str), ``id`` (str).
 
     Parameters
@@ -346,13 +364,18 @@ def load_math(name: str, data_dir: str | Path | None = None, *, source: str | No
         file = Path(data_dir) if data_dir is not None else default_data_dir()
         file = file / f"{name}.jsonl"
         if not file.exists():
-            hint = (" AMC 2025 has no public problem+answer file: pass source=<Hub dataset name or local "
-                    "file with problem/answer columns>." if name == "amc25" else
-                    " Set NGC_MATH_DATA or data_dir to the folder with aime24/aime25/amc23 .jsonl files.")
+            hint = (
+                " AMC 2025 has no public problem+answer file: pass source=<Hub dataset name or local "
+                "file with problem/answer columns>."
+                if name == "amc25"
+                else " Set NGC_MATH_DATA or data_dir to the folder with aime24/aime25/amc23 .jsonl files."
+            )
             raise FileNotFoundError(f"{file} not found.{hint}")
         ds = _read_file(file)
     else:
         raise ValueError(f"unknown math set {name!r}: use 'dapo', one of {EVAL_SETS}, or a file path")
-    ds = _load_dapo(ds, style) if "reward_model" in ds.column_names else _load_eval(ds, Path(name).stem, style)
+    ds = (
+        _load_dapo(ds, style) if "reward_model" in ds.column_names else _load_eval(ds, Path(name).stem, style)
+    )
     ds = ds.select_columns(["prompt", "answer", "id"])
     return ds.select(range(min(n, len(ds)))) if n is not None else ds

@@ -152,9 +152,16 @@ def _split_of(edges: Sequence[Sequence[int]], source: int, goal: int) -> str:
     return "test" if bucket == 0 else "train"
 
 
-def generate_problems(n: int, seed: int, *, split: str | None = None, degree: tuple[int, int] = (3, 3),
-                      path_length: tuple[int, int] = (4, 5), label_range: tuple[int, int] = (0, 99),
-                      max_draws: int = 100_000) -> list[dict]:
+def generate_problems(
+    n: int,
+    seed: int,
+    *,
+    split: str | None = None,
+    degree: tuple[int, int] = (3, 3),
+    path_length: tuple[int, int] = (4, 5),
+    label_range: tuple[int, int] = (0, 99),
+    max_draws: int = 100_000,
+) -> list[dict]:
     """Generate ``n`` path-star graphs, deterministically for a seed.
 
     Per instance: draw ``d`` from ``degree`` and ``l`` from ``path_length``, then ``d * (l - 1) + 1``
@@ -187,7 +194,9 @@ def generate_problems(n: int, seed: int, *, split: str | None = None, degree: tu
         raise ValueError(f"need degree >= 1 and path_length >= 2, got {degree}, {path_length}")
     lo, hi = label_range
     if hi - lo + 1 < degree[1] * (path_length[1] - 1) + 1:
-        raise ValueError(f"label_range {label_range} is too small for {degree[1]} arms of {path_length[1]} nodes")
+        raise ValueError(
+            f"label_range {label_range} is too small for {degree[1]} arms of {path_length[1]} nodes"
+        )
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -195,7 +204,7 @@ def generate_problems(n: int, seed: int, *, split: str | None = None, degree: tu
         for _ in range(max_draws):
             labels = rng.sample(range(lo, hi + 1), d * (length - 1) + 1)
             source, rest = labels[0], labels[1:]
-            chains = [rest[i * (length - 1):(i + 1) * (length - 1)] for i in range(d)]
+            chains = [rest[i * (length - 1) : (i + 1) * (length - 1)] for i in range(d)]
             edges = [[a, b] for chain in chains for a, b in zip([source, *chain[:-1]], chain)]
             rng.shuffle(edges)
             goal = chains[rng.randrange(d)][-1]
@@ -275,8 +284,15 @@ def format_edges(edges: Sequence[Sequence[int]], sep: str = ", ") -> str:
     return sep.join(f"{a}>{b}" for a, b in _edge_list(edges))
 
 
-def build_prompt(edges: Sequence[Sequence[int]], source: int, goal: int, *, eviction_rate_tag: str | None = None,
-                 prefill: bool = False, system_prompt: str | None = None) -> list[dict]:
+def build_prompt(
+    edges: Sequence[Sequence[int]],
+    source: int,
+    goal: int,
+    *,
+    eviction_rate_tag: str | None = None,
+    prefill: bool = False,
+    system_prompt: str | None = None,
+) -> list[dict]:
     """The StarGraph prompt as chat messages (Countdown's wording and options, see its ``build_prompt``).
 
     Parameters
@@ -290,15 +306,18 @@ def build_prompt(edges: Sequence[Sequence[int]], source: int, goal: int, *, evic
     system_prompt : str, optional
         A system message (none by default).
     """
-    content = (f"A directed graph is given by its edges, where a>b is an edge from node a to node b: "
-               f"{format_edges(edges)}. Find the path from node {int(source)} to node {int(goal)}. Show your "
-               "work in <think> </think> tags. And return the final answer in <answer> </answer> tags as the "
-               "nodes of the path in order, separated by commas, for example <answer>1,8,3,5</answer>.")
+    content = (
+        f"A directed graph is given by its edges, where a>b is an edge from node a to node b: "
+        f"{format_edges(edges)}. Find the path from node {int(source)} to node {int(goal)}. Show your "
+        "work in <think> </think> tags. And return the final answer in <answer> </answer> tags as the "
+        "nodes of the path in order, separated by commas, for example <answer>1,8,3,5</answer>."
+    )
     return chat_messages(content, eviction_rate_tag, prefill, system_prompt)
 
 
-def build_plain_prompt(edges: Sequence[Sequence[int]], source: int, goal: int,
-                       eviction_rate_tag: str | None = None) -> str:
+def build_plain_prompt(
+    edges: Sequence[Sequence[int]], source: int, goal: int, eviction_rate_tag: str | None = None
+) -> str:
     """Compact prompt for tokenizers without a chat template: ``"edges 7>2 12>5 from 12 to 2\\n<think>"``.
 
     The tag, if given, follows the goal on the first line; :func:`solution_trace` continues it.
@@ -309,12 +328,22 @@ def build_plain_prompt(edges: Sequence[Sequence[int]], source: int, goal: int,
     return line + "\n<think>"
 
 
-def format_prompt(edges: Sequence[Sequence[int]], source: int, goal: int, tokenizer: Any = None, *,
-                  eviction_rate_tag: str | None = None, prefill: bool = True) -> str:
+def format_prompt(
+    edges: Sequence[Sequence[int]],
+    source: int,
+    goal: int,
+    tokenizer: Any = None,
+    *,
+    eviction_rate_tag: str | None = None,
+    prefill: bool = True,
+) -> str:
     """The prompt string fed to the model: chat template + ``PREFILL``, or :func:`build_plain_prompt`."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(build_prompt(edges, source, goal, eviction_rate_tag=eviction_rate_tag),
-                                             tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            build_prompt(edges, source, goal, eviction_rate_tag=eviction_rate_tag),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         return text + (PREFILL if prefill else "")
     return build_plain_prompt(edges, source, goal, eviction_rate_tag=eviction_rate_tag)
 
@@ -333,7 +362,7 @@ def extract_answer(text: str) -> str | None:
     start = text.rfind("<answer>", max(0, end - MAX_ANSWER_CHARS - len("<answer>")), end)
     if start < 0:
         return None
-    return text[start + len("<answer>"):end].strip()
+    return text[start + len("<answer>") : end].strip()
 
 
 def parse_path(answer: str) -> list[int] | None:
@@ -363,8 +392,9 @@ def verify(answer: str, problem: Mapping[str, Any]) -> bool:
     return all((a, b) in edges for a, b in zip(path, path[1:]))
 
 
-def score(completion: str, edges: Sequence[Sequence[int]], source: int, goal: int,
-          format_reward: float = 0.0) -> float:
+def score(
+    completion: str, edges: Sequence[Sequence[int]], source: int, goal: int, format_reward: float = 0.0
+) -> float:
     """1.0 if the last answer verifies, ``format_reward`` if an answer is present but wrong, else 0.0."""
     answer = extract_answer(completion)
     if answer is None:
@@ -372,19 +402,30 @@ def score(completion: str, edges: Sequence[Sequence[int]], source: int, goal: in
     return 1.0 if verify(answer, {"edges": edges, "source": source, "goal": goal}) else float(format_reward)
 
 
-def stargraph_reward(prompts, completions, edges, source, goal, format_reward: float = 0.0,
-                     **kwargs) -> list[float]:
+def stargraph_reward(
+    prompts, completions, edges, source, goal, format_reward: float = 0.0, **kwargs
+) -> list[float]:
     """TRL reward function: :func:`score` of each completion (string or chat list)."""
-    return [score(completion_text(c), e, s, g, format_reward)
-            for c, e, s, g in zip(completions, edges, source, goal)]
+    return [
+        score(completion_text(c), e, s, g, format_reward)
+        for c, e, s, g in zip(completions, edges, source, goal)
+    ]
 
 
 reward_func = stargraph_reward
 
 
 # ----------------------------------------------------------------------------- datasets
-def load_stargraph(n: int | None = None, seed: int = 0, split: str = "train", *, prompt_format: str = "chat",
-                   prefill: bool = True, eviction_rate_tag: str | None = None, **ranges: Any):
+def load_stargraph(
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "train",
+    *,
+    prompt_format: str = "chat",
+    prefill: bool = True,
+    eviction_rate_tag: str | None = None,
+    **ranges: Any,
+):
     """Generated StarGraph as a ``datasets.Dataset`` with columns ``prompt``, ``edges``, ``source``, ``goal``.
 
     Parameters
@@ -415,6 +456,8 @@ def load_stargraph(n: int | None = None, seed: int = 0, split: str = "train", *,
     if prompt_format == "plain":
         prompts = [build_plain_prompt(e, s, g, eviction_rate_tag) for e, s, g in zip(edges, source, goal)]
     else:
-        prompts = [build_prompt(e, s, g, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
-                   for e, s, g in zip(edges, source, goal)]
+        prompts = [
+            build_prompt(e, s, g, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
+            for e, s, g in zip(edges, source, goal)
+        ]
     return datasets.Dataset.from_dict({"prompt": prompts, "edges": edges, "source": source, "goal": goal})
