@@ -7,7 +7,7 @@ in eviction rounds, and, against the ``full`` cache of the same batch and length
 targets: eviction rounds ≤ 5% of decode time, and peak KV bytes = full peak / schedule compression
 within 5% (the schedule's peak is computed analytically from `EvictionConfig`).
 
-``breadcrumbs`` (Breadcrumbs beacon decoding, `ngc_trl.beacons`) is a variant of the same table: one
+``breadcrumbs`` (Breadcrumbs beacon decoding, `ngc_trl.breadcrumbs.beacons`) is a variant of the same table: one
 beacon every ``--compression_ratio`` generated tokens (its id: the last of the random vocabulary),
 no δ/ε/b rounds; its "eviction" time is the window drops, its tokens/s counts completion tokens only
 (beacon forwards are overhead), and its expected peak is prompt + beacons + one window (+ the beacon).
@@ -43,8 +43,8 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.generation import generate_with_eviction
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.generation import generate_with_eviction
 from ngc_trl.policies import DECODERS, POLICIES, get_policy
 
 NAMES = [*POLICIES, *DECODERS]
@@ -186,7 +186,7 @@ def run_once(model, ids, cfg, length, device):
 
 
 def decode_kernel(device) -> str:
-    """The kernel `ngc_trl.attention` uses for bf16/fp16 CUDA decode (h2o always uses masked SDPA)."""
+    """The kernel `ngc_trl.engine.attention` uses for bf16/fp16 CUDA decode (h2o always uses masked SDPA)."""
     import importlib.util
 
     if device.type != "cuda":

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from ngc_trl.attention import no_mask, use_ngc_attention
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.generation import generate_with_eviction
-from ngc_trl.replay import ReplayContext
+from ngc_trl.engine.attention import no_mask, use_ngc_attention
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.generation import generate_with_eviction
+from ngc_trl.engine.replay import ReplayContext
+from ngc_trl.models import load_tokenizer
 from ngc_trl.tasks import load_generated, score_row
-from ngc_trl.tiny import load_tokenizer
 
 
 def parse_settings(value: str) -> list[tuple[str, float]]:

@@ -51,10 +51,10 @@ from types import SimpleNamespace
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.generation import generate_with_eviction
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.generation import generate_with_eviction
+from ngc_trl.engine.replay import ReplayContext, replay_forward
 from ngc_trl.policies import POLICIES
-from ngc_trl.replay import ReplayContext, replay_forward
 
 if (
     str(Path(__file__).resolve().parent) not in sys.path
@@ -617,7 +617,7 @@ def train_namespace(t: dict) -> SimpleNamespace:
 
 
 def section_train_step(run: Run, res: dict) -> None:
-    from ngc_trl.tiny import char_tokenizer
+    from ngc_trl.models import char_tokenizer
 
     t = run.cfg["train_step"]
     ns, dev = train_namespace(t), run.device.type  # train_step compares the device with "cuda"

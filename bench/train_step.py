@@ -46,7 +46,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from ngc_trl import BreadcrumbsConfig, BreadcrumbsTrainer, NGCConfig, NGCTrainer
-from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+from ngc_trl.models import char_tokenizer, tiny_qwen2_config
 
 
 def build_model(shape: str, vocab: int, device: str, dtype):

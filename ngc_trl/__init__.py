@@ -4,18 +4,19 @@
 Light imports (the engine) load eagerly; the TRL-dependent pieces load on first use.
 """
 
-from ngc_trl.beacons import add_beacon_token, beacon_forward, beacon_layout
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.generation import EvictionOutput, EvictionRecords, generate_with_eviction
+from ngc_trl.breadcrumbs.beacons import add_beacon_token, beacon_forward, beacon_layout
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.generation import EvictionOutput, generate_with_eviction
+from ngc_trl.engine.records import EvictionRecords
 from ngc_trl.policies import POLICIES, get_policy
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "BreadcrumbsConfig": "ngc_trl.breadcrumbs",
-    "BreadcrumbsTrainer": "ngc_trl.breadcrumbs",
-    "NGCConfig": "ngc_trl.config",
-    "NGCTrainer": "ngc_trl.trainer",
+    "BreadcrumbsConfig": "ngc_trl.breadcrumbs.trainer",
+    "BreadcrumbsTrainer": "ngc_trl.breadcrumbs.trainer",
+    "NGCConfig": "ngc_trl.ngc.config",
+    "NGCTrainer": "ngc_trl.ngc.trainer",
 }
 
 

@@ -3,14 +3,14 @@
 Files written next to a trained model (``output_dir``):
 
 * ``ngc_settings.json`` — the `EvictionConfig` fields (δ, ε, b, w, policy, protections...) at top level,
-  plus ``interoception_rates`` / ``meta_token`` when set: exactly the keys `ngc_trl.eval.read_ngc_settings`
+  plus ``interoception_rates`` / ``meta_token`` when set: exactly the keys `ngc_trl.evaluation.run.read_ngc_settings`
   accepts, so ``ngc-eval --model output_dir`` decodes with the trained schedule.
 * ``ngc_training.json`` — everything else about the run (curriculum, loss switches, base model, task),
   kept out of ``ngc_settings.json`` so that file stays a strict `EvictionConfig`.
 * ``README.md`` — TRL's model card with an NGC section appended (`write_model_card`).
 
 The same files serve every method whose decoding an `EvictionConfig` describes: a Breadcrumbs student
-(`ngc_trl.breadcrumbs`) writes ``policy="breadcrumbs"`` with its ``compression_ratio`` and
+(`ngc_trl.breadcrumbs.trainer`) writes ``policy="breadcrumbs"`` with its ``compression_ratio`` and
 ``beacon_token_id``, and its model card section comes from `CARD_SECTIONS`.
 """
 
@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from ngc_trl.eviction import EvictionConfig
+from ngc_trl.engine.config import EvictionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def model_card_text(
     if interoception_rates:
         tag = (
             "\nTrained with budget-aware interoception: append `<eviction_rate>50%</eviction_rate>` (the rate "
-            "you decode with) to the prompt, as `ngc_trl.trainer.add_rate_tag` does.\n"
+            "you decode with) to the prompt, as `ngc_trl.ngc.trainer.add_rate_tag` does.\n"
         )
     forced = ""
     if meta_token:

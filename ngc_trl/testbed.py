@@ -1,12 +1,12 @@
 """The offline tiny testbed: SFT a tiny GQA Qwen2 on Countdown search traces, then measure its accuracy.
 
-What: builds a local tokenizer (default :func:`ngc_trl.tiny.number_tokenizer`: one token per number and
+What: builds a local tokenizer (default :func:`ngc_trl.models.number_tokenizer`: one token per number and
 trace word; ``--tokenizer char`` for one token per character) and a tiny Qwen2 with
 grouped-query attention, generates SFT examples ``build_plain_prompt(nums, target)`` (prompt) +
 ``search_trace(...) + <eos>`` (completion) from the ``split="train"`` half of the generator, trains with
 TRL's ``SFTTrainer`` (completion-only loss, CPU, wall-clock cap), saves a plain HF folder (model +
 tokenizer) to ``--output_dir`` and evaluates greedy full-cache accuracy on held-out ``split="test"``
-problems with our own decode loop (:func:`ngc_trl.generation.generate_with_eviction`, ``policy="full"``).
+problems with our own decode loop (:func:`ngc_trl.engine.generation.generate_with_eviction`, ``policy="full"``).
 The result goes to ``output_dir/testbed.json``.
 
 Why: a base model that already searches, but whose traces are several eviction intervals long, lets the
@@ -32,7 +32,7 @@ every two-number line, 45.1% when the token right after each result also marks a
 most failures were one wrong ``yes``/``no`` (a result compared with the target) or one wrong fact.
 
 Beacon warm start (``--beacon_ratios 2,4,8,16 --init_from outputs/tiny-base``): the same traces, from the
-saved base with the beacon token added, under the beacon mask (:mod:`ngc_trl.beacon_sft`), ``c`` drawn
+saved base with the beacon token added, under the beacon mask (:mod:`ngc_trl.breadcrumbs.warm_start`), ``c`` drawn
 per example; evaluated with beacons at each ``c`` (``testbed.json["by_compression_ratio"]``). It is the
 student that ``recipes/tiny/breadcrumbs_countdown.yaml`` starts from.
 
@@ -58,8 +58,8 @@ from transformers import (
     TrainerCallback,
 )
 
+from ngc_trl.models import TRACE_WORDS, char_tokenizer, load_tokenizer, number_tokenizer, tiny_qwen2_config
 from ngc_trl.tasks import countdown, get_task, instance_args, linsys, score_row, stargraph
-from ngc_trl.tiny import TRACE_WORDS, char_tokenizer, load_tokenizer, number_tokenizer, tiny_qwen2_config
 
 # words of a task's traces and prompts that the number tokenizer keeps whole (Countdown's are TRACE_WORDS)
 TASK_WORDS = {"linsys": ["solve", "eliminate", "with", "gives", "so", "rhs"]}
@@ -112,7 +112,7 @@ class TestbedArgs:
             "embeddings) or 'random'"
         },
     )
-    # Breadcrumbs student warm start (ngc_trl.beacon_sft): SFT --init_from under the beacon mask instead of a fresh base
+    # Breadcrumbs student warm start (ngc_trl.breadcrumbs.warm_start): SFT --init_from under the beacon mask instead of a fresh base
     beacon_ratios: str = field(
         default="",
         metadata={
@@ -323,8 +323,8 @@ def train(a: TestbedArgs) -> dict:
     torch.manual_seed(a.seed)
     trainer_cls, extra = SFTTrainer, {}
     if beacon_ratios(a):
-        from ngc_trl.beacon_sft import BeaconSFTTrainer
-        from ngc_trl.beacons import add_beacon_token
+        from ngc_trl.breadcrumbs.beacons import add_beacon_token
+        from ngc_trl.breadcrumbs.warm_start import BeaconSFTTrainer
 
         model = AutoModelForCausalLM.from_pretrained(a.init_from, dtype=torch.float32)
         tok = load_tokenizer(a.init_from)
@@ -422,7 +422,7 @@ def train(a: TestbedArgs) -> dict:
 
 def beacon_eviction(a: TestbedArgs, beacon_token_id: int, c: int):
     """``EvictionConfig(policy="breadcrumbs")`` decoding with one beacon every ``c`` tokens."""
-    from ngc_trl.eviction import EvictionConfig
+    from ngc_trl.engine.config import EvictionConfig
 
     return EvictionConfig(policy="breadcrumbs", compression_ratio=c, beacon_token_id=beacon_token_id)
 
@@ -431,8 +431,8 @@ def beacon_eviction(a: TestbedArgs, beacon_token_id: int, c: int):
 def evaluate(a: TestbedArgs, model, tok, eviction=None) -> dict:
     """Greedy accuracy on ``num_test`` held-out (``split="test"``) problems, batched, decoding with
     ``eviction`` (default: full cache)."""
-    from ngc_trl.eviction import EvictionConfig
-    from ngc_trl.generation import generate_with_eviction
+    from ngc_trl.engine.config import EvictionConfig
+    from ngc_trl.engine.generation import generate_with_eviction
 
     eviction = eviction or EvictionConfig(policy="full")
     model.eval()

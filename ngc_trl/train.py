@@ -36,8 +36,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl import ScriptArguments as TrlScriptArguments
 
-from ngc_trl.config import NGCConfig
-from ngc_trl.tiny import load_tokenizer
+from ngc_trl.models import load_tokenizer
+from ngc_trl.ngc.config import NGCConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ class ScriptArguments(TrlScriptArguments):
     reward_format : float
         Generated tasks: reward of a well-formatted but wrong answer (paper: 0).
     eval_after_train, eval_num_problems, eval_policies, eval_rates, eval_compression_ratios, eval_data_source
-        A short `ngc_trl.eval.evaluate` on held-out problems after training, written to ``output_dir/eval``.
+        A short `ngc_trl.evaluation.run.evaluate` on held-out problems after training, written to ``output_dir/eval``.
     curve_every, curve_num_problems, curve_policies, curve_batch_size, curve_max_new_tokens
-        Method ``ngc``, generated tasks: a learning curve (`ngc_trl.learning_curve.LearningCurveCallback`)
+        Method ``ngc``, generated tasks: a learning curve (`ngc_trl.evaluation.learning_curve.LearningCurveCallback`)
         every ``curve_every`` optimizer steps (0 = off) and at the end: greedy accuracy of
         ``curve_num_problems`` validation problems (the training distribution minus the training set, never
         the test split) for ``curve_policies`` at the final ``eviction_rate`` (``full`` at rate 0), with
@@ -145,8 +145,8 @@ class ScriptArguments(TrlScriptArguments):
             raise ValueError(f"ScriptArguments.num_train_problems={self.num_train_problems}: must be > 0")
         if self.eval_num_problems <= 0:
             raise ValueError(f"ScriptArguments.eval_num_problems={self.eval_num_problems}: must be > 0")
-        from ngc_trl.eval import plan_runs
-        from ngc_trl.eviction import EvictionConfig
+        from ngc_trl.engine.config import EvictionConfig
+        from ngc_trl.evaluation.run import plan_runs
 
         beacon = EvictionConfig(beacon_token_id=0) if self.method == "breadcrumbs" else None  # id known later
         try:
@@ -214,7 +214,7 @@ def make_parser(method: str = "ngc") -> TrlParser:
     """The parser of ``ngc-train``: ``(ScriptArguments, NGCConfig, ModelConfig)``, or `BreadcrumbsConfig`
     in the middle for ``method="breadcrumbs"``."""
     if method == "breadcrumbs":
-        from ngc_trl.breadcrumbs import BreadcrumbsConfig
+        from ngc_trl.breadcrumbs.trainer import BreadcrumbsConfig
 
         return TrlParser((ScriptArguments, BreadcrumbsConfig, ModelConfig))
     return TrlParser((ScriptArguments, NGCConfig, ModelConfig))
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ evaluate
     summary = None
     if script_args.eval_after_train:
-        from ngc_trl.eval import evaluate, load_problems
+        from ngc_trl.evaluation.run import evaluate, load_problems
 
         logger.info("*** Evaluate ***")
         data_source = script_args.eval_data_source
@@ -442,12 +442,12 @@ def _ngc_setup(
 ):
     """`NGCTrainer` (with the optional meta token), its `EvictionConfig`, model-card kwargs, the settings'
     extras and the forced token id."""
-    from ngc_trl.trainer import NGCTrainer
+    from ngc_trl.ngc.trainer import NGCTrainer
 
     # meta token (paper §A.4)
     meta_token_id = None
     if training_args.meta_token:
-        from ngc_trl.special_tokens import add_special_token
+        from ngc_trl.engine.special_tokens import add_special_token
 
         meta_token_id = add_special_token(
             model, tokenizer, training_args.meta_token, training_args.meta_token_init
@@ -501,7 +501,7 @@ def _ngc_setup(
 def _curve_callback(script_args, training_args, trainer, train_dataset):
     """The `LearningCurveCallback` of an NGC run: validation problems of the training distribution that
     are not in ``train_dataset`` (seeded apart from the training and test problems)."""
-    from ngc_trl.learning_curve import LearningCurveCallback, load_validation_problems
+    from ngc_trl.evaluation.learning_curve import LearningCurveCallback, load_validation_problems
 
     source = script_args.dataset_source
     if source == "generated" and script_args.dataset_name:
@@ -531,7 +531,7 @@ def _breadcrumbs_setup(
 ):
     """`BreadcrumbsTrainer` (it adds the beacon token and builds the two adapters / the student copy), the
     student's `EvictionConfig`, model-card kwargs and the settings' extras."""
-    from ngc_trl.breadcrumbs import BreadcrumbsTrainer
+    from ngc_trl.breadcrumbs.trainer import BreadcrumbsTrainer
 
     trainer = BreadcrumbsTrainer(
         model=model,

@@ -32,7 +32,7 @@ def tiny_qwen2(num_layers=3, vocab=96, hidden=64, heads=4, kv_heads=2, seed=0, d
 
 @pytest.fixture(scope="module")
 def eval_one_thread():
-    """For modules that call `ngc_trl.eval.evaluate`: one intra-op thread (tiny matmuls on a shared 2-core box
+    """For modules that call `ngc_trl.evaluation.run.evaluate`: one intra-op thread (tiny matmuls on a shared 2-core box
     cost more in threading than they save), and no accelerate state left behind for other modules."""
     from accelerate import PartialState
 
@@ -63,7 +63,7 @@ def left_padded(lengths, vocab=96, seed=0, pad=0):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A tiny Qwen2 + char tokenizer saved with save_pretrained (what `ngc-testbed` writes to outputs/tiny-base)."""
-    from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+    from ngc_trl.models import char_tokenizer, tiny_qwen2_config
 
     folder = tmp_path_factory.mktemp("tiny-base")
     torch.manual_seed(0)

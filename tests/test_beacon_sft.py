@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 from trl import SFTConfig
 
 from ngc_trl import testbed
-from ngc_trl.beacon_sft import BeaconSFTTrainer, split_prompt_completion
-from ngc_trl.beacons import add_beacon_token, beacon_layout, beacon_logprobs
+from ngc_trl.breadcrumbs.beacons import add_beacon_token, beacon_layout, beacon_logprobs
+from ngc_trl.breadcrumbs.warm_start import BeaconSFTTrainer, split_prompt_completion
 from ngc_trl.hub import load_ngc_settings
-from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+from ngc_trl.models import char_tokenizer, tiny_qwen2_config
 
 ROWS = [
     ("nums 3 5 target 8\n", "3+5=8 yes\n<answer>3+5</answer>"),

@@ -6,9 +6,15 @@ from conftest import left_padded, tiny_qwen2
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ngc_trl import EvictionConfig, generate_with_eviction
-from ngc_trl.beacons import BEACON_TOKEN, add_beacon_token, beacon_forward, beacon_layout, beacon_logprobs
-from ngc_trl.replay import NEVER
-from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+from ngc_trl.breadcrumbs.beacons import (
+    BEACON_TOKEN,
+    add_beacon_token,
+    beacon_forward,
+    beacon_layout,
+    beacon_logprobs,
+)
+from ngc_trl.engine.replay import NEVER
+from ngc_trl.models import char_tokenizer, tiny_qwen2_config
 
 BEACON = 95  # any id of the tiny model's vocabulary (random weights)
 LENGTHS = (5, 11, 8, 3)
@@ -70,7 +76,7 @@ def test_logits_to_keep_returns_the_last_tokens(model):
 
 def test_hidden_states_project_to_the_same_logits(model):
     """`return_hidden` gives the final hidden states at the same slots; the output head maps them to the logits."""
-    from ngc_trl.beacons import backbone_and_head
+    from ngc_trl.breadcrumbs.beacons import backbone_and_head
 
     ids, mask, out = rollout(model, 3, n=20)
     layout = layout_of(ids, mask, out, 3)

@@ -12,9 +12,9 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from ngc_trl import BreadcrumbsConfig, BreadcrumbsTrainer
-from ngc_trl.breadcrumbs import TEACHER_SUBFOLDER, token_kl
+from ngc_trl.breadcrumbs.trainer import TEACHER_SUBFOLDER, token_kl
 from ngc_trl.hub import load_ngc_settings
-from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+from ngc_trl.models import char_tokenizer, tiny_qwen2_config
 from ngc_trl.train import main, make_parser, read_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,8 +384,8 @@ def test_bad_breadcrumbs_recipe_fails_before_model_load(tmp_path, no_model_load,
 
 def _warm_start(base, folder):
     """What `ngc-testbed --beacon_ratios` saves, untrained: the base with the beacon added."""
-    from ngc_trl.beacons import add_beacon_token
-    from ngc_trl.tiny import load_tokenizer
+    from ngc_trl.breadcrumbs.beacons import add_beacon_token
+    from ngc_trl.models import load_tokenizer
 
     model, tok = Qwen2ForCausalLM.from_pretrained(base), load_tokenizer(base)
     add_beacon_token(tok, model)

@@ -11,8 +11,8 @@ from peft import LoraConfig, get_peft_model
 from test_replay import CFG, rollout
 from test_trainer import make_trainer
 
-from ngc_trl.attention import enable_ngc_attention, no_mask
-from ngc_trl.replay import ReplayContext, route_eviction_logps_through_checkpoints
+from ngc_trl.engine.attention import enable_ngc_attention, no_mask
+from ngc_trl.engine.replay import ReplayContext, route_eviction_logps_through_checkpoints
 
 MODES = {"none": None, "non_reentrant": {"use_reentrant": False}, "reentrant": {"use_reentrant": True}}
 

@@ -10,9 +10,9 @@ from datasets import Dataset
 from transformers import Qwen2ForCausalLM
 
 from ngc_trl import NGCConfig, NGCTrainer
-from ngc_trl.curriculum import GatedCurriculum, curriculum_rate
-from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
-from ngc_trl.trainer import GATE_FILE
+from ngc_trl.models import char_tokenizer, tiny_qwen2_config
+from ngc_trl.ngc.curriculum import GatedCurriculum, curriculum_rate
+from ngc_trl.ngc.trainer import GATE_FILE
 
 RATES, STAGE, ALPHA = [0.0, 0.2, 0.4], 4, 0.5  # steps 0-2 at ε_0 = 0, then a ramp; ε_K = 0.4 from step 8
 

@@ -1,4 +1,4 @@
-"""`ngc_trl.eval` / `ngc_trl.metrics`: pass@k, the paper's peak reduction, resume, reports, CLI validation."""
+"""`ngc_trl.evaluation.run` / `ngc_trl.evaluation.metrics`: pass@k, the paper's peak reduction, resume, reports, CLI validation."""
 
 import itertools
 import json
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_qwen2
 
-import ngc_trl.eval as ev
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.metrics import combine, pareto_auc, pass_at_k, summarize
-from ngc_trl.tiny import char_tokenizer
+import ngc_trl.evaluation.run as ev
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.evaluation.metrics import combine, pareto_auc, pass_at_k, summarize
+from ngc_trl.models import char_tokenizer
 
 SMALL = EvictionConfig(eviction_interval=8, block_size=4, score_window=3)  # prompts (~30 tokens) cross δ
 
@@ -133,7 +133,7 @@ def test_pareto_auc_by_hand():
 
 
 def test_common_range_auc_by_hand():
-    from ngc_trl.metrics import common_range_auc
+    from ngc_trl.evaluation.metrics import common_range_auc
 
     rows = [
         _row("full", 1.0, 0.8),
@@ -413,7 +413,7 @@ def test_cli_reads_model_settings_and_loads_peft_adapters(model_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- Breadcrumbs on the same axis
 def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_path):
-    from ngc_trl.beacons import add_beacon_token
+    from ngc_trl.breadcrumbs.beacons import add_beacon_token
 
     student_tok = char_tokenizer()
     student = tiny_qwen2(vocab=len(student_tok))
@@ -485,7 +485,7 @@ def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_p
 
 
 def test_default_data_source_is_the_models_training_distribution(tmp_path):
-    from ngc_trl.eval import trained_data_source
+    from ngc_trl.evaluation.run import trained_data_source
 
     (tmp_path / "ngc_training.json").write_text(
         json.dumps({"task": "countdown", "dataset_source": "generated:testbed"})

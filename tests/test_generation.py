@@ -5,8 +5,8 @@ import torch
 from conftest import left_padded
 
 from ngc_trl import EvictionConfig, generate_with_eviction
-from ngc_trl.cache import NGCLayer
-from ngc_trl.decision import num_kept
+from ngc_trl.engine.cache import NGCLayer
+from ngc_trl.engine.decision import num_kept
 
 SMALL = dict(eviction_interval=8, block_size=2, score_window=3)
 

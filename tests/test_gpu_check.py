@@ -13,7 +13,7 @@ import torch
 from conftest import left_padded, tiny_qwen2
 
 from ngc_trl import EvictionConfig, generate_with_eviction
-from ngc_trl.replay import ReplayContext, replay_forward
+from ngc_trl.engine.replay import ReplayContext, replay_forward
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:

@@ -1,4 +1,4 @@
-"""`ngc_trl.hub` (settings files, model card, safe push) and `ngc_trl.special_tokens`."""
+"""`ngc_trl.hub` (settings files, model card, safe push) and `ngc_trl.engine.special_tokens`."""
 
 import json
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import Qwen2ForCausalLM
 
-from ngc_trl.eval import read_ngc_settings
-from ngc_trl.eviction import EvictionConfig
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.special_tokens import add_special_token
+from ngc_trl.evaluation.run import read_ngc_settings
 from ngc_trl.hub import (
     SETTINGS_FILE,
     TRAINING_FILE,
@@ -17,8 +18,7 @@ from ngc_trl.hub import (
     write_model_card,
     write_ngc_settings,
 )
-from ngc_trl.special_tokens import add_special_token
-from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
+from ngc_trl.models import char_tokenizer, tiny_qwen2_config
 
 
 @pytest.fixture

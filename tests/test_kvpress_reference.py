@@ -46,12 +46,12 @@ except Exception as exc:  # missing import-time dependency (datasets, cachetools
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
-from ngc_trl.eviction import EvictionConfig
+from ngc_trl.engine.config import EvictionConfig
 from ngc_trl.policies import LayerView, get_policy
 from ngc_trl.policies.keydiff import keydiff_kv_head_scores
 from ngc_trl.policies.knorm import knorm_kv_head_scores
 from ngc_trl.policies.snapkv import snapkv_kv_head_scores
-from ngc_trl.scoring import block_ids
+from ngc_trl.engine.scoring import block_ids
 
 torch.manual_seed(0)
 H, H_KV, HD, N, LENS = 4, 2, 16, 40, (40, 29)

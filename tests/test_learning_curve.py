@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ngc_trl.learning_curve import (
+from ngc_trl.evaluation.learning_curve import (
     CURVE_FILE,
     instance_key,
     load_validation_problems,
@@ -192,8 +192,8 @@ def test_bad_curve_value_fails_before_model_load(tmp_path, no_model_load, extra,
 
 
 def test_plot_curves_writes_a_png_and_the_cli_checks_its_arguments(tmp_path):
-    from ngc_trl.learning_curve import main as curve_main
-    from ngc_trl.learning_curve import write_curve
+    from ngc_trl.evaluation.learning_curve import main as curve_main
+    from ngc_trl.evaluation.learning_curve import write_curve
 
     pts = [
         {"step": s, "policy": "ngc", "rate": 0.5, "accuracy": a, "stderr": 0.05}

@@ -6,7 +6,7 @@
   tiny random GQA model, row by row without padding;
 * in `generate_with_eviction`, the first round keeps the top-k blocks of the teacher-forced F;
 * without hindsight data the policy fails before any decoding, naming the config field;
-* `ngc_trl.eval` with ``full,oracle``: rows written, the full run's completions reused, resume.
+* `ngc_trl.evaluation.run` with ``full,oracle``: rows written, the full run's completions reused, resume.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import pytest
 import torch
 from conftest import left_padded, tiny_qwen2
 
-import ngc_trl.eval as ev
-import ngc_trl.generation as generation
-from ngc_trl.decision import decide, score_blocks
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.generation import generate_with_eviction
+import ngc_trl.engine.generation as generation
+import ngc_trl.evaluation.run as ev
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.decision import decide, score_blocks
+from ngc_trl.engine.generation import generate_with_eviction
+from ngc_trl.engine.scoring import block_ids
+from ngc_trl.models import char_tokenizer
 from ngc_trl.policies import POLICIES, LayerView, get_policy
 from ngc_trl.policies.oracle import Hindsight, OraclePolicy, future_attention
-from ngc_trl.scoring import block_ids
-from ngc_trl.tiny import char_tokenizer
 
 SMALL = EvictionConfig(eviction_interval=8, block_size=4, score_window=3)
 

@@ -13,12 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ngc_trl.eviction import EvictionConfig
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.scoring import block_ids, reduce_blocks
 from ngc_trl.policies import POLICIES, LayerView, get_policy
 from ngc_trl.policies.keydiff import keydiff_kv_head_scores
 from ngc_trl.policies.knorm import knorm_kv_head_scores
 from ngc_trl.policies.snapkv import snapkv_kv_head_scores
-from ngc_trl.scoring import block_ids, reduce_blocks
 
 INF = float("inf")
 H, H_KV, D, S, W = 4, 2, 8, 24, 6

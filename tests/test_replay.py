@@ -5,7 +5,7 @@ import torch
 from conftest import left_padded, tiny_qwen2
 
 from ngc_trl import EvictionConfig, generate_with_eviction
-from ngc_trl.replay import NEVER, ReplayContext, death_times, replay_forward
+from ngc_trl.engine.replay import NEVER, ReplayContext, death_times, replay_forward
 
 CFG = EvictionConfig(policy="ngc", eviction_interval=8, block_size=2, score_window=3)
 
@@ -122,7 +122,7 @@ def test_flex_backend_matches_dense_forward(model):
 
 def test_no_mask_reads_the_config_through_ddp_style_wrappers(model):
     """Breadcrumbs' full-fine-tuning student is called through its DDP wrapper (no ``.config``)."""
-    from ngc_trl.attention import no_mask
+    from ngc_trl.engine.attention import no_mask
 
     class Wrapper(torch.nn.Module):
         def __init__(self, module):

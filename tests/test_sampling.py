@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ngc_trl.sampling import plackett_luce_log_prob, rank_blocks
+from ngc_trl.engine.sampling import plackett_luce_log_prob, rank_blocks
 
 
 def brute_force_pl(logits, order, pool):

@@ -54,7 +54,7 @@ def test_linsys_testbed_examples_verify_and_its_words_are_single_tokens():
 def test_number_tokenizer_is_lossless_and_numbers_are_single_tokens():
     import random
 
-    from ngc_trl.tiny import DEFAULT_CHARS, number_tokenizer
+    from ngc_trl.models import DEFAULT_CHARS, number_tokenizer
 
     tok = number_tokenizer(max_number=1999)
     assert tok.chat_template is None  # plain prompts, as the testbed trains them
@@ -88,8 +88,8 @@ def test_number_tokenizer_is_lossless_and_numbers_are_single_tokens():
 def test_prefixed_number_tokens_make_an_edge_lookup_one_induction_step():
     import random
 
+    from ngc_trl.models import DEFAULT_CHARS, number_tokenizer
     from ngc_trl.tasks import stargraph
-    from ngc_trl.tiny import DEFAULT_CHARS, number_tokenizer
 
     tok = number_tokenizer(prefixes=" >", max_prefixed=99)
     assert len(tok) == len(number_tokenizer()) + 200
@@ -131,7 +131,7 @@ def test_prefixed_number_tokens_make_an_edge_lookup_one_induction_step():
 def test_digit_initialised_number_embeddings_share_place_values():
     from transformers import Qwen2ForCausalLM
 
-    from ngc_trl.tiny import number_tokenizer, tiny_qwen2_config
+    from ngc_trl.models import number_tokenizer, tiny_qwen2_config
 
     tok = number_tokenizer(max_number=199)
     model = Qwen2ForCausalLM(tiny_qwen2_config(len(tok), num_layers=1, hidden=64))
@@ -191,7 +191,7 @@ def test_saved_local_tokenizers_load_back_unchanged_beside_a_qwen2_config(tmp_pa
     word-level / character tokens: `load_tokenizer` (used by train, eval and the testbed) must not."""
     from transformers import Qwen2ForCausalLM
 
-    from ngc_trl.tiny import char_tokenizer, load_tokenizer, number_tokenizer, tiny_qwen2_config
+    from ngc_trl.models import char_tokenizer, load_tokenizer, number_tokenizer, tiny_qwen2_config
 
     text = "nums 11 9 5 target 46\n<think>\n11+9=20 left 5 20\n</think>\n<answer>(11+9)*5</answer>"
     for name, tok in (("number", number_tokenizer()), ("char", char_tokenizer())):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ngc_trl.config import NGCConfig
+from ngc_trl.ngc.config import NGCConfig
 from ngc_trl.train import main, make_parser, read_method
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ from peft import LoraConfig
 from transformers import Qwen2ForCausalLM
 
 from ngc_trl import NGCConfig, NGCTrainer
-from ngc_trl.curriculum import curriculum_rate
-from ngc_trl.tiny import char_tokenizer, tiny_qwen2_config
-from ngc_trl.trainer import add_rate_tag, rate_tag
+from ngc_trl.models import char_tokenizer, tiny_qwen2_config
+from ngc_trl.ngc.curriculum import curriculum_rate
+from ngc_trl.ngc.interoception import add_rate_tag, rate_tag
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
@@ -106,7 +106,7 @@ def test_replay_masks_switch_changes_token_logps(tmp_path):
     batch = tr._generate_and_score_completions([{"prompt": "nums 3 5 7 target 9\n"}] * 3)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    from ngc_trl.generation import EvictionRecords
+    from ngc_trl.engine.records import EvictionRecords
 
     k = batch["completion_ids"].shape[1]
     tr._replay_records = (EvictionRecords.from_dict(batch), batch["ngc_prompt_len"])
@@ -198,8 +198,8 @@ def test_defaults_are_dr_grpo_and_the_paper_schedule(tmp_path):
 def test_length_sorted_replay_chunks_are_exact(tmp_path):
     """The replay forward in length-sorted, trimmed chunks gives the same token and eviction log-probs (and
     the same gradient) as one forward over the padded micro-batch."""
-    from ngc_trl.generation import EvictionRecords
-    from ngc_trl.trainer import replay_chunks
+    from ngc_trl.engine.records import EvictionRecords
+    from ngc_trl.ngc.trainer import replay_chunks
 
     am = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0]])
     chunks = list(replay_chunks(am, max_rows=2, max_tokens=0))

@@ -48,7 +48,7 @@ def test_overridden_grpo_hooks_keep_their_signature():
 
 
 def test_every_ngc_override_exists_on_grpo_trainer():
-    from ngc_trl.trainer import NGCTrainer
+    from ngc_trl.ngc.trainer import NGCTrainer
 
     for name, fn in vars(NGCTrainer).items():
         if (
@@ -77,7 +77,7 @@ def test_overridden_breadcrumbs_hooks_keep_their_signature():
 def test_beacon_sft_overrides_only_sft_compute_loss_with_its_signature():
     from trl import SFTTrainer
 
-    from ngc_trl.beacon_sft import BeaconSFTTrainer
+    from ngc_trl.breadcrumbs.warm_start import BeaconSFTTrainer
 
     got = list(inspect.signature(SFTTrainer.compute_loss).parameters)
     assert got == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"], (
@@ -89,7 +89,7 @@ def test_beacon_sft_overrides_only_sft_compute_loss_with_its_signature():
 
 
 def test_every_breadcrumbs_override_exists_on_grpo_trainer():
-    from ngc_trl.breadcrumbs import BreadcrumbsTrainer
+    from ngc_trl.breadcrumbs.trainer import BreadcrumbsTrainer
 
     helpers = ("_set_adapter_grads", "_student", "_teacher_modules", "_draw_ratios", "_load_student")
     for name, fn in vars(BreadcrumbsTrainer).items():

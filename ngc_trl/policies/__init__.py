@@ -1,5 +1,7 @@
 """Eviction policies by name. `get_policy(cfg)` builds the one an `EvictionConfig` names.
 
+Importing this package registers every rule below in the engine's registry (`ngc_trl.engine.policy`).
+
 Add a policy: one file with one `EvictionPolicy` subclass and its `token_scores`, one line in
 `POLICIES`, one row in the score-rule tests (tests/test_policies.py) and a README bullet.
 
@@ -14,7 +16,7 @@ method: it reads the future attention of the full-cache completion, built per ba
 
 from __future__ import annotations
 
-from ngc_trl.policies.base import EvictionPolicy, LayerView
+from ngc_trl.engine.policy import DECODERS, POLICIES, EvictionPolicy, LayerView, get_policy, register_policy
 from ngc_trl.policies.breadcrumbs import BreadcrumbsPolicy
 from ngc_trl.policies.full import FullCachePolicy
 from ngc_trl.policies.h2o import H2OPolicy
@@ -27,29 +29,20 @@ from ngc_trl.policies.snapkv import SnapKVPolicy
 from ngc_trl.policies.streaming_llm import StreamingLLMPolicy
 from ngc_trl.policies.tova import TOVAPolicy
 
-POLICIES: dict[str, type[EvictionPolicy]] = {
-    NGCPolicy.name: NGCPolicy,
-    FullCachePolicy.name: FullCachePolicy,
-    StreamingLLMPolicy.name: StreamingLLMPolicy,
-    SnapKVPolicy.name: SnapKVPolicy,
-    KNormPolicy.name: KNormPolicy,
-    KeyDiffPolicy.name: KeyDiffPolicy,
-    H2OPolicy.name: H2OPolicy,
-    TOVAPolicy.name: TOVAPolicy,
-    RandomPolicy.name: RandomPolicy,
-    OraclePolicy.name: OraclePolicy,
-}
-DECODERS: dict[str, type[EvictionPolicy]] = {BreadcrumbsPolicy.name: BreadcrumbsPolicy}
-
-
-def get_policy(cfg) -> EvictionPolicy:
-    """The policy instance for ``cfg.policy``; unknown names fail with the list of valid ones."""
-    cls = POLICIES.get(cfg.policy) or DECODERS.get(cfg.policy)
-    if cls is None:
-        raise ValueError(
-            f"unknown eviction policy {cfg.policy!r}; valid: {', '.join(sorted({**POLICIES, **DECODERS}))}"
-        )
-    return cls(cfg)
+for _cls in (
+    NGCPolicy,
+    FullCachePolicy,
+    StreamingLLMPolicy,
+    SnapKVPolicy,
+    KNormPolicy,
+    KeyDiffPolicy,
+    H2OPolicy,
+    TOVAPolicy,
+    RandomPolicy,
+    OraclePolicy,
+):
+    register_policy(_cls)
+register_policy(BreadcrumbsPolicy, decoder=True)
 
 
 __all__ = [
@@ -69,4 +62,5 @@ __all__ = [
     "StreamingLLMPolicy",
     "TOVAPolicy",
     "get_policy",
+    "register_policy",
 ]

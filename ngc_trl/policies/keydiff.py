@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ngc_trl.policies.base import EvictionPolicy, LayerView
+from ngc_trl.engine.policy import EvictionPolicy, LayerView
 
 
 def keydiff_kv_head_scores(keys: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ngc_trl.policies.base import EvictionPolicy, LayerView
+from ngc_trl.engine.policy import EvictionPolicy, LayerView
 
 
 def knorm_kv_head_scores(keys: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

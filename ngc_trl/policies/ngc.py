@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ngc_trl.policies.base import EvictionPolicy, LayerView
-from ngc_trl.scoring import head_query_mean
+from ngc_trl.engine.policy import EvictionPolicy, LayerView
+from ngc_trl.engine.scoring import head_query_mean
 
 
 class NGCPolicy(EvictionPolicy):

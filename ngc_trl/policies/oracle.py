@@ -13,7 +13,7 @@ How it is fed
 2. `future_attention` teacher-forces prompt + completion once through the model (plain causal, no
    eviction) and, for every layer ``ℓ`` and every round position ``p`` of the schedule, sums the softmax
    attention that the queries at positions ``q >= p`` pay to each key ``t``, averaged over the ``H``
-   query heads (GQA: each KV head serves its group, as in `ngc_trl.scoring.window_attention`):
+   query heads (GQA: each KV head serves its group, as in `ngc_trl.engine.scoring.window_attention`):
 
        F_ℓ[t, p] = 1/H · Σ_{q >= p} Σ_h A_ℓ,h[q, t]
 
@@ -26,7 +26,7 @@ at position ``t`` is the future attention the *full-cache* token at ``t`` receiv
 full-cache completion never reached (the evicting decode ran longer, so no recorded query lies at or
 after ``p``) falls back to recency: score ``pos / p``, newest kept (documented fallback, StreamingLLM-like).
 
-`oracle_for_batch` does steps 1–3 for one evaluation batch (`ngc_trl.eval`). In training there is no
+`oracle_for_batch` does steps 1–3 for one evaluation batch (`ngc_trl.evaluation.run`). In training there is no
 hindsight: `generate_with_eviction` rejects ``EvictionConfig.policy='oracle'`` (``NGCConfig.eviction_policy``)
 before the prefill.
 """
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.policies.base import EvictionPolicy, LayerView
-from ngc_trl.scoring import window_attention
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.policy import EvictionPolicy, LayerView
+from ngc_trl.engine.scoring import window_attention
 
 CHUNK_ELEMENTS = 1 << 25  # attention probabilities held at once by `future_attention` (fp32 elements)
 
@@ -83,7 +83,7 @@ class OraclePolicy(EvictionPolicy):
             raise ValueError(
                 "EvictionConfig.policy='oracle' (NGCConfig.eviction_policy in training) is an evaluation-only "
                 "hindsight ceiling: it needs the full-cache completion's future attention, built per batch by "
-                "ngc_trl.policies.oracle.oracle_for_batch (ngc_trl.eval does it); it cannot roll out in training"
+                "ngc_trl.policies.oracle.oracle_for_batch (ngc_trl.evaluation.run does it); it cannot roll out in training"
             )
         if batch_size is not None and self.data.future.shape[0] != batch_size:
             raise ValueError(f"oracle: hindsight for {self.data.future.shape[0]} rows, batch of {batch_size}")
@@ -119,7 +119,7 @@ class _FutureMass:
         self.per_layer: dict[int, torch.Tensor] = {}
 
     def attend(self, module, query, key, value, scaling):
-        from ngc_trl.attention import masked_sdpa
+        from ngc_trl.engine.attention import masked_sdpa
 
         pos, valid, visible = self.pos, self.valid, self.visible
         b, h, t, _ = query.shape
@@ -162,7 +162,7 @@ def future_attention(
     Returns:
         `Hindsight` on ``input_ids.device``. Positions are absolute (``cumsum(mask) − 1``).
     """
-    from ngc_trl.attention import no_mask, use_ngc_attention
+    from ngc_trl.engine.attention import no_mask, use_ngc_attention
 
     device = input_ids.device
     b = input_ids.shape[0]
@@ -217,7 +217,7 @@ def full_cache_completions(
 ) -> list[list[int]]:
     """``known`` with every ``None`` replaced by the greedy full-cache completion of that row's prompt
     (decoded together, in one `generate_with_eviction` call with ``policy='full'``)."""
-    from ngc_trl.generation import generate_with_eviction
+    from ngc_trl.engine.generation import generate_with_eviction
 
     out = list(known)
     missing = [i for i, c in enumerate(out) if c is None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ngc_trl.policies.base import EvictionPolicy, LayerView
+from ngc_trl.engine.policy import EvictionPolicy, LayerView
 
 
 class RandomPolicy(EvictionPolicy):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ngc_trl.policies.base import EvictionPolicy, LayerView
+from ngc_trl.engine.policy import EvictionPolicy, LayerView
 
 
 def snapkv_kv_head_scores(view: LayerView, window: int, kernel_size: int = 5) -> torch.Tensor:

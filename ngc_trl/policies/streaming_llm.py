@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ngc_trl.policies.base import EvictionPolicy, LayerView
+from ngc_trl.engine.policy import EvictionPolicy, LayerView
 
 
 class StreamingLLMPolicy(EvictionPolicy):

@@ -43,14 +43,14 @@ class EvictionConfig:
             Plackett–Luce logits (paper: 1, raw means). Acts as an inverse temperature.
         logit_transform (`str`, defaults to ``"none"``): ``"log"`` uses ``log(score)`` as logits instead of
             the raw score; ``"relative"`` divides each block's score by the mean score of the row's candidate
-            blocks (scale-free; `ngc_trl.scoring.block_logits`). Neither is in the paper.
+            blocks (scale-free; `ngc_trl.engine.scoring.block_logits`). Neither is in the paper.
         window_size (`int` or None): a policy's own observation window (SnapKV's native 64, H2O's recent
             window...). ``None`` uses each policy's documented default.
         compression_ratio (`int`, defaults to 0): Breadcrumbs only (``policy="breadcrumbs"``, method.md §8):
             ``c``, one beacon is fed after every ``c`` generated tokens and the window it closes is evicted.
             Must be ``>= 2`` with that policy; ignored by every other one.
         beacon_token_id (`int` or None): Breadcrumbs only: the id of the beacon token (see
-            `ngc_trl.beacons.add_beacon_token`). Required with ``policy="breadcrumbs"``.
+            `ngc_trl.breadcrumbs.beacons.add_beacon_token`). Required with ``policy="breadcrumbs"``.
     """
 
     eviction_interval: int = 256
@@ -69,7 +69,7 @@ class EvictionConfig:
     beacon_token_id: int | None = None
 
     def __post_init__(self):
-        from ngc_trl.policies import DECODERS, POLICIES  # local import: policies import this module
+        from ngc_trl.engine.policy import policy_names  # local import: the policy module imports this one
 
         def bad(name, why):
             raise ValueError(f"EvictionConfig.{name}={getattr(self, name)!r}: {why}")
@@ -87,8 +87,8 @@ class EvictionConfig:
                 bad(name, "must be a non-negative integer")
         if self.window_size is not None and (not isinstance(self.window_size, int) or self.window_size <= 0):
             bad("window_size", "must be a positive integer or None")
-        if self.policy not in POLICIES and self.policy not in DECODERS:
-            bad("policy", f"unknown policy; valid policies: {', '.join(sorted({**POLICIES, **DECODERS}))}")
+        if self.policy not in policy_names():
+            bad("policy", f"unknown policy; valid policies: {', '.join(policy_names())}")
         if self.block_reduction not in BLOCK_REDUCTIONS:
             bad("block_reduction", f"must be one of {BLOCK_REDUCTIONS}")
         if self.logit_transform not in LOGIT_TRANSFORMS:

@@ -2,7 +2,7 @@
 
 `LearningCurveCallback` evaluates the model being trained before the first step of a fresh run (step 0:
 the untrained control), every ``every`` optimizer steps and at the end of training, with
-`ngc_trl.eval.evaluate`: greedy decoding, deterministic top-k eviction at the trainer's final rate
+`ngc_trl.evaluation.run.evaluate`: greedy decoding, deterministic top-k eviction at the trainer's final rate
 ``eviction_rate`` with its δ/b/w/protections (policy ``ngc``, plus any other policies asked for; ``full``
 runs at rate 0). Each evaluation is logged as trainer metrics (``eval/curve_accuracy``,
 ``eval/curve_peak_compression`` for ``ngc``; ``eval/curve_accuracy_<policy>`` ... for the others) and
@@ -187,7 +187,7 @@ class LearningCurveCallback(TrainerCallback):
         batch_size: int = 64,
         output_dir: str | None = None,
     ):
-        from ngc_trl.eval import parse_policies, plan_runs
+        from ngc_trl.evaluation.run import parse_policies, plan_runs
 
         if every <= 0:
             raise ValueError(f"LearningCurveCallback: every={every} must be > 0")
@@ -228,7 +228,7 @@ class LearningCurveCallback(TrainerCallback):
         from transformers import Trainer
         from trl.models.utils import unwrap_model_for_generation
 
-        from ngc_trl.eval import evaluate
+        from ngc_trl.evaluation.run import evaluate
 
         tr = self.trainer
         acc = tr.accelerator
@@ -358,7 +358,7 @@ def plot_curves(
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """``python -m ngc_trl.learning_curve --runs LABEL=PATH ... --out curve.png [--ref LABEL=ACC[±SE]]``."""
+    """``python -m ngc_trl.evaluation.learning_curve --runs LABEL=PATH ... --out curve.png [--ref LABEL=ACC[±SE]]``."""
     import argparse
 
     p = argparse.ArgumentParser(

@@ -1,9 +1,9 @@
-"""The eviction-policy interface: one small class with one score rule.
+"""The eviction-policy interface (one small class with one score rule) and the registry of policies by name.
 
 A policy turns what a layer holds at a round (a `LayerView`) into a per-key keep score ``(B, S)``:
 higher means keep, ``+inf`` marks a key the method itself protects (StreamingLLM's sinks, SnapKV's
 window, TOVA's last token). Everything else — protections from the config, block reduction, top-k or
-Gumbel-top-k, compaction, records — is shared (`ngc_trl.cache`), so every policy runs under the same
+Gumbel-top-k, compaction, records — is shared (`ngc_trl.engine.cache`), so every policy runs under the same
 δ / ε / b schedule and peak cache is matched across methods.
 """
 
@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.scoring import window_attention
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.scoring import window_attention
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LayerView:
         prompt_len: ``(R,)`` long.  generator: noise source for stochastic policies.
         rows: ``(R,)`` long indices of these rows in the decoded batch; layer_idx: the layer;
             round_pos: ``(R,)`` long absolute position ``p`` of the round (the token fed next). Filled
-            by `ngc_trl.generation`; None elsewhere (the replay forward). Only policies that read
+            by `ngc_trl.engine.generation`; None elsewhere (the replay forward). Only policies that read
             per-row data of the batch need them (`oracle`).
     """
 
@@ -68,7 +68,7 @@ class EvictionPolicy:
         evicts: False for the `full` cache (rounds are skipped).
         tracks_attention: True if the policy needs attention summed over *every* decoding step (H2O).
         learned: True for the policy trained by NGC (its scores carry the eviction gradient in replay).
-        beacons: True for Breadcrumbs beacon decoding (`ngc_trl.beacons`) instead of eviction rounds.
+        beacons: True for Breadcrumbs beacon decoding (`ngc_trl.breadcrumbs.beacons`) instead of eviction rounds.
         hindsight: True for an evaluation-only ceiling that reads the future of a full-cache completion
             (`oracle`): it is built per batch with that data and cannot roll out in training.
     """
@@ -90,8 +90,39 @@ class EvictionPolicy:
 
     def check_batch(self, batch_size: int) -> None:
         """Raise ``ValueError`` if this policy cannot decode a batch of ``batch_size`` rows (called by
-        `ngc_trl.generation.generate_with_eviction` before the prefill; every score rule can)."""
+        `ngc_trl.engine.generation.generate_with_eviction` before the prefill; every score rule can)."""
 
     def token_scores(self, view: LayerView) -> torch.Tensor:
         """``(R, S)`` keep score per slot (higher keeps; ``+inf`` protects). Non-live slots are ignored."""
         raise NotImplementedError
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {}
+"""Score rules by name. Filled by `ngc_trl.policies` (imported with the package), so the engine never
+imports a concrete rule: add one with `register_policy`."""
+DECODERS: dict[str, type[EvictionPolicy]] = {}
+"""Valid ``EvictionConfig.policy`` names that are not a score rule under the δ/ε/b schedule."""
+
+
+def register_policy(cls: type[EvictionPolicy], *, decoder: bool = False) -> type[EvictionPolicy]:
+    """Add ``cls`` under ``cls.name`` (to `DECODERS` when ``decoder``); a name taken by another class fails."""
+    table = DECODERS if decoder else POLICIES
+    if not cls.name:
+        raise ValueError(f"{cls.__name__}.name: a registered policy needs a name")
+    if cls.name in {**POLICIES, **DECODERS} and {**POLICIES, **DECODERS}[cls.name] is not cls:
+        raise ValueError(f"policy name {cls.name!r} is already registered")
+    table[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    """Every valid ``EvictionConfig.policy`` name, sorted."""
+    return sorted({**POLICIES, **DECODERS})
+
+
+def get_policy(cfg) -> EvictionPolicy:
+    """The policy instance for ``cfg.policy``; unknown names fail with the list of valid ones."""
+    cls = POLICIES.get(cfg.policy) or DECODERS.get(cfg.policy)
+    if cls is None:
+        raise ValueError(f"unknown eviction policy {cfg.policy!r}; valid: {', '.join(policy_names())}")
+    return cls(cfg)

@@ -1,5 +1,5 @@
 """Adding special tokens to a tokenizer and a model: the NGC meta-token (paper §A.4) and, through
-`ngc_trl.beacons.add_beacon_token`, the Breadcrumbs beacon.
+`ngc_trl.breadcrumbs.beacons.add_beacon_token`, the Breadcrumbs beacon.
 
 The meta-token is an ordinary vocabulary entry forced just before every eviction round. Its embedding
 is initialised to the mean of the embeddings of the tokens of a short text (the paper: ``"tl;dr"``).

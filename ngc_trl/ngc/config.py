@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from ngc_trl.eviction import EvictionConfig
+from ngc_trl.engine.config import EvictionConfig
 
 
 @dataclass
@@ -50,7 +50,7 @@ class NGCConfig(GRPOConfig):
         curriculum_gate (`float` or `None`, defaults to `None`): beyond the paper. None = the paper's
             time-driven Eq. 6. g in (0, 1]: the staircase's stage clock advances only over steps trained on
             rollout batches whose mean reward is >= g × the reference reward, and holds otherwise (see
-            `ngc_trl.curriculum.GatedCurriculum`). Needs `curriculum_rates`.
+            `ngc_trl.ngc.curriculum.GatedCurriculum`). Needs `curriculum_rates`.
         curriculum_gate_reference (`float` or `None`, defaults to `None`): the reference reward, a fixed
             full-cache reward measured once (> 0). None: the EMA of the batch rewards at the lowest level
             `curriculum_rates[0]` (put 0 there for a reward truly without eviction).

@@ -1,7 +1,7 @@
 """One eviction decision: score a layer's live keys, cut them into blocks, choose the keep-set.
 
-`score_blocks` is shared by the rollout (`ngc_trl.generation`, on the compact cache) and the replay
-forward (`ngc_trl.replay`, on the full sequence with grad), which is what makes the replayed eviction
+`score_blocks` is shared by the rollout (`ngc_trl.engine.generation`, on the compact cache) and the replay
+forward (`ngc_trl.engine.replay`, on the full sequence with grad), which is what makes the replayed eviction
 log-probabilities equal the rollout's. `decide` draws the action (Gumbel-top-k or top-k).
 """
 
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.policies.base import EvictionPolicy, LayerView
-from ngc_trl.sampling import plackett_luce_log_prob, rank_blocks
-from ngc_trl.scoring import block_logits, protection_mask, reduce_blocks
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.policy import EvictionPolicy, LayerView
+from ngc_trl.engine.sampling import plackett_luce_log_prob, rank_blocks
+from ngc_trl.engine.scoring import block_logits, protection_mask, reduce_blocks
 
 
 @dataclass

@@ -9,7 +9,7 @@ With ``death_ℓ[j]`` the position of the round that evicted key ``j`` from laye
 from ``p`` on). A 1-D key mask is not enough: visibility is not monotone in the query position.
 
 In the same pass, at each round ``r`` and layer ``ℓ`` the ``w`` queries before the round score the keys
-alive at it (`ngc_trl.decision.score_blocks`, the rollout's code) and the Plackett–Luce log-prob of the
+alive at it (`ngc_trl.engine.decision.score_blocks`, the rollout's code) and the Plackett–Luce log-prob of the
 recorded keep-sequence is taken: ``log π(σ)`` is on the autograd graph, so ``L_mem`` reaches every
 parameter that shapes Q and K. CPU: dense boolean SDPA masks ``(B, 1, T, T)``. CUDA: FlexAttention with a
 per-layer ``mask_mod`` over ``death`` (O(T) memory per layer, block-sparse since evictions come in blocks).
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from ngc_trl.attention import masked_sdpa, no_mask, use_ngc_attention
-from ngc_trl.decision import score_blocks
-from ngc_trl.eviction import EvictionConfig
-from ngc_trl.generation import EvictionRecords
-from ngc_trl.policies import LayerView, get_policy
-from ngc_trl.sampling import plackett_luce_entropy_proxy, plackett_luce_log_prob
-from ngc_trl.scoring import block_ids
+from ngc_trl.engine.attention import masked_sdpa, no_mask, use_ngc_attention
+from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.decision import score_blocks
+from ngc_trl.engine.policy import LayerView, get_policy
+from ngc_trl.engine.records import EvictionRecords
+from ngc_trl.engine.sampling import plackett_luce_entropy_proxy, plackett_luce_log_prob
+from ngc_trl.engine.scoring import block_ids
 
 NEVER = torch.iinfo(torch.long).max
 
@@ -69,7 +69,7 @@ class ReplayContext:
         backend: ``"dense"`` (SDPA + boolean masks), ``"flex"`` (FlexAttention), or ``"auto"``
             (flex on CUDA, dense elsewhere; FlexAttention has no CPU backward).
         death: a precomputed death tensor instead of ``records``: ``(B, T)`` shared by every layer
-            (Breadcrumbs beacons, `ngc_trl.beacons`) or ``(B, L, T)``, long, in the same units as
+            (Breadcrumbs beacons, `ngc_trl.breadcrumbs.beacons`) or ``(B, L, T)``, long, in the same units as
             `death_times` (absolute position of the first query that no longer sees the slot, `NEVER`
             if none). With ``records`` too, it wins for the masks.
     """

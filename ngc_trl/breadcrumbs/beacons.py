@@ -1,7 +1,7 @@
 """Breadcrumbs beacons (Monea et al., arXiv 2510.13797; method.md §8): the beacon token, the layout of a
 sequence with its beacons interleaved, and the one-pass training forward under the beacon mask.
 
-Decoding is `ngc_trl.generation.generate_with_eviction` with ``EvictionConfig(policy="breadcrumbs",
+Decoding is `ngc_trl.engine.generation.generate_with_eviction` with ``EvictionConfig(policy="breadcrumbs",
 compression_ratio=c, beacon_token_id=b)``. Training (the compressing student's forward)::
 
     b = add_beacon_token(tokenizer, model)                       # before PEFT wrapping
@@ -34,9 +34,9 @@ from functools import partial
 
 import torch
 
-from ngc_trl.attention import no_mask, use_ngc_attention
-from ngc_trl.replay import NEVER, ReplayContext
-from ngc_trl.special_tokens import add_token_to_tokenizer, init_token_row
+from ngc_trl.engine.attention import no_mask, use_ngc_attention
+from ngc_trl.engine.replay import NEVER, ReplayContext
+from ngc_trl.engine.special_tokens import add_token_to_tokenizer, init_token_row
 
 BEACON_TOKEN = "<|beacon|>"
 BEACON_INITS = ("mean", "eos", "random")
@@ -221,10 +221,10 @@ def beacon_forward(
 ):
     """One forward pass over the interleaved sequence under the beacon mask, with autograd.
 
-    Reuses the ``"ngc"`` attention's replay path (`ngc_trl.replay.ReplayContext` with a death tensor
+    Reuses the ``"ngc"`` attention's replay path (`ngc_trl.engine.replay.ReplayContext` with a death tensor
     shared by every layer): dense boolean SDPA masks on CPU, FlexAttention on CUDA (``backend``). Works
     on PEFT-wrapped models. Under non-reentrant gradient checkpointing call
-    `ngc_trl.attention.enable_ngc_attention(model)` first (layers are recomputed after this returns).
+    `ngc_trl.engine.attention.enable_ngc_attention(model)` first (layers are recomputed after this returns).
 
     Parameters
     ----------
@@ -235,7 +235,7 @@ def beacon_forward(
     backend : ``"auto"``, ``"dense"`` or ``"flex"`` (see `ReplayContext`).
     return_hidden : return the final hidden states ``(B, T, H)`` at the same slots instead of logits
         (``backbone_and_head(model)[1]`` maps them to the logits); the LM head then runs on one slot only,
-        so a caller can project chunk by chunk and never hold ``(B, T, V)`` (`ngc_trl.breadcrumbs.token_kl`).
+        so a caller can project chunk by chunk and never hold ``(B, T, V)`` (`ngc_trl.breadcrumbs.trainer.token_kl`).
 
     Returns
     -------

@@ -5,7 +5,7 @@ One training step on one batch of rollouts:
 1. **Teacher** (full KV cache): TRL's plain GRPO path, unchanged — plain ``model.generate`` rollouts,
    rewards, group advantages and TRL's loss (Dr. GRPO by default).
 2. **Student** (compresses with beacons): one forward over prompt + the *teacher's* completion with a
-   beacon interleaved every ``c`` completion tokens, under the beacon mask (`ngc_trl.beacons`), and a
+   beacon interleaved every ``c`` completion tokens, under the beacon mask (`ngc_trl.breadcrumbs.beacons`), and a
    token-level KL to the teacher's full-cache distribution on the same tokens (teacher detached)::
 
        L = L_GRPO(teacher) + distill_loss_coef · Σ_{b,t} m_{b,t} KL_{b,t} / N
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-from ngc_trl.beacons import (
+from ngc_trl.breadcrumbs.beacons import (
     BEACON_INITS,
     BEACON_TOKEN,
     add_beacon_token,
@@ -71,7 +71,7 @@ from ngc_trl.beacons import (
     beacon_layout,
     last_hidden,
 )
-from ngc_trl.eviction import EvictionConfig
+from ngc_trl.engine.config import EvictionConfig
 
 TEACHER_SUBFOLDER = "teacher"
 KL_DIRECTIONS = ("forward", "reverse")
@@ -96,11 +96,11 @@ class BreadcrumbsConfig(GRPOConfig):
             parameters (their own optimizer groups, same schedule); ``None``: ``learning_rate``. Distillation is
             a supervised loss and tolerates the larger rates of SFT, while the teacher's RL step stays small.
         student_model_name_or_path (`str` or `None`, defaults to `None`): full fine-tuning only: start the
-            student from this model (e.g. a beacon warm start, `ngc_trl.beacon_sft`; its tokenizer must map
+            student from this model (e.g. a beacon warm start, `ngc_trl.breadcrumbs.warm_start`; its tokenizer must map
             ``beacon_token`` to the teacher's beacon id) instead of a copy of the teacher. ``None``: the copy
             (the paper; ``"none"`` on the command line).
         beacon_token (`str`, defaults to `"<|beacon|>"`), beacon_init (`str`, defaults to `"mean"`): the
-            special token and its embedding init (`ngc_trl.beacons.add_beacon_token`: mean | eos | random).
+            special token and its embedding init (`ngc_trl.breadcrumbs.beacons.add_beacon_token`: mean | eos | random).
         teacher_adapter_name (`str`, defaults to `"teacher"`), student_adapter_name (`str`, defaults to
             `"student"`): the two LoRA adapters (LoRA only).
     """
@@ -344,8 +344,8 @@ class BreadcrumbsTrainer(GRPOTrainer):
         from accelerate.utils import is_peft_model
         from transformers import AutoModelForCausalLM
 
-        from ngc_trl.attention import enable_ngc_attention
-        from ngc_trl.tiny import load_tokenizer
+        from ngc_trl.engine.attention import enable_ngc_attention
+        from ngc_trl.models import load_tokenizer
 
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
@@ -433,7 +433,7 @@ class BreadcrumbsTrainer(GRPOTrainer):
         beacon) and the same beacon id in its own tokenizer, else a ValueError naming the field."""
         from transformers import AutoModelForCausalLM
 
-        from ngc_trl.tiny import load_tokenizer
+        from ngc_trl.models import load_tokenizer
 
         path = args.student_model_name_or_path
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ngc_trl.eviction import EvictionConfig
+from ngc_trl.engine.config import EvictionConfig
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -7,10 +7,10 @@ base stayed at ~1.5 nats/token KL to the teacher and solved nothing (README), wh
 ~12k traces to learn the task.
 
 The warm start teaches the student the beacon regime on the base's own SFT traces before joint training:
-cross-entropy on the trace tokens, in one forward under the beacon layout (`ngc_trl.beacons`), with ``c``
+cross-entropy on the trace tokens, in one forward under the beacon layout (`ngc_trl.breadcrumbs.beacons`), with ``c``
 drawn per row from ``compression_ratios``. The base predicts those traces at ~0.01 nats/token, so this
 approximates distillation from the base (the teacher at step 0) without a teacher forward. Joint training
-(`ngc_trl.breadcrumbs.BreadcrumbsTrainer`, ``student_model_name_or_path``) then starts its student here.
+(`ngc_trl.breadcrumbs.trainer.BreadcrumbsTrainer`, ``student_model_name_or_path``) then starts its student here.
 
     trainer = BeaconSFTTrainer(model=model, args=SFTConfig(..., completion_only_loss=True),
                                train_dataset=prompt_completion_ds, processing_class=tok,
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
-from ngc_trl.beacons import beacon_forward, beacon_layout
+from ngc_trl.breadcrumbs.beacons import beacon_forward, beacon_layout
 
 
 def split_prompt_completion(
@@ -70,7 +70,7 @@ class BeaconSFTTrainer(SFTTrainer):
 
     Same arguments as `trl.SFTTrainer` (prompt/completion data, ``completion_only_loss=True``, no packing
     or padding-free batches) plus ``beacon_token_id`` (already in the tokenizer and the model's
-    embeddings: `ngc_trl.beacons.add_beacon_token`) and ``compression_ratios`` (``c`` drawn uniformly per
+    embeddings: `ngc_trl.breadcrumbs.beacons.add_beacon_token`) and ``compression_ratios`` (``c`` drawn uniformly per
     row, reproducibly per step). Logs ``beacon_sft/compression_ratio``.
     """
 
@@ -78,7 +78,7 @@ class BeaconSFTTrainer(SFTTrainer):
         if not compression_ratios or any(not isinstance(c, int) or c < 2 for c in compression_ratios):
             raise ValueError(f"compression_ratios={compression_ratios!r}: integers >= 2")
         super().__init__(*args, **kwargs)
-        from ngc_trl.attention import enable_ngc_attention
+        from ngc_trl.engine.attention import enable_ngc_attention
 
         enable_ngc_attention(
             self.model

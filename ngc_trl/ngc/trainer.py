@@ -32,15 +32,16 @@ import torch
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
-from ngc_trl.attention import enable_ngc_attention, no_mask
-from ngc_trl.config import NGCConfig
-from ngc_trl.curriculum import GatedCurriculum, curriculum_rate
-from ngc_trl.generation import EvictionRecords, generate_with_eviction
-from ngc_trl.replay import ReplayContext, route_eviction_logps_through_checkpoints
+from ngc_trl.engine.attention import enable_ngc_attention, no_mask
+from ngc_trl.engine.generation import generate_with_eviction
+from ngc_trl.engine.records import EvictionRecords
+from ngc_trl.engine.replay import ReplayContext, route_eviction_logps_through_checkpoints
+from ngc_trl.ngc.config import NGCConfig
+from ngc_trl.ngc.curriculum import GatedCurriculum, curriculum_rate
+from ngc_trl.ngc.interoception import add_rate_tag
 
 logger = logging.getLogger(__name__)
 
-RATE_TAG = "<eviction_rate>{pct}%</eviction_rate>"
 GATE_FILE = "ngc_curriculum_gate.json"  # the reward-gated curriculum's state, in every checkpoint folder
 
 
@@ -66,24 +67,6 @@ def replay_chunks(attention_mask: torch.Tensor, max_rows: int, max_tokens: int =
         rows = order[start:stop]
         yield rows, int(ends[rows].max())
         start = stop
-
-
-def rate_tag(rate: float) -> str:
-    """The interoception tag for an eviction rate, e.g. ``<eviction_rate>50%</eviction_rate>``."""
-    return RATE_TAG.format(pct=round(rate * 100))
-
-
-def add_rate_tag(prompt, rate: float):
-    """Append the tag to a plain prompt or to the last user turn of a chat prompt (a copy)."""
-    tag = rate_tag(rate)
-    if isinstance(prompt, str):
-        return f"{prompt}{tag}" if prompt.endswith("\n") else f"{prompt}\n{tag}"
-    msgs = [dict(m) for m in prompt]
-    for m in reversed(msgs):
-        if m.get("role") == "user" and isinstance(m.get("content"), str):
-            m["content"] = f"{m['content']}\n{tag}"
-            break
-    return msgs
 
 
 class NGCTrainer(GRPOTrainer):
@@ -126,7 +109,7 @@ class NGCTrainer(GRPOTrainer):
             if ids[0] is None or ids[0] == self.processing_class.unk_token_id:
                 raise ValueError(
                     f"NGCConfig.meta_token={self.args.meta_token!r} is not in the tokenizer; "
-                    "add it with ngc_trl.special_tokens.add_special_token first"
+                    "add it with ngc_trl.engine.special_tokens.add_special_token first"
                 )
             self.meta_token_id = ids[0]
         self._row_rates = None  # per-rollout ε of the generation batch being built

@@ -10,7 +10,7 @@ It dispatches on the extra model kwargs that reach every attention call:
   ``flash_attn_with_kvcache(cache_seqlens=lengths)`` when `flash_attn` is installed, else
   ``torch.nn.attention.varlen.varlen_attn(seqused_k=lengths)``.
 * ``ngc_replay=ReplayContext`` (training forward): a different visibility mask per layer, built from the
-  recorded evictions (`ngc_trl.replay`), and the eviction log-probs recomputed from this layer's queries
+  recorded evictions (`ngc_trl.engine.replay`), and the eviction log-probs recomputed from this layer's queries
   and keys so they carry gradients.
 * neither: plain SDPA with the usual causal/padding mask (the function behaves like ``"sdpa"``).
 
@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ngc_trl.scoring import window_attention
+from ngc_trl.engine.scoring import window_attention
 
 ATTN_NAME = "ngc"
 

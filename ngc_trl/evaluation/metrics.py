@@ -1,6 +1,6 @@
 """Evaluation helpers: pass@k, the paper's peak KV-cache reduction, the ``samples.jsonl`` store, the reports.
 
-Records are the per-sample dicts `ngc_trl.eval` writes to ``samples.jsonl`` (keys ``policy``, ``rate``,
+Records are the per-sample dicts `ngc_trl.evaluation.run` writes to ``samples.jsonl`` (keys ``policy``, ``rate``,
 ``problem_id``, ``sample``, ``correct``, ``peak_total``, ``peak_entries``, ``compression_same_tokens``, ...).
 
 Peak KV-cache reduction (paper §5.1): the mean over prompts of the per-prompt ratio
@@ -404,7 +404,7 @@ def auc_table(auc: dict) -> str:
 
 
 def write_reports(output_dir: str | os.PathLike, summary: dict, title: str = "") -> None:
-    """``summary.json``, ``results.md`` and ``pareto.png`` from `ngc_trl.eval.evaluate`'s summary (the AUC
+    """``summary.json``, ``results.md`` and ``pareto.png`` from `ngc_trl.evaluation.run.evaluate`'s summary (the AUC
     of every method is added to it as ``summary["auc"]``)."""
     output_dir, s = Path(output_dir), summary["settings"]
     summary["auc"] = dict(pareto_auc(summary["results"]), common_range=common_range_auc(summary["results"]))
@@ -424,7 +424,7 @@ def write_reports(output_dir: str | os.PathLike, summary: dict, title: str = "")
 
 # ----------------------------------------------------------------------------- several evaluations on one axis
 def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "") -> dict:
-    """Put several `ngc_trl.eval` output folders on one accuracy–compression axis (table, plot, AUC).
+    """Put several `ngc_trl.evaluation.run` output folders on one accuracy–compression axis (table, plot, AUC).
 
     The paper compares methods that need different models: the heuristics run on the full-cache-trained
     model, NGC on the NGC model, a Breadcrumbs student on itself. Evaluate each model into its own folder,
@@ -448,7 +448,9 @@ def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "")
         folder, _, label = str(spec).partition("=")
         path = Path(folder) / "summary.json"
         if not path.is_file():
-            raise ValueError(f"--runs: {path} does not exist (run ngc_trl.eval into {folder} first)")
+            raise ValueError(
+                f"--runs: {path} does not exist (run ngc_trl.evaluation.run into {folder} first)"
+            )
         summary = json.loads(path.read_text())
         first_settings = first_settings or summary["settings"]
         sources.append({"dir": folder, "label": label or None, "model": summary["settings"].get("model")})
@@ -506,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         out = combine(a.runs, a.output_dir, a.title)
     except ValueError as e:
-        raise SystemExit(f"ngc_trl.metrics: error: {e}") from None
+        raise SystemExit(f"ngc_trl.evaluation.metrics: error: {e}") from None
     print((Path(a.output_dir) / "results.md").read_text())
     return out
 

@@ -1,0 +1,7 @@
+"""Evaluation: accuracy against peak-KV-cache compression, per sample, resumable.
+
+* `run` — the evaluation loop behind ``python -m ngc_trl.eval`` (model loading, problems, one JSONL log
+  per (policy, rate) that resumes, the summary).
+* `metrics` — accuracy with standard errors, compression, the report tables and the Pareto plot.
+* `learning_curve` — the training callback that scores a validation split every k steps, and its plot.
+"""
