@@ -78,7 +78,7 @@ testbed_result:
 		--compression_ratios $$c --output_dir outputs/testbed/breadcrumbs_c$$c || exit 1; done
 	$(TB_EVAL) --model outputs/tiny-base-beacons --policies full,breadcrumbs --compression_ratios $(TB_WARM) \
 		--output_dir outputs/testbed/breadcrumbs_warm_start
-	$(PYTHON) -m ngc_trl.metrics --runs outputs/testbed/full_cache outputs/testbed/ngc=ngc \
+	$(PYTHON) -m ngc_trl.evaluation.metrics --runs outputs/testbed/full_cache outputs/testbed/ngc=ngc \
 		outputs/testbed/token_only=token_only outputs/testbed/kv_dropout=kv_dropout \
 		$(foreach c,$(TB_C),outputs/testbed/breadcrumbs_c$(c)=breadcrumbs) \
 		outputs/testbed/breadcrumbs_warm_start=breadcrumbs_warm_start \
@@ -102,7 +102,7 @@ stargraph_result:
 		--policies full,keydiff,snapkv,knorm,h2o,tova,streaming_llm,random --output_dir outputs/testbed_stargraph/teacher
 	for c in $(SG_C); do $(SG_EVAL) --model outputs/tiny-breadcrumbs-stargraph-c$$c --policies full,breadcrumbs \
 		--compression_ratios $$c --output_dir outputs/testbed_stargraph/breadcrumbs_c$$c || exit 1; done
-	$(PYTHON) -m ngc_trl.metrics --runs outputs/testbed_stargraph/teacher \
+	$(PYTHON) -m ngc_trl.evaluation.metrics --runs outputs/testbed_stargraph/teacher \
 		$(foreach c,$(SG_C),outputs/testbed_stargraph/breadcrumbs_c$(c)=breadcrumbs) \
 		--output_dir outputs/testbed_stargraph/all --title "tiny StarGraph testbed"
 
@@ -133,7 +133,7 @@ linsys_result:
 		--compression_ratios $$c --output_dir outputs/testbed_linsys/breadcrumbs_c$$c || exit 1; done
 	$(LS_EVAL) --model outputs/tiny-base-linsys-beacons --policies full,breadcrumbs --compression_ratios $(LS_WARM) \
 		--output_dir outputs/testbed_linsys/breadcrumbs_warm_start
-	$(PYTHON) -m ngc_trl.metrics --runs outputs/testbed_linsys/full_cache outputs/testbed_linsys/ngc=ngc \
+	$(PYTHON) -m ngc_trl.evaluation.metrics --runs outputs/testbed_linsys/full_cache outputs/testbed_linsys/ngc=ngc \
 		$(foreach c,$(LS_C),outputs/testbed_linsys/breadcrumbs_c$(c)=breadcrumbs) \
 		outputs/testbed_linsys/breadcrumbs_warm_start=breadcrumbs_warm_start \
 		--output_dir outputs/testbed_linsys/all --title "tiny LinSys testbed"
