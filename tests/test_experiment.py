@@ -2,7 +2,9 @@
 skipped, a failing step stops the run with its code, and a bad spec is refused naming the field."""
 
 import shlex
+import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -179,6 +181,24 @@ def test_specs_run_the_makefile_pipelines(workdir, capsys, task, target, expecte
     spec = f"recipes/testbed/{task}.yaml"
     assert dry_run(capsys, "--spec", spec) == expected()
     assert [s.argv for s in plan(load_spec(spec))] == expected()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("task, target, expected", PIPELINES)
+def test_make_targets_call_the_runner(workdir, capsys, task, target, expected):
+    make = ["make", "-n", "-s", target, "SET=n=256 rates=0.1"]
+    line = subprocess.run(make, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    argv = shlex.split(line)
+    assert argv[:5] == [
+        "python",
+        "-m",
+        "ngc_trl.evaluation.experiment",
+        "--spec",
+        f"recipes/testbed/{task}.yaml",
+    ]
+    steps = dry_run(capsys, *argv[3:])
+    assert [s for s in steps if "ngc_trl.eval" not in s] == [s for s in expected() if "ngc_trl.eval" not in s]
+    assert {s[s.index("--rates") + 1] for s in steps if "ngc_trl.eval" in s} == {"0.1"}
 
 
 def test_set_overrides_vars(workdir, capsys):
