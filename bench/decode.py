@@ -43,11 +43,12 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.config import BeaconConfig, EvictionConfig
 from ngc_trl.engine.generation import generate_with_eviction
-from ngc_trl.policies import DECODERS, POLICIES, get_policy
+from ngc_trl.policies import POLICIES, get_policy
 
-NAMES = [*POLICIES, *DECODERS]
+BEACONS = "breadcrumbs"  # Breadcrumbs beacon decoding (a BeaconConfig), benchmarked beside the score rules
+NAMES = [*POLICIES, BEACONS]
 
 SHAPES = {  # name -> (Qwen2Config kwargs, default δ, default batch size)
     "tiny": (
@@ -217,15 +218,16 @@ def machine_info(device) -> dict:
 
 def bench_cell(model, args, policy, length, device, warmed: set) -> dict:
     vocab = model.config.vocab_size
-    crumbs = policy in DECODERS
-    beacon = dict(compression_ratio=args.compression_ratio, beacon_token_id=vocab - 1) if crumbs else {}
-    cfg = EvictionConfig(
-        policy=policy,
-        eviction_interval=args.eviction_interval,
-        eviction_rate=args.eviction_rate,
-        block_size=args.block_size,
-        **beacon,
-    )
+    crumbs = policy == BEACONS
+    if crumbs:
+        cfg = BeaconConfig(beacon_token_id=vocab - 1, compression_ratio=args.compression_ratio)
+    else:
+        cfg = EvictionConfig(
+            policy=policy,
+            eviction_interval=args.eviction_interval,
+            eviction_rate=args.eviction_rate,
+            block_size=args.block_size,
+        )
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, vocab, (args.batch_size, args.prompt_len), generator=g).to(device)
     if policy not in warmed:  # one warmup per policy (kernels, allocator), at the shortest length

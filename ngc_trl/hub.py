@@ -9,9 +9,9 @@ Files written next to a trained model (``output_dir``):
   kept out of ``ngc_settings.json`` so that file stays a strict `EvictionConfig`.
 * ``README.md`` — TRL's model card with an NGC section appended (`write_model_card`).
 
-The same files serve every method whose decoding an `EvictionConfig` describes: a Breadcrumbs student
-(`ngc_trl.breadcrumbs.trainer`) writes ``policy="breadcrumbs"`` with its ``compression_ratio`` and
-``beacon_token_id``, and its model card section comes from `CARD_SECTIONS`.
+The same files serve both methods: a Breadcrumbs student (`ngc_trl.breadcrumbs.trainer`) writes its
+`BeaconConfig` (``{"schedule": "beacons", "compression_ratio": c, "beacon_token_id": b}``) and gets its own
+model-card section; `load_ngc_settings` reads either config back (older Breadcrumbs files included).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.config import BeaconConfig, EvictionConfig, schedule_config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +33,17 @@ CARD_MARKER = "<!-- ngc-settings -->"
 
 
 # ----------------------------------------------------------------------------- settings
-def write_ngc_settings(output_dir, eviction: EvictionConfig, extra: dict | None = None) -> Path:
+def write_ngc_settings(
+    output_dir, eviction: EvictionConfig | BeaconConfig, extra: dict | None = None
+) -> Path:
     """Write ``ngc_settings.json`` (and ``ngc_training.json`` when ``extra`` holds other keys).
 
     Parameters
     ----------
     output_dir : str or Path
         The model folder.
-    eviction : EvictionConfig
-        The rollout schedule; its fields go at the top level.
+    eviction : EvictionConfig or BeaconConfig
+        The decode schedule; its fields go at the top level.
     extra : dict, optional
         ``interoception_rates`` and ``meta_token`` (when not None) join ``ngc_settings.json``; every other
         key goes to ``ngc_training.json``.
@@ -66,20 +68,20 @@ def write_ngc_settings(output_dir, eviction: EvictionConfig, extra: dict | None 
     return path
 
 
-def _read_settings(text: str, source: str) -> EvictionConfig:
+def _read_settings(text: str, source: str) -> EvictionConfig | BeaconConfig:
     try:
         settings = json.loads(text)
         for key in SETTINGS_EXTRAS:
             settings.pop(key, None)
-        return EvictionConfig.from_dict(settings)
+        return schedule_config_from_dict(settings)
     except (ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"invalid {SETTINGS_FILE} in {source}: {e}") from None
 
 
 def load_ngc_settings(
     path_or_repo: str | os.PathLike, revision: str | None = None, token: str | None = None
-) -> EvictionConfig:
-    """The `EvictionConfig` a model was trained with.
+) -> EvictionConfig | BeaconConfig:
+    """The decode schedule a model was trained for: an `EvictionConfig` (NGC) or a `BeaconConfig` (Breadcrumbs).
 
     Parameters
     ----------
@@ -91,7 +93,7 @@ def load_ngc_settings(
 
     Returns
     -------
-    EvictionConfig
+    EvictionConfig or BeaconConfig
 
     Raises
     ------
@@ -114,7 +116,7 @@ def load_ngc_settings(
 
 # ----------------------------------------------------------------------------- model card
 def model_card_text(
-    eviction: EvictionConfig,
+    eviction: EvictionConfig | BeaconConfig,
     base_model: str | None = None,
     *,
     repo_id: str | None = None,
@@ -145,13 +147,11 @@ def model_card_text(
     is_adapter : bool
         Whether the folder holds a PEFT adapter rather than full weights.
 
-    A policy listed in `CARD_SECTIONS` (``"breadcrumbs"``) gets its own section instead (only ``base_model``,
-    ``repo_id``, ``task`` and ``is_adapter`` apply to it).
+    A `BeaconConfig` (a Breadcrumbs student) gets its own section instead (`breadcrumbs_card_text`; only
+    ``base_model``, ``repo_id``, ``task`` and ``is_adapter`` apply to it).
     """
-    if eviction.policy in CARD_SECTIONS:
-        return CARD_SECTIONS[eviction.policy](
-            eviction, base_model, repo_id=repo_id, task=task, is_adapter=is_adapter
-        )
+    if isinstance(eviction, BeaconConfig):
+        return breadcrumbs_card_text(eviction, base_model, repo_id=repo_id, task=task, is_adapter=is_adapter)
     e = eviction
     where = repo_id or "path/to/this/model"
     if curriculum and curriculum.get("rates"):
@@ -226,7 +226,7 @@ Or evaluate: `ngc-eval --model {where} --task {task or "countdown"} --policies f
 
 
 def breadcrumbs_card_text(
-    eviction: EvictionConfig,
+    eviction: BeaconConfig,
     base_model: str | None = None,
     *,
     repo_id: str | None = None,
@@ -253,7 +253,6 @@ distilled from a full-cache GRPO teacher on the teacher's own rollouts{f" ({task
 |---|---|
 | compression ratio c | {e.compression_ratio} (one beacon after every c generated tokens) |
 | beacon token id | {e.beacon_token_id} |
-| policy | `{e.policy}` |
 
 The settings are stored in `{SETTINGS_FILE}` (read back with `ngc_trl.hub.load_ngc_settings`).
 
@@ -267,7 +266,7 @@ from ngc_trl.hub import load_ngc_settings
 
 {load}
 tokenizer = AutoTokenizer.from_pretrained("{where}", padding_side="left")
-eviction = load_ngc_settings("{where}")  # policy="breadcrumbs", c={e.compression_ratio}
+eviction = load_ngc_settings("{where}")  # BeaconConfig(c={e.compression_ratio})
 enc = tokenizer(["<your prompt>"], return_tensors="pt", padding=True)
 out = generate_with_eviction(model, enc["input_ids"], enc["attention_mask"], eviction=eviction, max_new_tokens=1024)
 print(tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True))
@@ -275,11 +274,10 @@ print(tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True))
 """
 
 
-CARD_SECTIONS = {"breadcrumbs": breadcrumbs_card_text}  # policy -> its own model-card section
-
-
-def write_model_card(output_dir, eviction: EvictionConfig, base_model: str | None = None, **kwargs) -> Path:
-    """Append (or replace) the NGC (or Breadcrumbs, by ``eviction.policy``) section of ``output_dir/README.md``.
+def write_model_card(
+    output_dir, eviction: EvictionConfig | BeaconConfig, base_model: str | None = None, **kwargs
+) -> Path:
+    """Append (or replace) the NGC (or, for a `BeaconConfig`, Breadcrumbs) section of ``output_dir/README.md``.
 
     Call it after TRL's ``trainer.create_model_card`` (which rewrites README.md): the TRL card is kept
     and the NGC section goes after it. Keyword arguments go to `model_card_text`.

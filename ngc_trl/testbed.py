@@ -421,10 +421,10 @@ def train(a: TestbedArgs) -> dict:
 
 
 def beacon_eviction(a: TestbedArgs, beacon_token_id: int, c: int):
-    """``EvictionConfig(policy="breadcrumbs")`` decoding with one beacon every ``c`` tokens."""
-    from ngc_trl.engine.config import EvictionConfig
+    """Beacon decoding (`BeaconConfig`) with one beacon every ``c`` tokens."""
+    from ngc_trl.engine.config import BeaconConfig
 
-    return EvictionConfig(policy="breadcrumbs", compression_ratio=c, beacon_token_id=beacon_token_id)
+    return BeaconConfig(beacon_token_id=beacon_token_id, compression_ratio=c)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ Outputs in ``output_dir``: the model (or LoRA adapter) and tokenizer, ``ngc_sett
 schedule, read by ``ngc-eval`` and `ngc_trl.hub.load_ngc_settings`), ``ngc_training.json`` (curriculum,
 loss switches, base model), a model card ``README.md`` and, with ``eval_after_train``, ``eval/``.
 Breadcrumbs: ``output_dir`` holds the student (what you decode with; ``ngc_settings.json`` has
-``policy="breadcrumbs"``) and ``output_dir/teacher`` the teacher.
+a `BeaconConfig`) and ``output_dir/teacher`` the teacher.
 """
 
 from __future__ import annotations
@@ -145,10 +145,10 @@ class ScriptArguments(TrlScriptArguments):
             raise ValueError(f"ScriptArguments.num_train_problems={self.num_train_problems}: must be > 0")
         if self.eval_num_problems <= 0:
             raise ValueError(f"ScriptArguments.eval_num_problems={self.eval_num_problems}: must be > 0")
-        from ngc_trl.engine.config import EvictionConfig
+        from ngc_trl.engine.config import BeaconConfig
         from ngc_trl.evaluation.run import plan_runs
 
-        beacon = EvictionConfig(beacon_token_id=0) if self.method == "breadcrumbs" else None  # id known later
+        beacon = BeaconConfig(beacon_token_id=0) if self.method == "breadcrumbs" else None  # id known later
         try:
             plan_runs(self.eval_policies, self.eval_rates, beacon, self.eval_compression_ratios)
         except ValueError as e:

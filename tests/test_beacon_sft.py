@@ -13,6 +13,7 @@ from trl import SFTConfig
 from ngc_trl import testbed
 from ngc_trl.breadcrumbs.beacons import add_beacon_token, beacon_layout, beacon_logprobs
 from ngc_trl.breadcrumbs.warm_start import BeaconSFTTrainer, split_prompt_completion
+from ngc_trl.engine.config import BeaconConfig
 from ngc_trl.hub import load_ngc_settings
 from ngc_trl.models import char_tokenizer, tiny_qwen2_config
 
@@ -157,7 +158,7 @@ def test_testbed_warm_starts_a_beacon_student(tmp_path):
     )
     assert result["train"]["steps"] == 2
     settings = load_ngc_settings(student)
-    assert settings.policy == "breadcrumbs" and settings.compression_ratio == 2
+    assert isinstance(settings, BeaconConfig) and settings.compression_ratio == 2
     training = json.loads((student / "ngc_training.json").read_text())
     assert training["warm_start"] == "beacon_sft" and training["dataset_source"] == "generated:testbed"
     grown = AutoModelForCausalLM.from_pretrained(student).get_input_embeddings().weight.shape[0]

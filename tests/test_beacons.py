@@ -13,6 +13,7 @@ from ngc_trl.breadcrumbs.beacons import (
     beacon_layout,
     beacon_logprobs,
 )
+from ngc_trl.engine.config import BeaconConfig, schedule_config_from_dict
 from ngc_trl.engine.replay import NEVER
 from ngc_trl.models import char_tokenizer, tiny_qwen2_config
 
@@ -21,7 +22,7 @@ LENGTHS = (5, 11, 8, 3)
 
 
 def crumbs(c, beacon=BEACON):
-    return EvictionConfig(policy="breadcrumbs", compression_ratio=c, beacon_token_id=beacon)
+    return BeaconConfig(beacon_token_id=beacon, compression_ratio=c)
 
 
 def rollout(model, c, n=36, seed=0, eos=None, lengths=LENGTHS, **kw):
@@ -135,8 +136,9 @@ def test_ratio_beyond_generation_is_identical_to_full(model, c, sample):
         model,
         ids,
         mask,
-        EvictionConfig(policy="full", beacon_token_id=BEACON),
+        EvictionConfig(policy="full"),
         generator=torch.Generator().manual_seed(1),
+        suppress_token_ids=[BEACON],
         **kw,
     )
     bc = generate_with_eviction(model, ids, mask, crumbs(c), generator=torch.Generator().manual_seed(1), **kw)
@@ -225,20 +227,37 @@ def test_layout_rejects_bad_ratio():
     ],
 )
 def test_breadcrumbs_config_errors_name_the_field(field, value):
-    kw = dict(policy="breadcrumbs", compression_ratio=4, beacon_token_id=7)
+    kw = dict(compression_ratio=4, beacon_token_id=7)
     with pytest.raises(ValueError, match=field):
-        EvictionConfig(**{**kw, field: value})
+        BeaconConfig(**{**kw, field: value})
 
 
 def test_breadcrumbs_config_round_trip_and_engine_checks(model):
     cfg = crumbs(8, beacon=3)
-    assert EvictionConfig.from_dict(cfg.to_dict()) == cfg
-    assert EvictionConfig(policy="ngc").compression_ratio == 0  # other policies ignore it
+    assert schedule_config_from_dict(cfg.to_dict()) == cfg
+    # a settings file written when Breadcrumbs shared EvictionConfig reads back as the same BeaconConfig
+    legacy = {
+        **EvictionConfig().to_dict(),
+        "policy": "breadcrumbs",
+        "compression_ratio": 8,
+        "beacon_token_id": 3,
+    }
+    assert schedule_config_from_dict(legacy) == cfg
+    # ... and an NGC one with the then-neutral beacon fields as its EvictionConfig
+    ngc = EvictionConfig(eviction_interval=64, block_size=8)
+    assert (
+        schedule_config_from_dict({**ngc.to_dict(), "compression_ratio": 0, "beacon_token_id": None}) == ngc
+    )
     with pytest.raises(ValueError, match="compression_ratio"):
-        EvictionConfig(policy="ngc", compression_ratio=-1)
+        schedule_config_from_dict({**ngc.to_dict(), "compression_ratio": 4})
+    with pytest.raises(ValueError, match="unknown fields"):
+        schedule_config_from_dict({**cfg.to_dict(), "eviction_rate": 0.5})
+    assert not hasattr(EvictionConfig(), "compression_ratio")  # the eviction schedule has no beacon fields
     ids, mask = left_padded([3, 4])
     with pytest.raises(ValueError, match="compression_ratio"):
         generate_with_eviction(model, ids, mask, crumbs(2), compression_ratio=torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="compression_ratio"):  # beacons need a BeaconConfig
+        generate_with_eviction(model, ids, mask, EvictionConfig(), compression_ratio=torch.tensor([2, 2]))
 
 
 # ----------------------------------------------------------------------------- (f) gradients
@@ -320,18 +339,19 @@ def test_add_beacon_token_eos_and_random_init_untied_head():
 
 
 def test_beacon_is_never_sampled_but_logprobs_stay_full_vocabulary(model):
-    """A set beacon id is masked for sampling under every policy (it is only ever forced)."""
+    """The beacon is masked for sampling under beacon decoding and wherever it is suppressed (a student's
+    full-cache runs): it is only ever forced."""
     ids, mask = left_padded(list(LENGTHS), seed=3)
     kw = dict(max_new_tokens=20, eos_token_id=[])
     plain = generate_with_eviction(model, ids, mask, eviction=EvictionConfig(policy="full"), **kw)
     gen = plain.sequences[:, ids.shape[1] :]
     favourite = torch.bincount(gen.flatten()).argmax().item()  # the model's commonest token
     assert (gen == favourite).sum() >= 4
-    for cfg in (EvictionConfig(policy="full", beacon_token_id=favourite), crumbs(3, favourite)):
-        out = generate_with_eviction(model, ids, mask, eviction=cfg, **kw)
+    for cfg, extra in ((EvictionConfig(policy="full"), [favourite]), (crumbs(3, favourite), None)):
+        out = generate_with_eviction(model, ids, mask, eviction=cfg, suppress_token_ids=extra, **kw)
         assert not (out.sequences[:, ids.shape[1] :] == favourite).any()
     out = generate_with_eviction(
-        model, ids, mask, eviction=EvictionConfig(policy="full", beacon_token_id=favourite), **kw
+        model, ids, mask, eviction=EvictionConfig(policy="full"), suppress_token_ids=[favourite], **kw
     )
     comp = out.sequences[:, ids.shape[1] :]
     layout = beacon_layout(ids, mask, comp, out.completion_mask, 10**6, favourite)  # no beacon fires

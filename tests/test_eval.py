@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_qwen2
 
 import ngc_trl.evaluation.run as ev
-from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.config import BeaconConfig, EvictionConfig
 from ngc_trl.evaluation.metrics import combine, pareto_auc, pass_at_k, summarize
 from ngc_trl.models import char_tokenizer
 
@@ -421,8 +421,8 @@ def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_p
     with pytest.raises(ValueError, match="--policies breadcrumbs: the model has no beacon token"):
         ev.plan_runs("full,breadcrumbs", "0.5", SMALL)
     with pytest.raises(ValueError, match="--compression_ratios"):
-        ev.plan_runs("breadcrumbs", "0.5", EvictionConfig(beacon_token_id=beacon), "4,1")
-    cfg = EvictionConfig(eviction_interval=8, block_size=4, score_window=3, beacon_token_id=beacon)
+        ev.plan_runs("breadcrumbs", "0.5", BeaconConfig(beacon_token_id=beacon), "4,1")
+    cfg = EvictionConfig(eviction_interval=8, block_size=4, score_window=3)
     out = tmp_path / "bc"
     summary = ev.evaluate(
         student,
@@ -433,23 +433,30 @@ def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_p
         "0.5",
         compression_ratios="2,4",
         eviction=cfg,
+        beacon=BeaconConfig(beacon_token_id=beacon),
         max_new_tokens=24,
         batch_size=4,
         output_dir=out,
         progress=False,
     )
-    rows = {(r["policy"], r["rate"]): r for r in summary["results"]}
-    assert set(rows) == {("full", None), ("breadcrumbs", 2.0), ("breadcrumbs", 4.0), ("streaming_llm", 0.5)}
-    full, c2, c4 = rows[("full", None)], rows[("breadcrumbs", 2.0)], rows[("breadcrumbs", 4.0)]
+    rows = {(r["policy"], r["rate"], r.get("compression_ratio")): r for r in summary["results"]}
+    assert set(rows) == {
+        ("full", None, None),
+        ("breadcrumbs", None, 2),
+        ("breadcrumbs", None, 4),
+        ("streaming_llm", 0.5, None),
+    }
+    full, c2, c4 = rows[("full", None, None)], rows[("breadcrumbs", None, 2)], rows[("breadcrumbs", None, 4)]
     assert c2["peak_compression"] > 1.0 and c4["peak_compression"] > 1.0
     assert (
         max(c2["mean_peak_entries_per_layer"], c4["mean_peak_entries_per_layer"])
         < full["mean_peak_entries_per_layer"]
     )
     recs = _lines(out / "samples.jsonl")
-    for r in recs:  # peak ≈ prompt + one beacon per closed window + the open window (method.md §8)
+    for r in recs:  # peak ≈ prompt + one beacon per closed window + the open window (docs/method.md §8)
         if r["policy"] == "breadcrumbs":
-            c, n = int(r["rate"]), r["completion_tokens"]
+            assert r["rate"] is None  # the ratio has its own field
+            c, n = r["compression_ratio"], r["completion_tokens"]
             assert max(r["peak_entries"]) <= r["prompt_tokens"] + n // c + c + 1
     table = (out / "results.md").read_text()
     assert "| breadcrumbs | c=2 |" in table and "| breadcrumbs | c=4 |" in table

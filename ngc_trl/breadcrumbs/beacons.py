@@ -1,8 +1,8 @@
-"""Breadcrumbs beacons (Monea et al., arXiv 2510.13797; method.md §8): the beacon token, the layout of a
+"""Breadcrumbs beacons (Monea et al., arXiv 2510.13797; docs/method.md §8): the beacon token, the layout of a
 sequence with its beacons interleaved, and the one-pass training forward under the beacon mask.
 
-Decoding is `ngc_trl.engine.generation.generate_with_eviction` with ``EvictionConfig(policy="breadcrumbs",
-compression_ratio=c, beacon_token_id=b)``. Training (the compressing student's forward)::
+Decoding is `ngc_trl.engine.generation.generate_with_eviction` with ``BeaconConfig(compression_ratio=c,
+beacon_token_id=b)`` (`ngc_trl.engine.schedule.BeaconWindows`). Training (the compressing student's forward)::
 
     b = add_beacon_token(tokenizer, model)                       # before PEFT wrapping
     layout = beacon_layout(prompt_ids, prompt_mask, completion_ids, completion_mask, c, b)
@@ -21,7 +21,7 @@ Conventions, shared by the decode loop and the layout (1-indexed completion toke
   ``k``'s tokens the slot right after beacon ``k`` (never, for a final window without beacon; so when
   the row ends with ``t_{(k+1)c+1}`` and beacon ``k`` is not fed, that last token sees window ``k``: its
   logits are never used).
-* Positions: a beacon takes the next position (no re-assignment; method.md §8 "Choices").
+* Positions: a beacon takes the next position (no re-assignment; docs/method.md §8 "Choices").
 * Beacon logits carry no loss: the logits that predict the first token after a beacon are those of
   the window's last token (the rollout samples it before feeding the beacon).
 * Not in the paper: ``c`` may differ per row (a ``(B,)`` tensor), in decoding and in the layout.
@@ -56,7 +56,7 @@ def add_beacon_token(tokenizer, model=None, token: str = BEACON_TOKEN, init: str
     token : str
         The beacon's text.
     init : str
-        The paper does not say (method.md §8 "Choices"). ``"mean"``: mean of the rows of the tokens that
+        The paper does not say (docs/method.md §8 "Choices"). ``"mean"``: mean of the rows of the tokens that
         precede the new id (ids ``0 .. min(id, old rows) − 1``, so a padded, never-trained tail of a
         vocabulary matrix is excluded); ``"eos"``: a copy of the EOS row; ``"random"``:
         ``N(0, σ²)`` per coordinate from the global RNG, σ the std of those existing rows. The untied

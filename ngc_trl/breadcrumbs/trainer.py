@@ -1,4 +1,4 @@
-"""Breadcrumbs Reasoning training (Monea et al., arXiv 2510.13797; method.md §8) as a thin `GRPOTrainer` subclass.
+"""Breadcrumbs Reasoning training (Monea et al., arXiv 2510.13797; docs/method.md §8) as a thin `GRPOTrainer` subclass.
 
 One training step on one batch of rollouts:
 
@@ -36,14 +36,14 @@ states are captured (detached) during TRL's own forward and projected chunk by c
 its final hidden states too (`beacon_forward(return_hidden=True)`), projected in the same chunks: the KL
 never holds a ``(B, T, V)`` tensor, only ``O(chunk · V)``. No extra teacher forward is run.
 
-Deviations from / choices beyond the paper (method.md §8 "Choices"): the KL direction and weight, its
+Deviations from / choices beyond the paper (docs/method.md §8 "Choices"): the KL direction and weight, its
 normalisation, temperature 1 for both distributions (TRL's sampling ``temperature`` is not applied),
 the beacon embedding init, separate gradient clipping, ``c`` drawn per rollout from a list (not in the
 paper). With LoRA the beacon embedding row stays at its init (the base is frozen); with full
 fine-tuning the student learns it. The beacon token is suppressed in the teacher's rollouts.
 
 Saving: ``output_dir`` holds the *student* (what users decode with: adapter or full model), the
-tokenizer and ``ngc_settings.json`` (``EvictionConfig(policy="breadcrumbs", compression_ratio=c,
+tokenizer and ``ngc_settings.json`` (``BeaconConfig(compression_ratio=c,
 beacon_token_id=b)``, read back by `ngc_trl.hub.load_ngc_settings`); the teacher goes to
 ``output_dir/teacher``.
 """
@@ -71,7 +71,7 @@ from ngc_trl.breadcrumbs.beacons import (
     beacon_layout,
     last_hidden,
 )
-from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.config import BeaconConfig
 
 TEACHER_SUBFOLDER = "teacher"
 KL_DIRECTIONS = ("forward", "reverse")
@@ -460,12 +460,10 @@ class BreadcrumbsTrainer(GRPOTrainer):
         return student
 
     # ------------------------------------------------------------------ settings
-    def eviction_config(self) -> EvictionConfig:
-        """How to decode with the student: ``EvictionConfig(policy="breadcrumbs", c, beacon id)``."""
-        return EvictionConfig(
-            policy="breadcrumbs",
-            compression_ratio=self.args.compression_ratios[0],
-            beacon_token_id=self.beacon_token_id,
+    def eviction_config(self) -> BeaconConfig:
+        """How to decode with the student: ``BeaconConfig(c, beacon id)`` (the first ratio trained)."""
+        return BeaconConfig(
+            beacon_token_id=self.beacon_token_id, compression_ratio=self.args.compression_ratios[0]
         )
 
     def breadcrumbs_training_info(self) -> dict:

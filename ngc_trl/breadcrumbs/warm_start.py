@@ -1,6 +1,6 @@
 """Beacon SFT: a supervised warm start of a Breadcrumbs student under the beacon mask (not in the paper).
 
-In the paper (method.md §8) the compressing student starts from the pretrained model (Qwen2.5-1.5B-Instruct)
+In the paper (docs/method.md §8) the compressing student starts from the pretrained model (Qwen2.5-1.5B-Instruct)
 and learns to read its beacons only from the distillation loss of joint training. On the tiny testbed that
 does not happen within a CPU budget: after 40 joint steps (640 rollouts) the students of its 1.6M-parameter
 base stayed at ~1.5 nats/token KL to the teacher and solved nothing (README), where the base itself needed

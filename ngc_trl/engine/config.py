@@ -1,4 +1,6 @@
-"""`EvictionConfig`: the grow-then-evict schedule shared by NGC, the heuristic baselines and evaluation.
+"""The decode-schedule configs: `EvictionConfig` (the grow-then-evict schedule shared by NGC, the heuristic
+baselines and evaluation) and `BeaconConfig` (Breadcrumbs beacon decoding). `schedule_config_from_dict`
+reads either back from a model's ``ngc_settings.json``.
 
 Paper (NGC, arXiv 2604.18002, §4.1, §A.3): every ``δ`` tokens (the prompt counts) an eviction round fires;
 at a round every layer keeps a fraction ``1 − ε`` of all its live entries, in blocks of ``b`` keys, scored
@@ -32,8 +34,8 @@ class EvictionConfig:
             per round in every layer. ``0`` never evicts.
         block_size (`int`, defaults to 32): ``b``, keys per block; blocks are re-cut over survivors each round.
         score_window (`int`, defaults to 5): ``w``, number of most recent queries whose attention scores keys.
-        policy (`str`, defaults to ``"ngc"``): name of the scoring rule (see `ngc_trl.policies.POLICIES`), or
-            ``"breadcrumbs"`` for beacon decoding (`ngc_trl.policies.DECODERS`; no δ/ε/b round fires).
+        policy (`str`, defaults to ``"ngc"``): name of the score rule (see `ngc_trl.policies.POLICIES`);
+            ``"full"`` never evicts.
         protect_prompt (`bool`, defaults to False): never evict prompt entries (not in the paper).
         num_sink (`int`, defaults to 0): never evict the first ``num_sink`` live entries (not in the paper).
         num_recent (`int`, defaults to 0): never evict the ``num_recent`` newest entries (not in the paper).
@@ -46,11 +48,6 @@ class EvictionConfig:
             blocks (scale-free; `ngc_trl.engine.scoring.block_logits`). Neither is in the paper.
         window_size (`int` or None): a policy's own observation window (SnapKV's native 64, H2O's recent
             window...). ``None`` uses each policy's documented default.
-        compression_ratio (`int`, defaults to 0): Breadcrumbs only (``policy="breadcrumbs"``, method.md §8):
-            ``c``, one beacon is fed after every ``c`` generated tokens and the window it closes is evicted.
-            Must be ``>= 2`` with that policy; ignored by every other one.
-        beacon_token_id (`int` or None): Breadcrumbs only: the id of the beacon token (see
-            `ngc_trl.breadcrumbs.beacons.add_beacon_token`). Required with ``policy="breadcrumbs"``.
     """
 
     eviction_interval: int = 256
@@ -65,8 +62,6 @@ class EvictionConfig:
     logit_scale: float = 1.0
     logit_transform: str = "none"
     window_size: int | None = None
-    compression_ratio: int = 0
-    beacon_token_id: int | None = None
 
     def __post_init__(self):
         from ngc_trl.engine.policy import policy_names  # local import: the policy module imports this one
@@ -101,24 +96,6 @@ class EvictionConfig:
             bad("logit_scale", "must be a finite positive number")
         if not isinstance(self.protect_prompt, bool):
             bad("protect_prompt", "must be a boolean")
-        breadcrumbs = self.policy == "breadcrumbs"
-        c = self.compression_ratio
-        if isinstance(c, bool) or not isinstance(c, int) or c < (2 if breadcrumbs else 0):
-            bad(
-                "compression_ratio",
-                "must be an integer >= 2 with policy 'breadcrumbs'"
-                if breadcrumbs
-                else "must be a non-negative integer",
-            )
-        b = self.beacon_token_id
-        if (b is None and breadcrumbs) or (
-            b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0)
-        ):
-            bad(
-                "beacon_token_id",
-                "must be a non-negative integer"
-                + (" with policy 'breadcrumbs'" if breadcrumbs else " or None"),
-            )
 
     # ------------------------------------------------------------------ schedule helpers
     def num_kept_blocks(self, num_blocks: int, eviction_rate: float | None = None) -> int:
@@ -159,3 +136,59 @@ class EvictionConfig:
         if unknown:
             raise ValueError(f"EvictionConfig: unknown fields {sorted(unknown)}; valid: {sorted(names)}")
         return cls(**d)
+
+
+LEGACY_EVICTION_KEYS = {"compression_ratio": 0, "beacon_token_id": None}
+"""Keys older ``ngc_settings.json`` files carry at these neutral values (Breadcrumbs once shared this config)."""
+
+
+@dataclass
+class BeaconConfig:
+    """Breadcrumbs beacon decoding (Monea et al., arXiv 2510.13797; docs/method.md §8): a beacon token is fed
+    after every ``c`` generated tokens and the window of ``c`` entries it closes is dropped from every layer
+    (`ngc_trl.engine.schedule.BeaconWindows`). No score rule, no δ/ε/b round.
+
+    Args:
+        beacon_token_id (`int`): the id of the beacon token (`ngc_trl.breadcrumbs.beacons.add_beacon_token`).
+        compression_ratio (`int`, defaults to 8): ``c >= 2``.
+    """
+
+    beacon_token_id: int
+    compression_ratio: int = 8
+
+    def __post_init__(self):
+        for name, low in (("beacon_token_id", 0), ("compression_ratio", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"BeaconConfig.{name}={v!r}: must be an integer >= {low}")
+
+    def to_dict(self) -> dict:
+        """The settings-file form: ``{"schedule": "beacons", ...}``."""
+        return {"schedule": "beacons", **asdict(self)}
+
+
+def schedule_config_from_dict(d: dict) -> EvictionConfig | BeaconConfig:
+    """The config a settings dict describes, rejecting unknown keys (a settings file is untrusted input).
+
+    ``{"schedule": "beacons", ...}`` is a `BeaconConfig`; so is an older Breadcrumbs file
+    (``policy="breadcrumbs"`` with ``compression_ratio`` / ``beacon_token_id`` beside `EvictionConfig`'s other,
+    unused fields). Anything else is an `EvictionConfig` (older files' `LEGACY_EVICTION_KEYS` at their
+    neutral values are dropped)."""
+    d = dict(d)
+    if d.get("schedule") == "beacons" or d.get("policy") == "breadcrumbs":
+        if d.pop("schedule", None) is None:  # an older file: its eviction fields were unused
+            for f in fields(EvictionConfig):
+                d.pop(f.name, None)
+        names = {f.name for f in fields(BeaconConfig)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"BeaconConfig: unknown fields {sorted(unknown)}; valid: {sorted(names)}")
+        if "beacon_token_id" not in d:
+            raise ValueError("BeaconConfig.beacon_token_id: missing")
+        return BeaconConfig(**d)
+    if "schedule" in d:
+        raise ValueError(f"schedule={d['schedule']!r}: must be 'beacons' or absent (an EvictionConfig)")
+    for key, neutral in LEGACY_EVICTION_KEYS.items():
+        if key in d and d[key] == neutral:
+            del d[key]
+    return EvictionConfig.from_dict(d)

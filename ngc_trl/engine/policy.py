@@ -65,10 +65,10 @@ class EvictionPolicy:
 
     Class attributes:
         name: registry key.
-        evicts: False for the `full` cache (rounds are skipped).
+        evicts: False for a rule that keeps everything (``full``): it decodes under the round-free
+            `ngc_trl.engine.schedule.FullCache` schedule.
         tracks_attention: True if the policy needs attention summed over *every* decoding step (H2O).
         learned: True for the policy trained by NGC (its scores carry the eviction gradient in replay).
-        beacons: True for Breadcrumbs beacon decoding (`ngc_trl.breadcrumbs.beacons`) instead of eviction rounds.
         hindsight: True for an evaluation-only ceiling that reads the future of a full-cache completion
             (`oracle`): it is built per batch with that data and cannot roll out in training.
     """
@@ -77,7 +77,6 @@ class EvictionPolicy:
     evicts: ClassVar[bool] = True
     tracks_attention: ClassVar[bool] = False
     learned: ClassVar[bool] = False
-    beacons: ClassVar[bool] = False
     hindsight: ClassVar[bool] = False
 
     def __init__(self, cfg: EvictionConfig):
@@ -100,29 +99,26 @@ class EvictionPolicy:
 POLICIES: dict[str, type[EvictionPolicy]] = {}
 """Score rules by name. Filled by `ngc_trl.policies` (imported with the package), so the engine never
 imports a concrete rule: add one with `register_policy`."""
-DECODERS: dict[str, type[EvictionPolicy]] = {}
-"""Valid ``EvictionConfig.policy`` names that are not a score rule under the δ/ε/b schedule."""
 
 
-def register_policy(cls: type[EvictionPolicy], *, decoder: bool = False) -> type[EvictionPolicy]:
-    """Add ``cls`` under ``cls.name`` (to `DECODERS` when ``decoder``); a name taken by another class fails."""
-    table = DECODERS if decoder else POLICIES
+def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+    """Add ``cls`` to `POLICIES` under ``cls.name``; a name taken by another class fails."""
     if not cls.name:
         raise ValueError(f"{cls.__name__}.name: a registered policy needs a name")
-    if cls.name in {**POLICIES, **DECODERS} and {**POLICIES, **DECODERS}[cls.name] is not cls:
+    if POLICIES.get(cls.name, cls) is not cls:
         raise ValueError(f"policy name {cls.name!r} is already registered")
-    table[cls.name] = cls
+    POLICIES[cls.name] = cls
     return cls
 
 
 def policy_names() -> list[str]:
     """Every valid ``EvictionConfig.policy`` name, sorted."""
-    return sorted({**POLICIES, **DECODERS})
+    return sorted(POLICIES)
 
 
 def get_policy(cfg) -> EvictionPolicy:
     """The policy instance for ``cfg.policy``; unknown names fail with the list of valid ones."""
-    cls = POLICIES.get(cfg.policy) or DECODERS.get(cfg.policy)
+    cls = POLICIES.get(cfg.policy)
     if cls is None:
         raise ValueError(f"unknown eviction policy {cfg.policy!r}; valid: {', '.join(policy_names())}")
     return cls(cfg)

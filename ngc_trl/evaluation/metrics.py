@@ -1,7 +1,8 @@
 """Evaluation helpers: pass@k, the paper's peak KV-cache reduction, the ``samples.jsonl`` store, the reports.
 
 Records are the per-sample dicts `ngc_trl.evaluation.run` writes to ``samples.jsonl`` (keys ``policy``, ``rate``,
-``problem_id``, ``sample``, ``correct``, ``peak_total``, ``peak_entries``, ``compression_same_tokens``, ...).
+``problem_id``, ``sample``, ``correct``, ``peak_total``, ``peak_entries``, ``compression_same_tokens``, ...;
+a Breadcrumbs run has ``rate`` None and its ``compression_ratio`` c). A run is ``(policy, rate, c)``.
 
 Peak KV-cache reduction (paper §5.1): the mean over prompts of the per-prompt ratio
 ``peak(p_i, c_i^full, no eviction) / peak(p_i, c_i^method)``, where each run keeps its own completion
@@ -25,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 FULL = "full"
-BEACONS = "breadcrumbs"  # its runs' ``rate`` slot holds the compression ratio c
+BEACONS = "breadcrumbs"  # the evaluation name of Breadcrumbs beacon decoding (a `BeaconConfig`)
 
 
-def setting_label(policy: str, rate: float | None) -> str:
+def setting_label(rate: float | None, compression_ratio: int | None = None) -> str:
     """How a run's knob reads in tables: ``ε=0.50`` for a score rule, ``c=8`` for Breadcrumbs, ``—`` for full."""
-    if rate is None:
-        return "—"
-    return f"c={int(rate)}" if policy == BEACONS else f"ε={rate:.2f}"
+    if compression_ratio is not None:
+        return f"c={int(compression_ratio)}"
+    return "—" if rate is None else f"ε={rate:.2f}"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -68,9 +69,17 @@ def standard_error(xs: Sequence[float]) -> float | None:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
 
 
-def run_key(policy: str, rate: float | None) -> tuple[str, float | None]:
-    """``(policy, rate)`` of a run; the ``full`` run has no rate."""
-    return (policy, None if policy == FULL or rate is None else round(float(rate), 6))
+def run_key(
+    policy: str, rate: float | None, compression_ratio: int | None = None
+) -> tuple[str, float | None, int | None]:
+    """``(policy, rate, c)`` of a run: the ``full`` run has no rate, a Breadcrumbs run a ratio c instead."""
+    rate = None if policy == FULL or rate is None else round(float(rate), 6)
+    return (policy, rate, None if compression_ratio is None else int(compression_ratio))
+
+
+def record_run(r: dict) -> tuple[str, float | None, int | None]:
+    """The run key of a record or summary row."""
+    return run_key(r["policy"], r["rate"], r.get("compression_ratio"))
 
 
 def _by_problem(records: Iterable[dict]) -> dict[str, list[dict]]:
@@ -80,33 +89,30 @@ def _by_problem(records: Iterable[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def summarize(
-    records: Iterable[dict], runs: Sequence[tuple[str, float | None]], ks: Sequence[int]
-) -> list[dict]:
-    """One row of metrics per run ``(policy, rate)``, in the order of ``runs``.
+def summarize(records: Iterable[dict], runs: Sequence[tuple], ks: Sequence[int]) -> list[dict]:
+    """One row of metrics per run, in the order of ``runs``.
 
     Args:
         records: per-sample records (any order; those of runs not in ``runs`` are ignored).
-        runs: ``(policy, rate)`` pairs (``rate`` None for ``full``).
+        runs: ``(policy, rate)`` or ``(policy, rate, c)`` (``rate`` None for ``full`` and Breadcrumbs).
         ks: the k of pass@k; a k larger than the fewest samples of a problem is skipped (``None``).
     """
     groups = defaultdict(list)
     for r in records:
-        groups[run_key(r["policy"], r["rate"])].append(r)
+        groups[record_run(r)].append(r)
     full_peak = {
         pid: mean(x["peak_total"] for x in rs)
-        for pid, rs in _by_problem(groups.get((FULL, None), [])).items()
+        for pid, rs in _by_problem(groups.get((FULL, None, None), [])).items()
     }
     rows = []
-    for policy, rate in runs:
-        recs = groups.get(run_key(policy, rate), [])
+    for run in runs:
+        policy, rate, c = (*run, None)[:3]
+        recs = groups.get(run_key(policy, rate, c), [])
         probs = _by_problem(recs)
-        row = {
-            "policy": policy,
-            "rate": None if policy == FULL else rate,
-            "num_problems": len(probs),
-            "num_completions": len(recs),
-        }
+        row = {"policy": policy, "rate": None if policy == FULL else rate}
+        if c is not None:
+            row["compression_ratio"] = int(c)
+        row.update(num_problems=len(probs), num_completions=len(recs))
         if not recs:
             rows.append(row)
             continue
@@ -147,7 +153,14 @@ def summarize(
 
 # ----------------------------------------------------------------------------- samples.jsonl
 def record_key(r: dict) -> tuple:
-    return (*run_key(r["policy"], r["rate"]), str(r["problem_id"]), int(r["sample"]))
+    return (*record_run(r), str(r["problem_id"]), int(r["sample"]))
+
+
+def _upgrade(rec: dict) -> dict:
+    """An older Breadcrumbs record kept its ratio c in ``rate``: move it to ``compression_ratio``."""
+    if rec.get("policy") == BEACONS and "compression_ratio" not in rec and rec.get("rate") is not None:
+        rec = {**rec, "rate": None, "compression_ratio": int(rec["rate"])}
+    return rec
 
 
 def read_records(path: str | os.PathLike, repair: bool = False) -> list[dict]:
@@ -160,7 +173,7 @@ def read_records(path: str | os.PathLike, repair: bool = False) -> list[dict]:
     records, lines = [], []
     for line in raw.splitlines():
         try:
-            rec = json.loads(line)
+            rec = _upgrade(json.loads(line))
             record_key(rec)
         except (ValueError, KeyError, TypeError):
             continue
@@ -228,7 +241,7 @@ def markdown_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
     for r in rows:
         if "pass@1" not in r:
             cells = (
-                [r["policy"], setting_label(r.get("scorer", r["policy"]), r["rate"]), "—", "—"]
+                [r["policy"], setting_label(r["rate"], r.get("compression_ratio")), "—", "—"]
                 + ["—"] * len(extra_k)
                 + ["—"] * 5
                 + ["0", "0"]
@@ -241,7 +254,7 @@ def markdown_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
             )
             cells = [
                 r["policy"],
-                setting_label(r.get("scorer", r["policy"]), r["rate"]),
+                setting_label(r["rate"], r.get("compression_ratio")),
                 comp,
                 f"{_fmt(r['pass@1'], scale=100)} ± {_fmt(r['pass@1_se'], scale=100)}",
             ]
@@ -455,7 +468,7 @@ def combine(runs: Sequence[str], output_dir: str | os.PathLike, title: str = "")
         first_settings = first_settings or summary["settings"]
         sources.append({"dir": folder, "label": label or None, "model": summary["settings"].get("model")})
         for r in summary["results"]:
-            r = dict(r, source=folder, scorer=r["policy"])  # the policy it ran with, for its setting's label
+            r = dict(_upgrade(r), source=folder, scorer=r["policy"])  # the policy it ran with
             if label:
                 if r["policy"] == FULL:
                     r["policy"], r["reference"] = f"{label} (full cache, {Path(folder).name})", True

@@ -29,12 +29,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.config import BeaconConfig, EvictionConfig, schedule_config_from_dict
 from ngc_trl.engine.generation import generate_with_eviction
 from ngc_trl.evaluation.metrics import (
+    BEACONS,
     FULL,
     markdown_table,
     merge_records,
@@ -44,13 +46,13 @@ from ngc_trl.evaluation.metrics import (
     summarize,
     write_reports,
 )
-from ngc_trl.policies import DECODERS, POLICIES
+from ngc_trl.policies import POLICIES
 from ngc_trl.policies.oracle import oracle_for_batch
 
 MATH_TASKS = ("amc23", "aime24", "aime25", "amc25", "math")
 TASKS = ("countdown", "linsys", "stargraph", *MATH_TASKS)
 SETTINGS_FILE = "ngc_settings.json"  # EvictionConfig fields written next to a trained model
-# paper settings (method.md §6): Countdown greedy with 1024 tokens; math T=0.6, top_p=0.95, 3850 tokens
+# paper settings (docs/method.md §6): Countdown greedy with 1024 tokens; math T=0.6, top_p=0.95, 3850 tokens
 # (LinSys and StarGraph take Countdown's)
 TASK_DEFAULTS = {
     "countdown": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 1024},
@@ -85,7 +87,7 @@ def _split(value, cast, name):
 
 def parse_policies(value) -> list[str]:
     policies = list(dict.fromkeys(_split(value, str, "policies")))
-    valid = {**POLICIES, **DECODERS}
+    valid = {*POLICIES, BEACONS}
     bad = [p for p in policies if p not in valid]
     if not policies or bad:
         raise ValueError(
@@ -234,7 +236,8 @@ class EvalArguments:
 
 # ----------------------------------------------------------------------------- model and data
 def read_ngc_settings(folder: str | os.PathLike) -> dict:
-    """The ``ngc_settings.json`` of a local model folder (validated as `EvictionConfig` fields), or ``{}``.
+    """The ``ngc_settings.json`` of a local model folder (validated as an `EvictionConfig` or a
+    `BeaconConfig`, `schedule_config_from_dict`), or ``{}``.
 
     ``interoception_rates`` and ``meta_token`` keys, if present, are kept as extras for the prompt/decoder."""
     path = Path(folder) / SETTINGS_FILE
@@ -243,7 +246,7 @@ def read_ngc_settings(folder: str | os.PathLike) -> dict:
     try:
         settings = json.loads(path.read_text())
         extras = {k: settings.pop(k) for k in ("interoception_rates", "meta_token") if k in settings}
-        EvictionConfig.from_dict(settings)
+        schedule_config_from_dict(settings)
     except (ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"--model: invalid {path}: {e}") from None
     return {**settings, **extras}
@@ -408,30 +411,59 @@ def _check_settings(output_dir: Path, settings: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the evaluation
+class EvalRun(NamedTuple):
+    """One evaluation run: a score rule at a rate ε (``full``: no rate), or Breadcrumbs at a ratio c."""
+
+    policy: str
+    rate: float | None
+    compression_ratio: int | None
+    config: EvictionConfig | BeaconConfig
+
+    @property
+    def key(self) -> tuple:
+        return run_key(self.policy, self.rate, self.compression_ratio)
+
+
+def split_schedules(
+    eviction: EvictionConfig | BeaconConfig | None, beacon: BeaconConfig | None = None
+) -> tuple[EvictionConfig, BeaconConfig | None]:
+    """``(rounds, beacon)``: the δ/b/w/protections of the score-rule runs and the Breadcrumbs config, from an
+    ``eviction`` that may itself be a `BeaconConfig` (a student's settings; its score-rule runs then use
+    `EvictionConfig` defaults)."""
+    if isinstance(eviction, BeaconConfig):
+        if beacon is not None and beacon != eviction:
+            raise ValueError("beacon: two different BeaconConfigs were given")
+        return EvictionConfig(), eviction
+    return eviction or EvictionConfig(), beacon
+
+
 def plan_runs(
-    policies, rates, eviction: EvictionConfig | None = None, compression_ratios="2,4,8,16,32"
-) -> list[tuple[str, float | None, EvictionConfig]]:
-    """``(policy, rate, EvictionConfig)`` per run: ``full`` once, every score-rule policy at every rate ε, all
-    with ``eviction``'s δ/b/w and protections, and ``breadcrumbs`` at every ratio c (its run's ``rate``
-    slot holds ``c``; it needs ``eviction.beacon_token_id``, which a Breadcrumbs student's
-    ``ngc_settings.json`` provides). Validates every name, rate and ratio (errors name the argument)."""
-    base = eviction or EvictionConfig()
+    policies,
+    rates,
+    eviction: EvictionConfig | BeaconConfig | None = None,
+    compression_ratios="2,4,8,16,32",
+    beacon: BeaconConfig | None = None,
+) -> list[EvalRun]:
+    """The runs: ``full`` once, every score-rule policy at every rate ε, all with ``eviction``'s δ/b/w and
+    protections, and ``breadcrumbs`` at every ratio c (it needs the `BeaconConfig` a Breadcrumbs student's
+    ``ngc_settings.json`` provides, as ``beacon`` or as ``eviction``). Validates every name, rate and ratio
+    (errors name the argument)."""
+    base, beacon = split_schedules(eviction, beacon)
     policies, rates = parse_policies(policies), parse_rates(rates)
     runs = []
     for p in policies:
-        if p in DECODERS:
-            if base.beacon_token_id is None:
+        if p == BEACONS:
+            if beacon is None:
                 raise ValueError(
                     f"--policies {p}: the model has no beacon token; evaluate a Breadcrumbs student "
                     f"(its {SETTINGS_FILE} gives beacon_token_id)"
                 )
             for c in parse_compression_ratios(compression_ratios):
-                runs.append(
-                    (p, float(c), dataclasses.replace(base, policy=p, eviction_rate=0.0, compression_ratio=c))
-                )
+                runs.append(EvalRun(p, None, c, dataclasses.replace(beacon, compression_ratio=c)))
             continue
         for r in [None] if p == FULL else rates:
-            runs.append((p, r, dataclasses.replace(base, policy=p, eviction_rate=0.0 if r is None else r)))
+            cfg = dataclasses.replace(base, policy=p, eviction_rate=0.0 if r is None else r)
+            runs.append(EvalRun(p, r, None, cfg))
     return runs
 
 
@@ -444,7 +476,8 @@ def evaluate(
     rates="0.5",
     *,
     compression_ratios="2,4,8,16,32",
-    eviction: EvictionConfig | None = None,
+    eviction: EvictionConfig | BeaconConfig | None = None,
+    beacon: BeaconConfig | None = None,
     num_samples: int = 1,
     k=None,
     max_new_tokens: int = 1024,
@@ -470,7 +503,9 @@ def evaluate(
             (graded with `ngc_trl.tasks.math.grade`).
         policies, rates: names / ε, lists or comma-separated strings; ``full`` runs once.
         compression_ratios: the c of every ``breadcrumbs`` run (a list or comma-separated string).
-        eviction: δ/b/w/protections shared by all runs (default `EvictionConfig()`).
+        eviction: δ/b/w/protections shared by the score-rule runs (default `EvictionConfig()`), or a
+            Breadcrumbs student's `BeaconConfig` (then they use the defaults).
+        beacon: the student's `BeaconConfig` (its beacon token is never sampled in any run).
         k: pass@k values (default 1 and ``num_samples``). Greedy when ``temperature == 0``.
         output_dir: write ``samples.jsonl``, ``summary.json``, ``results.md``, ``pareto.png`` there and
             resume from what it holds; None keeps everything in memory.
@@ -480,7 +515,9 @@ def evaluate(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    runs = plan_runs(policies, rates, eviction, compression_ratios)
+    runs = plan_runs(policies, rates, eviction, compression_ratios, beacon)
+    base, beacon = split_schedules(eviction, beacon)
+    suppress = None if beacon is None else [beacon.beacon_token_id]
     ks = sorted(set(_split(k, int, "k"))) if k is not None else sorted({1, num_samples})
     if not ks or ks[0] < 1 or ks[-1] > num_samples:
         raise ValueError(f"--k={k!r}: every k must be in [1, num_samples={num_samples}]")
@@ -499,14 +536,19 @@ def evaluate(
     device = next(model.parameters()).device
     # cpu=True: a gloo process group under torchrun on a CPU-only machine (accelerate's default finds none)
     state = PartialState(cpu=device.type == "cpu" and not torch.cuda.is_available())
-    base = runs[0][2]
     settings = {
         **(settings or {}),
         "task": task,
-        "policies": list(dict.fromkeys(r[0] for r in runs)),
+        "policies": list(dict.fromkeys(r.policy for r in runs)),
         "rates": parse_rates(rates),
         "compression_ratios": parse_compression_ratios(compression_ratios),
-        "eviction": {**base.to_dict(), "policy": None, "eviction_rate": None, "compression_ratio": None},
+        "eviction": {
+            **base.to_dict(),
+            "policy": None,
+            "eviction_rate": None,
+            "compression_ratio": None,
+            "beacon_token_id": None if beacon is None else beacon.beacon_token_id,
+        },
         "num_problems": len(problems),
         "num_samples": num_samples,
         "k": ks,
@@ -533,17 +575,10 @@ def evaluate(
     # ---- the work of this rank: (run, problem, sample) keys not done yet, batched within a run
     shard = problems[state.process_index :: state.num_processes]
     batches = []
-    hindsight = any(getattr(POLICIES.get(r[0]), "hindsight", False) for r in runs)
-    for policy, rate, cfg in sorted(
-        runs, key=lambda r: not (hindsight and r[0] == FULL)
-    ):  # oracle: full first
-        todo = [
-            (p, j)
-            for p in shard
-            for j in range(num_samples)
-            if (*run_key(policy, rate), p["id"], j) not in done
-        ]
-        batches += [(policy, rate, cfg, todo[i : i + batch_size]) for i in range(0, len(todo), batch_size)]
+    hindsight = any(getattr(POLICIES.get(r.policy), "hindsight", False) for r in runs)
+    for run in sorted(runs, key=lambda r: not (hindsight and r.policy == FULL)):  # oracle: full first
+        todo = [(p, j) for p in shard for j in range(num_samples) if (*run.key, p["id"], j) not in done]
+        batches += [(run, todo[i : i + batch_size]) for i in range(0, len(todo), batch_size)]
     text_cfg = model.config.get_text_config()
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     entry_bytes = 2 * text_cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
@@ -567,19 +602,20 @@ def evaluate(
     new_records = []
     full_ids: dict[str, list[int]] = {}  # problem id -> greedy full-cache completion (the oracle's hindsight)
     bar = tqdm(
-        total=sum(len(b[3]) for b in batches),
+        total=sum(len(b[1]) for b in batches),
         desc="ngc-eval",
         disable=not (progress and state.is_main_process),
     )
     try:
-        for policy, rate, cfg, items in batches:
+        for run, items in batches:
+            policy, rate, c, cfg = run
             tag_rate = (rate or 0.0) if interoception else None
             texts = [render_prompt(p["prompt"], tokenizer, tag_rate) for p, _ in items]
             enc = tokenizer(
                 texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
             ).to(device)
             digest = hashlib.sha256(
-                f"{seed}|{policy}|{rate}|{items[0][0]['id']}|{items[0][1]}".encode()
+                f"{seed}|{policy}|{rate if c is None else float(c)}|{items[0][0]['id']}|{items[0][1]}".encode()
             ).hexdigest()
             gen = torch.Generator(device=device).manual_seed(int(digest[:15], 16))
             oracle = None
@@ -609,8 +645,9 @@ def evaluate(
                 generator=gen,
                 eos_token_id=eos,
                 pad_token_id=pad,
-                forced_token_id=forced_token_id,
+                forced_token_id=None if c is not None else forced_token_id,
                 policy=oracle,
+                suppress_token_ids=suppress,
             )
             if policy == FULL and hindsight and not do_sample:
                 full_ids.update((p["id"], c) for (p, _), c in zip(items, out.completion_ids))
@@ -620,9 +657,10 @@ def evaluate(
             for i, ((prob, j), ids) in enumerate(zip(items, out.completion_ids)):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 reward, correct, pred = score_completion(task, text, prob, grade_timeout_s)
-                rec = {
-                    "policy": policy,
-                    "rate": rate,
+                rec = {"policy": policy, "rate": rate}
+                if c is not None:
+                    rec["compression_ratio"] = c
+                rec |= {
                     "problem_id": prob["id"],
                     "sample": j,
                     "reward": reward,
@@ -665,7 +703,7 @@ def evaluate(
         records = merge_records(out_dir)
     wanted = {p["id"] for p in problems}
     records = [r for r in records if r["problem_id"] in wanted and r["sample"] < num_samples]
-    rows = summarize(records, [(p, r) for p, r, _ in runs], ks)
+    rows = summarize(records, [r.key for r in runs], ks)
     sources = {r.get("compression_source") for r in rows if "compression_source" in r}
     summary = {
         "settings": settings,
@@ -728,12 +766,13 @@ def _prepare(args: EvalArguments) -> dict:
         if getattr(args, key) is not None
     }
     try:
-        base = EvictionConfig(**{**model_settings, **overrides})
-    except ValueError as e:
+        trained = schedule_config_from_dict(model_settings) if model_settings else EvictionConfig()
+        beacon = trained if isinstance(trained, BeaconConfig) else None
+        base = dataclasses.replace(EvictionConfig() if beacon else trained, **overrides)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"eviction settings: {e}") from None
-    plan_runs(
-        args.policies, args.rates, base, args.compression_ratios
-    )  # fails here, before any loading, on a bad name or rate
+    # fails here, before any loading, on a bad name or rate
+    plan_runs(args.policies, args.rates, base, args.compression_ratios, beacon)
     k = args.k
     if k is not None and any(x > args.num_samples or x < 1 for x in _split(k, int, "k")):
         raise ValueError(f"--k={k}: every k must be in [1, --num_samples={args.num_samples}]")
@@ -781,6 +820,7 @@ def _prepare(args: EvalArguments) -> dict:
         rates=args.rates,
         compression_ratios=args.compression_ratios,
         eviction=base,
+        beacon=beacon,
         num_samples=args.num_samples,
         k=k,
         **gen,

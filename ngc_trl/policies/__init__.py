@@ -2,12 +2,8 @@
 
 Importing this package registers every rule below in the engine's registry (`ngc_trl.engine.policy`).
 
-Add a policy: one file with one `EvictionPolicy` subclass and its `token_scores`, one line in
-`POLICIES`, one row in the score-rule tests (tests/test_policies.py) and a README bullet.
-
-`DECODERS` holds the valid ``EvictionConfig.policy`` names that are not a score rule under the δ/ε/b
-schedule (Breadcrumbs beacon decoding): they have their own settings and decode path, so the baseline
-sweeps and the score-rule tests, which iterate over `POLICIES`, leave them out.
+Add a policy: one file with one `EvictionPolicy` subclass and its `token_scores`, one entry in the
+`register_policy` loop below, one row in the score-rule tests (tests/test_policies.py) and a README bullet.
 
 ``oracle`` (`OraclePolicy`, flag ``hindsight``) is in `POLICIES` but is an evaluation-only ceiling, not a
 method: it reads the future attention of the full-cache completion, built per batch by
@@ -16,8 +12,7 @@ method: it reads the future attention of the full-cache completion, built per ba
 
 from __future__ import annotations
 
-from ngc_trl.engine.policy import DECODERS, POLICIES, EvictionPolicy, LayerView, get_policy, register_policy
-from ngc_trl.policies.breadcrumbs import BreadcrumbsPolicy
+from ngc_trl.engine.policy import POLICIES, EvictionPolicy, LayerView, get_policy, register_policy
 from ngc_trl.policies.full import FullCachePolicy
 from ngc_trl.policies.h2o import H2OPolicy
 from ngc_trl.policies.keydiff import KeyDiffPolicy
@@ -42,13 +37,10 @@ for _cls in (
     OraclePolicy,
 ):
     register_policy(_cls)
-register_policy(BreadcrumbsPolicy, decoder=True)
 
 
 __all__ = [
-    "DECODERS",
     "POLICIES",
-    "BreadcrumbsPolicy",
     "EvictionPolicy",
     "FullCachePolicy",
     "H2OPolicy",

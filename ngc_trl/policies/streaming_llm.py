@@ -1,7 +1,7 @@
 """`streaming_llm`: attention sinks plus a recency window (Xiao et al., arXiv 2309.17453).
 
 kvpress reference: `kvpress/presses/streaming_llm_press.py` (scores 1 for sinks and the newest tokens, 0 for
-the ``n_pruned`` tokens right after the sinks). Block form used here (docs/baselines.md §2): the first
+the ``n_pruned`` tokens right after the sinks). Block form used here (docs/method.md §7): the first
 ``n_sink`` live keys score ``+inf``, every other key scores its temporal rank among the live keys, so the
 oldest non-sink blocks are evicted first (the prompt goes early).
 """
