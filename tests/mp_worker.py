@@ -34,14 +34,14 @@ class Probe(TrainerCallback):
 
     def _spy_generate(self):
         tr, rec = self.trainer, self.rec
-        if not hasattr(tr, "_row_rates"):
+        if not hasattr(tr, "_open_scope"):  # the Breadcrumbs trainer samples no rates
             return
         orig_generate, orig_log = tr._generate, getattr(tr, "_log_cache_stats", None)
 
         def generate(prompts):
             out = orig_generate(prompts)
             step = tr.state.global_step
-            for p, r in zip(prompts, tr._row_rates.tolist()):
+            for p, r in zip(prompts, tr._scope.row_rates.tolist()):
                 rec["rollouts"].append({"step": step, "prompt": str(p), "rate": r})
             return out
 

@@ -109,8 +109,10 @@ def test_replay_masks_switch_changes_token_logps(tmp_path):
     from ngc_trl.engine.records import EvictionRecords
 
     k = batch["completion_ids"].shape[1]
-    tr._replay_records = (EvictionRecords.from_dict(batch), batch["ngc_prompt_len"])
-    with torch.no_grad():
+    scope = tr._open_scope(
+        "loss", records=EvictionRecords.from_dict(batch), prompt_len=batch["ngc_prompt_len"]
+    )
+    with scope, torch.no_grad():
         masked, _, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, am, k)
         tr.args.replay_masks = False
         full, _, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, am, k)
@@ -214,16 +216,17 @@ def test_length_sorted_replay_chunks_are_exact(tmp_path):
     assert lens.min() < lens.max()  # ragged, so trimming matters
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    tr._replay_records = (EvictionRecords.from_dict(batch), batch["ngc_prompt_len"])
-    assert tr._replay_records[0].acted.any()
+    records = EvictionRecords.from_dict(batch)
+    assert records.acted.any()
     outs = []
     for budget in (0, 64):
         tr.args.replay_chunk_tokens = budget
         tr.model.zero_grad()
-        lp, ent, _ = tr._get_per_token_logps_and_entropies(
-            tr.model, ids, am, batch["completion_ids"].shape[1], compute_entropy=True
-        )
-        ev = tr._evict_logp
+        with tr._open_scope("loss", records=records, prompt_len=batch["ngc_prompt_len"]) as scope:
+            lp, ent, _ = tr._get_per_token_logps_and_entropies(
+                tr.model, ids, am, batch["completion_ids"].shape[1], compute_entropy=True
+            )
+        ev = scope.evict_logp
         ((lp * batch["completion_mask"]).sum() + ev.sum()).backward()
         grad = tr.model.model.layers[0].self_attn.q_proj.weight.grad.clone()
         outs.append((lp * batch["completion_mask"], ent * batch["completion_mask"], ev, grad))

@@ -12,9 +12,14 @@ signatures change):
 * `_get_per_token_logps_and_entropies`: the replay forward — per-layer masks, eviction log-probs with grad
   (under reentrant or non-reentrant gradient checkpointing too: they leave each checkpointed layer as
   outputs of its checkpoint).
-* `_compute_loss`: ``L = L_token + eviction_loss_coef · L_mem``; ``L_mem`` is the clipped surrogate over
-  eviction actions with the same group advantages, summed over layers, averaged over each rollout's
-  rounds, then divided by Dr. GRPO's ``B · max_completion_length`` (paper Eq. 4–5, method.md §5.1).
+* `_compute_loss`: ``L = L_token + eviction_loss_coef · L_mem`` (`ngc_trl.ngc.loss.eviction_policy_loss`:
+  the clipped surrogate over eviction actions with the same group advantages, summed over layers,
+  averaged over each rollout's rounds, divided by Dr. GRPO's ``B · max_completion_length``; paper Eq. 4–5).
+
+The flow of one batch: rollout (`generate_with_eviction` records every action) → records (padded tensors
+in the batch dict) → replay (one forward with per-layer masks that recomputes every action's log-prob on
+the graph) → loss. What a batch carries between TRL's hooks lives in one `BatchScope`, open only while
+`_generate_and_score_completions` (the rollout phase) or `_compute_loss` (the loss phase) runs.
 * `_calculate_rewards`: the optional minimum-length penalty.
 * `_prepare_inputs`, `_save_checkpoint`, `_load_optimizer_and_scheduler`: the optional reward-gated
   curriculum (``curriculum_gate``, beyond the paper): each training batch's mean reward updates the gate,
@@ -27,18 +32,21 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
 from ngc_trl.engine.attention import enable_ngc_attention, no_mask
-from ngc_trl.engine.generation import generate_with_eviction
+from ngc_trl.engine.generation import EvictionOutput, generate_with_eviction
 from ngc_trl.engine.records import EvictionRecords
 from ngc_trl.engine.replay import ReplayContext, route_eviction_logps_through_checkpoints
 from ngc_trl.ngc.config import NGCConfig
 from ngc_trl.ngc.curriculum import GatedCurriculum, curriculum_rate
 from ngc_trl.ngc.interoception import add_rate_tag
+from ngc_trl.ngc.loss import eviction_policy_loss
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +75,35 @@ def replay_chunks(attention_mask: torch.Tensor, max_rows: int, max_tokens: int =
         rows = order[start:stop]
         yield rows, int(ends[rows].max())
         start = stop
+
+
+@dataclass
+class BatchScope:
+    """What one batch carries between TRL's hooks (rows ``B``, rounds ``R``, layers ``L``).
+
+    ``phase`` is ``"rollout"`` (opened by `NGCTrainer._generate_and_score_completions`: generation, rewards
+    and TRL's no-grad passes) or ``"loss"`` (opened by `NGCTrainer._compute_loss`: the replay with grad).
+
+    Attributes:
+        row_rates: ``(B,)`` ε of each rollout (set by ``_generate``: curriculum or interoception).
+        rollout: the `EvictionOutput` of the batch (set by ``_generate_single_turn``).
+        records, prompt_len: what the replay forward replays (``prompt_len (B,)``).
+        expects_old_pass: TRL will run its no-grad "old" log-prob pass in this rollout phase (its own
+            condition, ``gradient_accumulation_steps % (steps_per_generation · num_iterations) != 0``);
+            that pass is the first no-grad replay, before any reference-model pass.
+        old_evict_logp: ``(B, R, L)`` the eviction log-probs of that old pass (the PPO "old" policy).
+        evict_logp, evict_entropy: ``(B, R, L)`` of the latest replay (with grad in the loss phase).
+    """
+
+    phase: str
+    row_rates: torch.Tensor | None = None
+    rollout: EvictionOutput | None = None
+    records: EvictionRecords | None = None
+    prompt_len: torch.Tensor | None = None
+    expects_old_pass: bool = False
+    old_evict_logp: torch.Tensor | None = None
+    evict_logp: torch.Tensor | None = None
+    evict_entropy: torch.Tensor | None = None
 
 
 class NGCTrainer(GRPOTrainer):
@@ -112,11 +149,7 @@ class NGCTrainer(GRPOTrainer):
                     "add it with ngc_trl.engine.special_tokens.add_special_token first"
                 )
             self.meta_token_id = ids[0]
-        self._row_rates = None  # per-rollout ε of the generation batch being built
-        self._rollout = None  # EvictionOutput of that batch
-        self._replay_records = None  # (records, prompt_len) the replay forward uses
-        self._no_grad_evict_logps = []
-        self._evict_logp = self._evict_entropy = None
+        self._scope: BatchScope | None = None  # open only inside a rollout or loss phase
         a = self.args
         self.curriculum_gate = (
             None
@@ -214,7 +247,8 @@ class NGCTrainer(GRPOTrainer):
             prompts = [add_rate_tag(p, r) for p, r in zip(prompts, rates)]
         else:
             rates = [self.rate_in_force()] * len(prompts)
-        self._row_rates = torch.tensor(rates, dtype=torch.float32)
+        if self._scope is not None:
+            self._scope.row_rates = torch.tensor(rates, dtype=torch.float32)
         return super()._generate(prompts)
 
     def _generate_single_turn(
@@ -228,11 +262,10 @@ class NGCTrainer(GRPOTrainer):
         for i, p in enumerate(prompt_ids):
             ids[i, width - len(p) :] = torch.tensor(p, device=device)
             mask[i, width - len(p) :] = 1
-        rates = (
-            self._row_rates
-            if self._row_rates is not None
-            else torch.full((len(prompt_ids),), self.rate_in_force())
-        )
+        scope = self._scope
+        rates = scope.row_rates if scope is not None and scope.row_rates is not None else None
+        if rates is None:
+            rates = torch.full((len(prompt_ids),), self.rate_in_force())
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -261,8 +294,8 @@ class NGCTrainer(GRPOTrainer):
                 forced_token_id=self.meta_token_id,
             )
             model.train(was_training)
-        self._rollout = out
-        self._replay_records = (out.records, mask.sum(1))
+        if scope is not None:
+            scope.rollout, scope.records, scope.prompt_len = out, out.records, mask.sum(1)
         self._log_cache_stats(out, rates)
         return out.completion_ids, None
 
@@ -283,24 +316,41 @@ class NGCTrainer(GRPOTrainer):
                 self.accelerator.gather(v.to(self.accelerator.device)).mean().item()
             )
 
+    @contextmanager
+    def _open_scope(self, phase: str, **fields):
+        """Open the batch's `BatchScope` for the duration of one phase (nesting is a bug)."""
+        if self._scope is not None:
+            raise RuntimeError(f"NGCTrainer: a {self._scope.phase} phase is still open")
+        self._scope = BatchScope(phase, **fields)
+        try:
+            yield self._scope
+        finally:
+            self._scope = None
+
     def _generate_and_score_completions(self, inputs):
-        self._no_grad_evict_logps = []
-        out = super()._generate_and_score_completions(inputs)
-        records, prompt_len = self._replay_records
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        expects_old = self.args.gradient_accumulation_steps % generate_every != 0
+        with self._open_scope("rollout", expects_old_pass=expects_old) as scope:
+            out = super()._generate_and_score_completions(inputs)
+        if (out.get("old_per_token_logps") is not None) != expects_old:
+            raise RuntimeError(
+                "NGCTrainer: TRL's old log-prob pass no longer follows its documented condition"
+            )
+        records = scope.records
         masked = out["completion_mask"].sum(1) == 0  # mask_truncated_completions: no token loss, so no L_mem
         if masked.any():
             records = records.cleared(masked)
         out.update(records.as_dict())
-        out["ngc_prompt_len"] = prompt_len
-        if out.get("old_per_token_logps") is not None and self._no_grad_evict_logps:
-            out["ngc_old_logp"] = self._no_grad_evict_logps[0]  # the first no-grad replay is the "old" pass
-        self._replay_records = None
+        out["ngc_prompt_len"] = scope.prompt_len
+        if scope.old_evict_logp is not None:
+            out["ngc_old_logp"] = scope.old_evict_logp
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.args.min_length_penalty and self._rollout is not None:
-            fired = (self._rollout.records.positions[:, 0] >= 0).to(rewards.device)
+        scope = self._scope
+        if self.args.min_length_penalty and scope is not None and scope.rollout is not None:
+            fired = (scope.rollout.records.positions[:, 0] >= 0).to(rewards.device)
             rewards = rewards * fired[:, None].to(rewards.dtype)
         return rewards
 
@@ -318,7 +368,8 @@ class NGCTrainer(GRPOTrainer):
     ):
         if any(v is not None for v in multimodal.values()):
             raise ValueError("NGCTrainer supports text-only models")
-        records, prompt_len = self._replay_records if self._replay_records is not None else (None, None)
+        scope = self._scope
+        records, prompt_len = (scope.records, scope.prompt_len) if scope is not None else (None, None)
         route_eviction_logps_through_checkpoints(model)  # L_mem's gradient under any checkpointing mode
         n_rows, width = input_ids.shape
         logps = input_ids.new_zeros((n_rows, logits_to_keep), dtype=torch.float32)
@@ -367,44 +418,42 @@ class NGCTrainer(GRPOTrainer):
                 evict.append(
                     (rows, ctx.eviction_logp(self.num_layers), ctx.eviction_entropy(self.num_layers))
                 )
-        if evict:
-            order = torch.cat([r for r, _, _ in evict]).argsort()  # back to the batch's row order
-            self._evict_logp = torch.cat([lp for _, lp, _ in evict])[order]
-            self._evict_entropy = torch.cat([e for _, _, e in evict])[order]
-            if not torch.is_grad_enabled():
-                self._no_grad_evict_logps.append(self._evict_logp)
-        else:
-            self._evict_logp = self._evict_entropy = None
+        if scope is not None:
+            scope.evict_logp = scope.evict_entropy = None
+            if evict:
+                order = torch.cat([r for r, _, _ in evict]).argsort()  # back to the batch's row order
+                scope.evict_logp = torch.cat([lp for _, lp, _ in evict])[order]
+                scope.evict_entropy = torch.cat([e for _, _, e in evict])[order]
+                old_pass = (
+                    scope.phase == "rollout" and scope.expects_old_pass and scope.old_evict_logp is None
+                )
+                if old_pass and not torch.is_grad_enabled():
+                    scope.old_evict_logp = scope.evict_logp
         return logps, entropies, None
 
     def _compute_loss(self, model, inputs):
         records = EvictionRecords.from_dict(inputs) if "ngc_positions" in inputs else None
-        self._replay_records = (records, inputs.get("ngc_prompt_len")) if records is not None else None
-        loss = super()._compute_loss(model, inputs)
-        self._replay_records = None
+        with self._open_scope("loss", records=records, prompt_len=inputs.get("ngc_prompt_len")) as scope:
+            loss = super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
-        if records is None or self._evict_logp is None:
+        if records is None or scope.evict_logp is None:
             return loss
-        new, acted = self._evict_logp, records.acted
+        new, acted = scope.evict_logp, records.acted
         m = acted.to(new.dtype)
-        old = inputs.get("ngc_old_logp", new.detach())
-        adv = inputs["advantages"][:, None, None]
-        log_ratio = new - old
-        if self.importance_sampling_level == "sequence":  # GSPO: one ratio per rollout, over all its actions
-            log_ratio = ((log_ratio * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1))[:, None, None].expand_as(
-                new
-            )
-        ratio = torch.exp(log_ratio)
-        clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
-        if self.args.delta is not None:  # TRL's two-sided clipping of the unclipped term
-            ratio = ratio.clamp(max=self.args.delta)
-        per_action = -torch.min(ratio * adv, clipped * adv) * m  # (B, R, L)
-        # paper Eq. 4: mean over each rollout's rounds (per layer), sum over layers; then Dr. GRPO's constant
-        per_rollout = (per_action.sum(1) / m.sum(1).clamp(min=1)).sum(-1)  # (B,)
-        evict_loss = per_rollout.sum() / (new.shape[0] * self.max_completion_length)
+        evict_loss = eviction_policy_loss(
+            new,
+            inputs.get("ngc_old_logp", new.detach()),
+            acted,
+            inputs["advantages"],
+            new.shape[0] * self.max_completion_length,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.args.delta,
+            sequence_level=self.importance_sampling_level == "sequence",
+        )
         if mode == "train":  # TRL's loss is already divided by GA in training (not in eval)
             evict_loss = evict_loss / self.current_gradient_accumulation_steps
-        ent = (self._evict_entropy * m).sum() / m.sum().clamp(min=1)
+        ent = (scope.evict_entropy * m).sum() / m.sum().clamp(min=1)
         gather = self.accelerator.gather
         self._metrics[mode]["ngc/evict_loss"].append(gather(evict_loss.detach()).mean().item())
         self._metrics[mode]["ngc/evict_entropy"].append(gather(ent.detach()).mean().item())
