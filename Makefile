@@ -23,6 +23,7 @@ slow_test:
 
 quality:
 	ruff check ngc_trl tests bench
+	ruff format --check ngc_trl tests bench
 
 style:
 	ruff check --fix ngc_trl tests bench
@@ -56,7 +57,7 @@ tiny:
 SET ?=
 experiment = $(strip $(PYTHON) -m ngc_trl.evaluation.experiment --spec $(1) $(foreach s,$(SET),--set '$(s)'))
 
-# issue 5/7's testbed table: every tiny model trained, then evaluated on one held-out split and one axis
+# the Countdown testbed table: every tiny model trained, then evaluated on one held-out split and one axis
 # (heuristics on the full-cache GRPO model, as in the paper; NGC, the ablations and Breadcrumbs students on
 # their own models). Results: outputs/testbed/all/{results.md,pareto.png,summary.json}.
 testbed_result:
@@ -68,7 +69,7 @@ testbed_result:
 stargraph_result:
 	$(call experiment,recipes/testbed/stargraph.yaml)
 
-# issue 7's second task: LinSys (2x2 systems, elimination traces with the arithmetic written out). The same pipeline as
+# a second task: LinSys (2x2 systems, elimination traces with the arithmetic written out). The same pipeline as
 # testbed_result at δ = 32, b = 4 (rollouts are ~190 tokens): base, beacon warm start, Breadcrumbs students from it, NGC,
 # and the heuristics on the full-cache GRPO teacher of the c = 8 run.
 # Results: outputs/testbed_linsys/all/{results.md,pareto.png,summary.json}.

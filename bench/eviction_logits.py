@@ -8,7 +8,7 @@ set of training-distribution prompts (never the test split), it measures, in one
 * ``topk_reward``: the same rollouts' setting with deterministic top-k evictions (what evaluation judges);
 * ``entropy_ratio``: first-draw entropy of the eviction actions / log N (1 = uniform);
 * ``grad_ratio``: ‖∇L_mem‖ / ‖∇L_token‖ on the q/k projections, for one batch of G rollouts per prompt
-  with Dr. GRPO advantages, L_mem normalised as in `NGCTrainer` (method.md §5.1).
+  with Dr. GRPO advantages, L_mem normalised as in `NGCTrainer` (docs/method.md §5.1).
 
 Example::
 
