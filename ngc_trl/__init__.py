@@ -5,7 +5,7 @@ Light imports (the engine) load eagerly; the TRL-dependent pieces load on first 
 """
 
 from ngc_trl.breadcrumbs.beacons import add_beacon_token, beacon_forward, beacon_layout
-from ngc_trl.engine.config import EvictionConfig
+from ngc_trl.engine.config import BeaconConfig, EvictionConfig
 from ngc_trl.engine.generation import EvictionOutput, generate_with_eviction
 from ngc_trl.engine.records import EvictionRecords
 from ngc_trl.policies import POLICIES, get_policy
@@ -30,6 +30,7 @@ def __getattr__(name):
 
 __all__ = [
     "POLICIES",
+    "BeaconConfig",
     "BreadcrumbsConfig",
     "BreadcrumbsTrainer",
     "EvictionConfig",

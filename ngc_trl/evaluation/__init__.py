@@ -4,4 +4,5 @@
   per (policy, rate) that resumes, the summary).
 * `metrics` — accuracy with standard errors, compression, the report tables and the Pareto plot.
 * `learning_curve` — the training callback that scores a validation split every k steps, and its plot.
+* `experiment` — one runner for the testbed pipelines, driven by a spec per task (``recipes/testbed/*.yaml``).
 """
