@@ -24,6 +24,7 @@ slow_test:
 quality:
 	ruff check ngc_trl tests bench
 	ruff format --check ngc_trl tests bench
+	$(PYTHON) -m mypy ngc_trl/engine
 
 style:
 	ruff check --fix ngc_trl tests bench

@@ -22,6 +22,7 @@ cache stays small, so its storage never grows past the peak.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -35,7 +36,14 @@ class NGCLayer(DynamicLayer):
         self.query_window = query_window
         self.track_attention = track_attention
         self.growth = max(1, growth)
-        self.lengths = self.pos = self.queries = self.q_pos = self.q_valid = self.attention_sum = None
+        # all None until the prefill (`queries`/`q_pos`/`q_valid`: until the first push, and only with a
+        # query window; `attention_sum`: only when tracking attention)
+        self.lengths: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None
+        self.q_pos: torch.Tensor | None = None
+        self.q_valid: torch.Tensor | None = None
+        self.attention_sum: torch.Tensor | None = None
         # host-side upper bound of max(lengths): decoding never waits on the device to size its tensors
         self.max_len = 0
 
@@ -76,6 +84,7 @@ class NGCLayer(DynamicLayer):
     @property
     def live(self) -> torch.Tensor:
         """``(B, S)`` bool over the first ``num_slots`` slots."""
+        assert self.lengths is not None, "NGCLayer.live before the prefill"
         return torch.arange(self.num_slots, device=self.device)[None] < self.lengths[:, None]
 
     def allocated_bytes(self) -> int:
@@ -97,6 +106,8 @@ class NGCLayer(DynamicLayer):
             self.attention_sum = torch.zeros(k.shape[0], s, device=k.device, dtype=torch.float32)
 
     def _reserve(self, needed: int):
+        # set by the prefill
+        assert self.keys is not None and self.values is not None and self.pos is not None
         cap = self.keys.shape[1]
         if needed <= cap:
             return
@@ -132,6 +143,7 @@ class NGCLayer(DynamicLayer):
             self.queries = q.new_zeros(b, h, w, d)
             self.q_pos = q_pos.new_zeros(b, w)
             self.q_valid = torch.zeros(b, w, dtype=torch.bool, device=q.device)
+        assert self.q_pos is not None and self.q_valid is not None  # allocated together with `queries`
         if q.shape[2] == 1:  # decode: shift only the rows whose token is valid
             keep = q_valid[:, 0]
             shifted_q = torch.cat([self.queries[:, :, 1:], q], 2)
@@ -148,6 +160,8 @@ class NGCLayer(DynamicLayer):
     def keep(self, keep_slot: torch.Tensor):
         """Compact every row to the slots where ``keep_slot (B, S)`` is True (temporal order kept).
         The storage is re-allocated at the new ``max(lengths)``: evicted memory is released."""
+        # set by the prefill
+        assert self.keys is not None and self.values is not None and self.pos is not None
         new_len = keep_slot.sum(1)
         s = max(int(new_len.max()), 1)
         self.max_len = int(new_len.max())
@@ -166,6 +180,7 @@ class NGCLayer(DynamicLayer):
         freed slots: O(B·H·D), no re-allocation and no gather of the whole cache (the window is
         contiguous, so temporal order is kept). ``max_len``: ``max(lengths)`` afterwards, known on the
         host, so nothing waits on the device."""
+        assert self.lengths is not None, "NGCLayer.drop_before_newest before the prefill"
         rows_i = torch.arange(self.lengths.shape[0], device=self.lengths.device)
         shift = count * rows.long()
         for j in range(newest, 0, -1):  # oldest of the newest first: a destination is never a pending source
@@ -188,12 +203,21 @@ class NGCCache(DynamicCache):
     """`DynamicCache` of `NGCLayer` s. The decode loop calls `set_step` before every forward so that
     `update` knows the absolute positions and validity of the tokens being written."""
 
+    # every layer is an `NGCLayer` (built in `__init__`, never replaced); transformers types `Cache.layers`
+    # as a list of its own layer classes, and a list is invariant
+    layers: list[NGCLayer]  # type: ignore[assignment]
+    # the attention softmax scale (``head_dim ** -0.5``), set by the decode loop before the prefill
+    scale: float
+
     def __init__(
         self, num_layers: int, query_window: int = 0, track_attention: bool = False, growth: int = 16
     ):
-        layers = [NGCLayer(query_window, track_attention, growth) for _ in range(num_layers)]
-        super(DynamicCache, self).__init__(layers=layers)
-        self.step_pos = self.step_valid = self.step_hide = None
+        super(DynamicCache, self).__init__(
+            layers=[NGCLayer(query_window, track_attention, growth) for _ in range(num_layers)]
+        )
+        self.step_pos: torch.Tensor | None = None
+        self.step_valid: torch.Tensor | None = None
+        self.step_hide: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_step(
         self, pos: torch.Tensor, valid: torch.Tensor, hide: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -213,7 +237,8 @@ class NGCCache(DynamicCache):
 
     def lengths(self) -> torch.Tensor:
         """``(B, n_layers)`` live entries per sequence and layer."""
-        return torch.stack([layer.lengths for layer in self.layers], 1)
+        # every layer is set by the prefill, which runs before the first call
+        return torch.stack(cast("list[torch.Tensor]", [layer.lengths for layer in self.layers]), 1)
 
     def allocated_bytes(self) -> int:
         return sum(layer.allocated_bytes() for layer in self.layers)

@@ -9,6 +9,7 @@ tokens, keeps the per-row bookkeeping and accounts the cache (`CacheStats`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -139,7 +140,7 @@ def generate_with_eviction(
     bsz, plen = input_ids.shape
     sample_evictions = do_sample if sample_evictions is None else sample_evictions
     beacons = isinstance(cfg, BeaconConfig)
-    eps = torch.zeros(bsz) if beacons else torch.full((bsz,), cfg.eviction_rate)
+    eps = torch.zeros(bsz) if isinstance(cfg, BeaconConfig) else torch.full((bsz,), cfg.eviction_rate)
     eps = (eviction_rate if eviction_rate is not None and not beacons else eps).to(device).float()
     if schedule is None:
         schedule = make_schedule(
@@ -243,7 +244,7 @@ def generate_with_eviction(
         comp_mask = ~after
     kept_prompt = torch.stack(
         [
-            ((layer.pos[:, : layer.num_slots] < prompt_len[:, None]) & layer.live).sum(1)
+            ((cast(torch.Tensor, layer.pos)[:, : layer.num_slots] < prompt_len[:, None]) & layer.live).sum(1)
             for layer in cache.layers
         ],
         1,

@@ -55,6 +55,9 @@ class LayerView:
     def window_probs(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention ``(R, H, w, S)`` (fp32) of the ``w`` most recent queries over live keys, causal,
         and the validity ``(R, w)`` of those queries."""
+        assert self.queries is not None and self.q_pos is not None and self.q_valid is not None, (
+            "window_probs needs the recent queries (a policy with a query window)"
+        )
         q, qp, qv = self.queries[:, :, -w:], self.q_pos[:, -w:], self.q_valid[:, -w:]
         visible = self.live[:, None, :] & (self.pos[:, None, :] <= qp[:, :, None]) & qv[:, :, None]
         return window_attention(q, self.keys, visible, self.scale), qv

@@ -157,6 +157,12 @@ class RecordBuilder:
             evicted[rows, ri] = fit(ev)
             n_sampled[rows, ri], n_blocks[rows, ri], logp[rows, ri], acted[rows, ri] = ns, nb, lp, a
         return EvictionRecords(
-            *(t.to(device) for t in (positions, acted, kept, n_sampled, evicted, n_blocks, logp)),
-            eviction_rate.float().to(device),
+            positions=positions.to(device),
+            acted=acted.to(device),
+            kept=kept.to(device),
+            n_sampled=n_sampled.to(device),
+            evicted=evicted.to(device),
+            n_blocks=n_blocks.to(device),
+            logp=logp.to(device),
+            eviction_rate=eviction_rate.float().to(device),
         )

@@ -77,7 +77,7 @@ class ReplayContext:
     def __init__(
         self,
         attention_mask,
-        records=None,
+        records: EvictionRecords | None = None,
         eviction: EvictionConfig | None = None,
         prompt_len=None,
         replay_masks=True,
@@ -167,6 +167,7 @@ class ReplayContext:
         """``(B, R)`` log π(σ) of every round of this layer (0 where no action), and the entropy of the
         first draw ``(B, R)`` (a diagnostic)."""
         rec, w = self.records, self.policy.query_window
+        assert rec is not None  # eviction log-probs are only recomputed with records
         bsz, n_rounds = rec.positions.shape
         logps, ents = [], []
         arange_w = torch.arange(w, device=query.device)
@@ -217,6 +218,7 @@ class ReplayContext:
         return self._stack(self._entropy, num_layers)
 
     def _stack(self, per_layer: dict, num_layers: int) -> torch.Tensor:
+        assert self.records is not None, "no eviction log-probs: the replay has no records"
         zero = torch.zeros(self.records.positions.shape, device=self.valid.device)
         return torch.stack([per_layer.get(i, zero) for i in range(num_layers)], -1)
 

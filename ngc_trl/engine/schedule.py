@@ -171,6 +171,7 @@ class EvictionRounds(DecodeSchedule):
         cache, cfg = state.cache, self.cfg
         per_layer = []
         for layer_idx, layer in enumerate(cache.layers):
+            assert layer.keys is not None and layer.values is not None and layer.pos is not None  # prefilled
             s = layer.num_slots
             live = layer.live
             view = LayerView(
@@ -223,7 +224,8 @@ class BeaconWindows(DecodeSchedule):
         self.c_dev = self.c_host.to(device)
         self.beacon = torch.tensor([self.cfg.beacon_token_id], device=device)
         self.n_beacons = torch.zeros(batch, dtype=torch.long, device=device)
-        self.live_host = None  # host mirror of every layer's live entries, set at the first feed
+        # host mirror of every layer's live entries, set at the first feed
+        self.live_host: torch.Tensor | None = None
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         # the beacon is only ever forced (TRL's suppress_tokens); log-probs use the unmasked logits
