@@ -1,11 +1,30 @@
 """Math task: answer extraction, math-verify grading under a time bound, evaluation files, DAPO loading."""
 
+import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from ngc_trl.tasks.math import DAPO_PREFIX, DAPO_SUFFIX, TASK, default_data_dir, grade
+
+ROOT = Path(__file__).resolve().parents[1]
+# the AIME/AMC files (data/README.md): $NGC_MATH_DATA, the checkout's data/math once fetched, or the
+# project's shared copy next to the checkout
+MATH_DIR = next(
+    (
+        Path(d)
+        for d in (
+            os.environ.get("NGC_MATH_DATA"),
+            ROOT / "data" / "math",
+            ROOT.parent / "shared" / "data" / "math",
+        )
+        if d and (Path(d) / "aime24.jsonl").is_file()
+    ),
+    ROOT / "data" / "math",
+)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +112,8 @@ def test_build_prompt_styles():
 
 
 @pytest.mark.parametrize("name, rows", [("aime24", 30), ("aime25", 30), ("amc23", 40)])
-def test_shared_eval_sets_grade_against_themselves(name, rows):
+def test_shared_eval_sets_grade_against_themselves(name, rows, monkeypatch):
+    monkeypatch.setenv("NGC_MATH_DATA", str(MATH_DIR))
     assert (default_data_dir() / f"{name}.jsonl").exists()
     ds = TASK.load(split=name)
     assert len(ds) == rows and ds.column_names == ["prompt", "answer", "id"]
@@ -117,6 +137,35 @@ def test_data_dir_env_and_amc25_error(tmp_path, monkeypatch):
         TASK.load("gsm8k", split="test")
     with pytest.raises(ValueError, match="split"):
         TASK.load(split="gsm8k")
+
+
+def test_default_data_dir_is_data_math_and_missing_files_fail_early_naming_the_field(tmp_path, monkeypatch):
+    from ngc_trl.evaluation.run import EvalArguments
+    from ngc_trl.train import make_parser
+
+    monkeypatch.delenv("NGC_MATH_DATA", raising=False)
+    assert default_data_dir() == Path("data") / "math"  # relative to the current directory
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"data_dir data/math: aime24.jsonl not found.*data/README.md"
+    ):
+        TASK.load(split="aime24")
+    with pytest.raises(ValueError, match=r"^--data_dir: data_dir data/math: aime25.jsonl not found"):
+        EvalArguments(model="m", task="aime25")
+    with pytest.raises(ValueError, match=r"^--data_dir: data_dir elsewhere: amc23.jsonl not found"):
+        EvalArguments(model="m", task="math", data_source="amc23", data_dir="elsewhere")
+    recipe = str(ROOT / "recipes" / "dapo_math.yaml")
+    argv = ["--config", recipe, "--bf16", "false", "--use_cpu", "true", "--eval_data_source", "aime25"]
+    with pytest.raises(
+        ValueError, match=r"^ScriptArguments.eval_data_source: data_dir data/math: aime25.jsonl"
+    ):
+        make_parser().parse_args_and_config(args=argv)
+    (tmp_path / "data" / "math").mkdir(parents=True)
+    line = {"id": "aime25-I-1", "problem": "P", "answer": "70", "source": "x"}
+    (tmp_path / "data" / "math" / "aime25.jsonl").write_text(json.dumps(line) + "\n")
+    assert EvalArguments(model="m", task="aime25").data_dir is None
+    assert make_parser().parse_args_and_config(args=argv)[0].eval_data_source == "aime25"
+    assert TASK.load(split="aime25")["id"] == ["aime25-I-1"]
 
 
 def test_load_dapo_fixture_dedupes(tmp_path):

@@ -15,8 +15,10 @@ reward (``TASK.reward_func``, logged as ``math_reward``) and evaluation both cal
   always be killed. The worker starts on first use (~1-2 s, not counted in the timeout) and is
   restarted after a kill. POSIX only (``select`` on the worker's pipe).
 * **Data.** Evaluation JSONL files ``{id, problem, answer, source}`` are read at run time from
-  ``$NGC_MATH_DATA`` or ``<repo>/../shared/data/math`` (``aime24``, ``aime25``, ``amc23``). AMC 2025
-  has no public problem+answer file: pass a Hub name or a local file via ``source=``.
+  ``data_dir``: ``$NGC_MATH_DATA`` if set, else ``data/math`` under the current directory (the
+  repository's ``data/math/`` when run from the checkout; ``aime24``, ``aime25``, ``amc23``; how to fetch
+  them: ``data/README.md``). The repository ships no copy. AMC 2025 has no public problem+answer file:
+  pass a Hub name or a local file via ``source=``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ DAPO_PREFIX = (
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 BOXED_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 EVAL_SETS = ("aime24", "aime25", "amc23", "amc25")
+DEFAULT_DATA_DIR = Path("data", "math")  # relative to the current directory
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_ANSWER_CHARS = 1000
 MAX_BOXED_TRIES = 20
@@ -200,9 +203,10 @@ def grade(pred: str | None, gold: str, timeout_s: float = 5.0) -> bool:
 
 # ----------------------------------------------------------------------------- datasets
 def default_data_dir() -> Path:
-    """``$NGC_MATH_DATA`` if set, else ``<repo>/../shared/data/math``."""
+    """``$NGC_MATH_DATA`` if set, else :data:`DEFAULT_DATA_DIR` (``data/math`` under the current
+    directory)."""
     env = os.environ.get("NGC_MATH_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math"
+    return Path(env) if env else DEFAULT_DATA_DIR
 
 
 def _read_file(path: str | Path):
@@ -337,9 +341,10 @@ class Math(Task):
                 " AMC 2025 has no public problem+answer file: pass source=<Hub dataset name or local "
                 "file with problem/answer columns>."
                 if name == "amc25"
-                else " Set NGC_MATH_DATA or data_dir to the folder with aime24/aime25/amc23 .jsonl files."
+                else f" Fetch the evaluation sets into {DEFAULT_DATA_DIR}/ (see data/README.md), or set "
+                "data_dir (NGC_MATH_DATA) to a folder with aime24/aime25/amc23 .jsonl files."
             )
-            raise FileNotFoundError(f"{file} not found.{hint}")
+            raise FileNotFoundError(f"data_dir {folder}: {file.name} not found.{hint}")
         return file
 
     def check_source(
