@@ -137,3 +137,7 @@ linsys_result:
 		$(foreach c,$(LS_C),outputs/testbed_linsys/breadcrumbs_c$(c)=breadcrumbs) \
 		outputs/testbed_linsys/breadcrumbs_warm_start=breadcrumbs_warm_start \
 		--output_dir outputs/testbed_linsys/all --title "tiny LinSys testbed"
+
+# the fixed held-out splits of the results, data/testbed/<task>/*.jsonl + data/SHA256SUMS (data/README.md)
+.PHONY: data
+data: ; $(PYTHON) -m ngc_trl.splits --out data

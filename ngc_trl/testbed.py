@@ -182,6 +182,12 @@ def testbed_problems(a: TestbedArgs, n: int, seed: int, split: str) -> list[dict
     return get_task(a.task).generate(n, seed, split=split, **problem_kwargs(a), **extra)
 
 
+def held_out_problems(a: TestbedArgs) -> list[dict]:
+    """The ``num_test`` held-out (``split="test"``) problems the testbed scores its model on, drawn with seed
+    ``seed + 10000`` (``data/testbed/<task>/base_test.jsonl`` for the defaults)."""
+    return testbed_problems(a, a.num_test, a.seed + 10_000, "test")
+
+
 def plain_prompt(a: TestbedArgs, p: dict) -> str:
     """The task's plain prompt of instance ``p`` (no chat template), ending in ``<think>``."""
     return get_task(a.task).build_plain_prompt(p)
@@ -436,7 +442,7 @@ def evaluate(a: TestbedArgs, model, tok, eviction=None) -> dict:
 
     eviction = eviction or EvictionConfig(policy="full")
     model.eval()
-    probs = testbed_problems(a, a.num_test, a.seed + 10_000, "test")
+    probs = held_out_problems(a)
     correct, lengths, t0 = [], [], time.perf_counter()
     for i in range(0, len(probs), a.eval_batch_size):
         batch = probs[i : i + a.eval_batch_size]
