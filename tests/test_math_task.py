@@ -152,6 +152,8 @@ def test_default_data_dir_is_data_math_and_missing_files_fail_early_naming_the_f
         TASK.load(split="aime24")
     with pytest.raises(ValueError, match=r"^--data_dir: data_dir data/math: aime25.jsonl not found"):
         EvalArguments(model="m", task="aime25")
+    with pytest.raises(ValueError, match=r"^--grade_timeout_s=0: must be positive"):  # not at the first grade
+        EvalArguments(model="m", task="countdown", grade_timeout_s=0)
     with pytest.raises(ValueError, match=r"^--data_dir: data_dir elsewhere: amc23.jsonl not found"):
         EvalArguments(model="m", task="math", data_source="amc23", data_dir="elsewhere")
     recipe = str(ROOT / "recipes" / "dapo_math.yaml")

@@ -219,7 +219,7 @@ class EvalArguments:
             ",".join(map(str, parse_rates(self.rates))),
         )
         self.compression_ratios = ",".join(map(str, parse_compression_ratios(self.compression_ratios)))
-        for name in ("num_samples", "batch_size", "num_problems", "max_new_tokens"):
+        for name in ("num_samples", "batch_size", "num_problems", "max_new_tokens", "grade_timeout_s"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"--{name}={v}: must be positive")
