@@ -76,3 +76,7 @@ stargraph_result:
 # Results: outputs/testbed_linsys/all/{results.md,pareto.png,summary.json}.
 linsys_result:
 	$(call experiment,recipes/testbed/linsys.yaml)
+
+# the fixed held-out splits of the results, data/testbed/<task>/*.jsonl + data/SHA256SUMS (data/README.md)
+.PHONY: data
+data: ; $(PYTHON) -m ngc_trl.splits --out data

@@ -32,7 +32,7 @@ from ngc_trl.engine.config import EvictionConfig
 from ngc_trl.engine.generation import generate_with_eviction
 from ngc_trl.engine.replay import ReplayContext
 from ngc_trl.models import load_tokenizer
-from ngc_trl.tasks import load_generated, score_row
+from ngc_trl.tasks import get_task
 
 
 def parse_settings(value: str) -> list[tuple[str, float]]:
@@ -124,9 +124,8 @@ def main(argv=None):
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     tok = load_tokenizer(a.model)
-    ds = load_generated(
-        a.task, a.data_source, n=a.num_prompts, seed=a.seed, split="train", prompt_format="plain"
-    )
+    task = get_task(a.task)
+    ds = task.load(a.data_source, n=a.num_prompts, seed=a.seed, split="train", prompt_format="plain")
     rows = [dict(r) for r in ds]
     prompts = [r["prompt"] for r in rows for _ in range(a.group)]
     prow = [r for r in rows for _ in range(a.group)]
@@ -147,7 +146,7 @@ def main(argv=None):
                 texts, outs = rollouts(
                     model, tok, prompts, cfg, a.rate, a.max_new_tokens, sample, a.seed, a.batch_size
                 )
-            rewards = torch.tensor([score_row(a.task, t, r) for t, r in zip(texts, prow)])
+            rewards = torch.tensor([task.score(t, r) for t, r in zip(texts, prow)])
             row[f"{name}_reward"] = round(float(rewards.mean()), 4)
             row[f"{name}_reward_se"] = round(float(rewards.std() / math.sqrt(len(rewards))), 4)
             if sample:

@@ -59,7 +59,7 @@ from transformers import (
 )
 
 from ngc_trl.models import TRACE_WORDS, char_tokenizer, load_tokenizer, number_tokenizer, tiny_qwen2_config
-from ngc_trl.tasks import countdown, get_task, instance_args, linsys, score_row, stargraph
+from ngc_trl.tasks import countdown, get_task, linsys, stargraph
 
 # words of a task's traces and prompts that the number tokenizer keeps whole (Countdown's are TRACE_WORDS)
 TASK_WORDS = {"linsys": ["solve", "eliminate", "with", "gives", "so", "rhs"]}
@@ -167,7 +167,7 @@ def problem_kwargs(a: TestbedArgs) -> dict:
     if a.task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {a.task!r}")
     if a.task != "countdown":
-        return dict(get_task(a.task).DISTRIBUTIONS["testbed"])
+        return get_task(a.task).distribution("generated:testbed")
     return dict(
         count_range=(a.count_min, a.count_max),
         num_range=(a.num_min, a.num_max),
@@ -179,12 +179,18 @@ def problem_kwargs(a: TestbedArgs) -> dict:
 def testbed_problems(a: TestbedArgs, n: int, seed: int, split: str) -> list[dict]:
     """``n`` generated instances of ``a.task``'s testbed distribution (the test split without repeats)."""
     extra = {"unique": True} if a.task == "countdown" and split == "test" else {}
-    return get_task(a.task).generate_problems(n, seed, split=split, **problem_kwargs(a), **extra)
+    return get_task(a.task).generate(n, seed, split=split, **problem_kwargs(a), **extra)
+
+
+def held_out_problems(a: TestbedArgs) -> list[dict]:
+    """The ``num_test`` held-out (``split="test"``) problems the testbed scores its model on, drawn with seed
+    ``seed + 10000`` (``data/testbed/<task>/base_test.jsonl`` for the defaults)."""
+    return testbed_problems(a, a.num_test, a.seed + 10_000, "test")
 
 
 def plain_prompt(a: TestbedArgs, p: dict) -> str:
     """The task's plain prompt of instance ``p`` (no chat template), ending in ``<think>``."""
-    return get_task(a.task).build_plain_prompt(*instance_args(a.task, p))
+    return get_task(a.task).build_plain_prompt(p)
 
 
 def trace(a: TestbedArgs, p: dict, rng: random.Random | None) -> str | None:
@@ -436,7 +442,7 @@ def evaluate(a: TestbedArgs, model, tok, eviction=None) -> dict:
 
     eviction = eviction or EvictionConfig(policy="full")
     model.eval()
-    probs = testbed_problems(a, a.num_test, a.seed + 10_000, "test")
+    probs = held_out_problems(a)
     correct, lengths, t0 = [], [], time.perf_counter()
     for i in range(0, len(probs), a.eval_batch_size):
         batch = probs[i : i + a.eval_batch_size]
@@ -451,7 +457,7 @@ def evaluate(a: TestbedArgs, model, tok, eviction=None) -> dict:
             pad_token_id=tok.pad_token_id,
         )
         for p, ids in zip(batch, out.completion_ids):
-            correct.append(score_row(a.task, tok.decode(ids, skip_special_tokens=True), p))
+            correct.append(get_task(a.task).score(tok.decode(ids, skip_special_tokens=True), p))
             lengths.append(len(ids))
     n = len(correct)
     acc = sum(correct) / n

@@ -65,7 +65,7 @@ class ScriptArguments(TrlScriptArguments):
     prompt_format : str
         ``"chat"`` (the tokenizer's chat template) or ``"plain"`` (a bare string; tiny char tokenizers).
     reward_format : float
-        Generated tasks: reward of a well-formatted but wrong answer (paper: 0).
+        Reward of a well-formatted but wrong answer (one is extracted but does not verify; paper: 0).
     eval_after_train, eval_num_problems, eval_policies, eval_rates, eval_compression_ratios, eval_data_source
         A short `ngc_trl.evaluation.run.evaluate` on held-out problems after training, written to ``output_dir/eval``.
     curve_every, curve_num_problems, curve_policies, curve_batch_size, curve_max_new_tokens
@@ -89,7 +89,7 @@ class ScriptArguments(TrlScriptArguments):
     )
     prompt_format: str = field(default="chat", metadata={"help": "chat | plain"})
     reward_format: float = field(
-        default=0.0, metadata={"help": "Generated tasks: reward of a formatted wrong answer."}
+        default=0.0, metadata={"help": "Reward of a formatted wrong answer (paper: 0)."}
     )
     eval_after_train: bool = field(default=False, metadata={"help": "Run a short ngc-eval after training."})
     eval_num_problems: int = field(
@@ -128,16 +128,14 @@ class ScriptArguments(TrlScriptArguments):
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"ScriptArguments.method={self.method!r}: must be one of {', '.join(METHODS)}")
-        from ngc_trl.tasks import GENERATED_TASKS, check_source
+        from ngc_trl.tasks import TASKS
 
-        if self.task not in ("math", *GENERATED_TASKS):
-            raise ValueError(
-                f"ScriptArguments.task={self.task!r}: must be one of math, {', '.join(GENERATED_TASKS)}"
-            )
-        for name in ("dataset_source", "eval_data_source"):
+        if self.task not in TASKS:
+            raise ValueError(f"ScriptArguments.task={self.task!r}: must be one of {', '.join(TASKS)}")
+        for name, split in (("dataset_source", "train"), ("eval_data_source", "test")):
             try:
-                check_source(self.task, getattr(self, name))
-            except ValueError as e:
+                TASKS[self.task].check_source(getattr(self, name), split)
+            except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"ScriptArguments.{name}: {e}") from None
         if self.prompt_format not in ("chat", "plain"):
             raise ValueError(f"ScriptArguments.prompt_format={self.prompt_format!r}: must be chat or plain")
@@ -222,38 +220,25 @@ def make_parser(method: str = "ngc") -> TrlParser:
 
 def load_train_dataset(script_args: ScriptArguments, seed: int = 0) -> datasets.Dataset:
     """The training problems with a ``prompt`` column and the reward's columns."""
-    from ngc_trl.tasks import GENERATED_TASKS, get_task, load_generated
+    from ngc_trl.tasks import get_task
 
     task = get_task(script_args.task)
     source = script_args.dataset_source
     if source == "generated" and script_args.dataset_name:
         source = script_args.dataset_name
-    if script_args.task in GENERATED_TASKS:
-        return load_generated(
-            script_args.task,
-            source,
-            n=script_args.num_train_problems,
-            seed=seed,
-            split="train",
-            prompt_format=script_args.prompt_format,
-        )
-    ds = task.load_math(
-        "dapo", source=None if source == "generated" else source, n=script_args.num_train_problems
-    )
-    if script_args.prompt_format == "plain":
-        ds = ds.map(lambda row: {"prompt": "\n".join(m["content"] for m in row["prompt"])})
-    return ds
+    n, fmt = script_args.num_train_problems, script_args.prompt_format
+    if task.generated:
+        return task.load(source, n=n, seed=seed, split="train", prompt_format=fmt)
+    return task.load(source, n=n, split="train", prompt_format=fmt)  # math: fixed files, no seed
 
 
 def make_reward(script_args: ScriptArguments):
-    """The task's TRL reward function (a generated task's with ``reward_format``); its ``__name__`` is the
-    task's reward name, which TRL logs."""
+    """The task's TRL reward function with ``reward_format``; its ``__name__`` is the task's reward name
+    (``<task>_reward``), which TRL logs."""
     import functools
 
-    from ngc_trl.tasks import get_task, math
+    from ngc_trl.tasks import get_task
 
-    if script_args.task == "math":
-        return math.math_reward
     func = get_task(script_args.task).reward_func
     return functools.update_wrapper(functools.partial(func, format_reward=script_args.reward_format), func)
 

@@ -9,27 +9,19 @@ import time
 import pytest
 
 from ngc_trl.tasks import TASKS, countdown, get_task
-from ngc_trl.tasks.countdown import (
-    PREFILL,
-    build_plain_prompt,
-    build_prompt,
-    countdown_reward,
-    extract_answer,
-    format_prompt,
-    generate_problems,
-    load_countdown,
-    score,
-    search_trace,
-    solve,
-    verify,
-)
+from ngc_trl.tasks.base import PREFILL
+from ngc_trl.tasks.countdown import TASK, generate_problems, search_trace, solve
+
+
+def row(nums, target):
+    return {"nums": nums, "target": target}
 
 
 # ----------------------------------------------------------------------------- registry
 def test_registry_resolves_every_name():
-    for name, module in TASKS.items():
-        assert get_task(name) is module
-        assert callable(module.reward_func) and callable(module.extract_answer)
+    for name, task in TASKS.items():
+        assert get_task(name) is task and task.name == name
+        assert callable(task.reward_func) and callable(task.extract_answer)
     with pytest.raises(ValueError, match="countdown"):
         get_task("nope")
 
@@ -51,7 +43,7 @@ def test_registry_resolves_every_name():
     ],
 )
 def test_verify_accepts(expr, nums, target):
-    assert verify(expr, nums, target)
+    assert TASK.verify(expr, row(nums, target))
 
 
 @pytest.mark.parametrize(
@@ -85,14 +77,14 @@ def test_verify_accepts(expr, nums, target):
     ],
 )
 def test_verify_rejects(expr, nums, target):
-    assert not verify(expr, nums, target)
+    assert not TASK.verify(expr, row(nums, target))
 
 
 def test_verify_non_string_and_magnitude():
-    assert not verify(None, [1], 1)
-    assert not verify(b"1+2", [1, 2], 3)
+    assert not TASK.verify(None, row([1], 1))
+    assert not TASK.verify(b"1+2", row([1, 2], 3))
     big = 10**60
-    assert not verify(f"{big}*{big}", [big, big], big * big)  # 10**120 exceeds the magnitude bound
+    assert not TASK.verify(f"{big}*{big}", row([big, big], big * big))  # 10**120 exceeds the magnitude bound
 
 
 def _hostile_strings(rng: random.Random, count: int) -> list[str]:
@@ -152,10 +144,10 @@ def test_fuzz_hostile_inputs_no_exception_no_execution(tmp_path, monkeypatch):
     for s in strings:
         t0 = time.perf_counter()
         nums = [rng.randint(1, 99) for _ in range(rng.randint(0, 5))]
-        assert verify(s, nums, rng.randint(0, 100)) in (True, False)
+        assert TASK.verify(s, row(nums, rng.randint(0, 100))) in (True, False)
         wrapped = f"thinking {s} <answer>{s}</answer> tail"
-        assert score(wrapped, nums, 24, 0.1) in (0.0, 0.1, 1.0)
-        assert extract_answer(s) is None or isinstance(extract_answer(s), str)
+        assert TASK.score(wrapped, row(nums, 24), 0.1) in (0.0, 0.1, 1.0)
+        assert TASK.extract_answer(s) is None or isinstance(TASK.extract_answer(s), str)
         slowest = max(slowest, time.perf_counter() - t0)
     assert time.perf_counter() - start < 10.0
     assert slowest < 0.5
@@ -165,26 +157,26 @@ def test_fuzz_hostile_inputs_no_exception_no_execution(tmp_path, monkeypatch):
 
 
 def test_extract_answer_bounded_and_last():
-    assert extract_answer("<answer> 1+2 </answer> then <answer>3*4</answer>") == "3*4"
-    assert extract_answer("no tags here") is None
-    assert extract_answer("<answer>1+2") is None
-    assert extract_answer("1+2</answer>") is None
-    assert extract_answer("<answer>" + "1+" * 200 + "1</answer>") is None  # over 200 characters
+    assert TASK.extract_answer("<answer> 1+2 </answer> then <answer>3*4</answer>") == "3*4"
+    assert TASK.extract_answer("no tags here") is None
+    assert TASK.extract_answer("<answer>1+2") is None
+    assert TASK.extract_answer("1+2</answer>") is None
+    assert TASK.extract_answer("<answer>" + "1+" * 200 + "1</answer>") is None  # over 200 characters
     huge = "x" * 100_000 + "<answer>(1+2)/3</answer>" + "</answer>" * 10_000
     t0 = time.perf_counter()
-    assert extract_answer(huge) is None  # the last closing tag has no nearby opening tag
-    assert extract_answer("x" * 200_000 + "<answer>(1+2)/3</answer>") == "(1+2)/3"
+    assert TASK.extract_answer(huge) is None  # the last closing tag has no nearby opening tag
+    assert TASK.extract_answer("x" * 200_000 + "<answer>(1+2)/3</answer>") == "(1+2)/3"
     assert time.perf_counter() - t0 < 0.1
 
 
 # ----------------------------------------------------------------------------- rewards
 def test_score_values():
-    nums, target = [1, 2, 3], 1
-    assert score("<think>x</think><answer> (1 + 2) / 3 </answer>", nums, target) == 1.0
-    assert score("<answer>1+2+3</answer>", nums, target) == 0.0
-    assert score("<answer>1+2+3</answer>", nums, target, format_reward=0.1) == 0.1
-    assert score("<answer>1.5*2</answer>", [1, 5, 2], 3, format_reward=0.1) == 0.1
-    assert score("(1+2)/3", nums, target, format_reward=0.1) == 0.0
+    p = row([1, 2, 3], 1)
+    assert TASK.score("<think>x</think><answer> (1 + 2) / 3 </answer>", p) == 1.0
+    assert TASK.score("<answer>1+2+3</answer>", p) == 0.0
+    assert TASK.score("<answer>1+2+3</answer>", p, format_reward=0.1) == 0.1
+    assert TASK.score("<answer>1.5*2</answer>", row([1, 5, 2], 3), format_reward=0.1) == 0.1
+    assert TASK.score("(1+2)/3", p, format_reward=0.1) == 0.0
 
 
 def test_countdown_reward_strings_and_chat_lists():
@@ -197,9 +189,11 @@ def test_countdown_reward_strings_and_chat_lists():
     ]
     nums = [[1, 2, 3], [1, 2, 3], [8, 3], [25, 3, 4], [1, 2]]
     target = [1, 1, 24, 37, 3]
-    rewards = countdown_reward(prompts=[None] * 5, completions=completions, nums=nums, target=target)
+    rewards = TASK.reward_func(prompts=[None] * 5, completions=completions, nums=nums, target=target)
     assert rewards == [1.0, 0.0, 1.0, 1.0, 0.0]
-    rewards = countdown_reward(None, completions, nums, target, format_reward=0.1, trainer_state=None)
+    rewards = TASK.reward_func(
+        None, completions, nums=nums, target=target, format_reward=0.1, trainer_state=None
+    )
     assert rewards == [1.0, 0.1, 1.0, 1.0, 0.0]
 
 
@@ -214,7 +208,7 @@ def test_generator_solvable_deterministic_and_in_range():
         assert 10 <= p["target"] <= 100 and all(1 <= x <= 99 for x in p["nums"])
         counts[len(p["nums"])] += 1
         expr = solve(p["nums"], p["target"])
-        assert expr is not None and verify(expr, p["nums"], p["target"])
+        assert expr is not None and TASK.verify(expr, p)
     assert min(counts.values()) > 120  # about half 3-number, half 4-number
 
 
@@ -236,7 +230,7 @@ def test_generated_splits_are_disjoint():
 def test_solve_unsolvable_and_trivial():
     assert solve([1, 1, 1], 100) is None
     assert solve([7], 7) == "7"
-    assert verify(solve([3, 5, 7, 8], 24), [3, 5, 7, 8], 24)
+    assert TASK.verify(solve([3, 5, 7, 8], 24), row([3, 5, 7, 8], 24))
 
 
 # ----------------------------------------------------------------------------- search traces
@@ -288,7 +282,7 @@ def test_search_traces_are_honest_and_verify():
         trace = search_trace(p["nums"], p["target"])
         assert trace.startswith("\n") and trace.endswith("</answer>")
         assert "\n</think>\n<answer>" in trace and "\nfound " in trace
-        assert score(trace, p["nums"], p["target"]) == 1.0
+        assert TASK.score(trace, p) == 1.0
         assert sum(line.endswith(" yes") for line in trace.split("\n")) == 1
         _replay_trace(trace, p["nums"], p["target"])
         lengths.append(len(trace))
@@ -302,7 +296,7 @@ def test_search_trace_shuffled_and_four_numbers():
         trace = search_trace(p["nums"], p["target"], random.Random(0), max_chars=4000)
         if trace is None:
             continue
-        assert score(trace, p["nums"], p["target"]) == 1.0
+        assert TASK.score(trace, p) == 1.0
         _replay_trace(trace, p["nums"], p["target"])
 
 
@@ -323,16 +317,18 @@ def test_search_trace_controls_and_docstring_example():
 
 # ----------------------------------------------------------------------------- prompts and datasets
 def test_prompts():
-    messages = build_prompt([3, 5, 7, 8], 24, eviction_rate_tag="<eviction_rate>50%</eviction_rate>")
+    messages = TASK.build_prompt(
+        row([3, 5, 7, 8], 24), eviction_rate_tag="<eviction_rate>50%</eviction_rate>"
+    )
     assert [m["role"] for m in messages] == ["user"]
     assert "[3, 5, 7, 8]" in messages[0]["content"] and "equals 24" in messages[0]["content"]
     assert "<answer> (1 + 2) / 3 </answer>" in messages[0]["content"]
     assert messages[0]["content"].endswith("<eviction_rate>50%</eviction_rate>")
-    with_prefill = build_prompt([1, 2], 3, prefill=True, system_prompt="sys")
+    with_prefill = TASK.build_prompt(row([1, 2], 3), prefill=True, system_prompt="sys")
     assert [m["role"] for m in with_prefill] == ["system", "user", "assistant"]
     assert with_prefill[-1]["content"] == PREFILL
-    assert build_plain_prompt([3, 5, 7, 8], 24) == "nums 3 5 7 8 target 24\n<think>"
-    assert build_plain_prompt([1, 2], 3, "<e>") == "nums 1 2 target 3 <e>\n<think>"
+    assert TASK.build_plain_prompt(row([3, 5, 7, 8], 24)) == "nums 3 5 7 8 target 24\n<think>"
+    assert TASK.build_plain_prompt(row([1, 2], 3), "<e>") == "nums 1 2 target 3 <e>\n<think>"
 
 
 class _ChatTokenizer:
@@ -344,35 +340,36 @@ class _ChatTokenizer:
 
 
 def test_format_prompt_with_and_without_chat_template():
-    text = format_prompt([1, 2], 3, _ChatTokenizer(), eviction_rate_tag="<e>")
+    p = row([1, 2], 3)
+    text = TASK.format_prompt(p, _ChatTokenizer(), eviction_rate_tag="<e>")
     assert text.endswith("<e>|assistant:" + PREFILL)
-    assert format_prompt([1, 2], 3, _ChatTokenizer(), prefill=False).endswith("|assistant:")
-    assert format_prompt([1, 2], 3, None) == build_plain_prompt([1, 2], 3)
+    assert TASK.format_prompt(p, _ChatTokenizer(), prefill=False).endswith("|assistant:")
+    assert TASK.format_prompt(p, None) == TASK.build_plain_prompt(p)
 
     class Plain:
         chat_template = None
 
-    assert format_prompt([1, 2], 3, Plain()) == build_plain_prompt([1, 2], 3)
+    assert TASK.format_prompt(p, Plain()) == TASK.build_plain_prompt(p)
 
 
 def test_load_countdown_generated():
-    train = load_countdown("generated", n=40, seed=0, split="train")
-    test = load_countdown("generated", n=10, seed=0, split="test", prompt_format="plain")
+    train = TASK.load("generated", n=40, seed=0, split="train")
+    test = TASK.load("generated", n=10, seed=0, split="test", prompt_format="plain")
     assert train.column_names == ["prompt", "nums", "target"] and len(train) == 40
     assert train[0]["prompt"][-1] == {"role": "assistant", "content": PREFILL}
     assert test[0]["prompt"].startswith("nums ") and len(test) == 10
-    row = train[3]
-    assert solve(row["nums"], row["target"]) is not None
+    third = train[3]
+    assert solve(third["nums"], third["target"]) is not None
 
 
 def test_load_countdown_local_jsonl(tmp_path):
     path = tmp_path / "countdown.jsonl"
     rows = [{"target": 24, "nums": [3, 5, 7, 8], "extra": i} for i in range(5)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    ds = load_countdown(str(path), split="all", prefill=False)
+    ds = TASK.load(str(path), split="all", prefill=False)
     assert len(ds) == 5 and ds.column_names == ["prompt", "nums", "target"]
     assert ds[0]["nums"] == [3, 5, 7, 8] and ds[0]["prompt"][-1]["role"] == "user"
-    assert len(load_countdown(str(path), split="train", n=2)) == 2
-    assert len(load_countdown(str(path), split="test")) == 0  # rows [327680, 328704) do not exist
+    assert len(TASK.load(str(path), split="train", n=2)) == 2
+    assert len(TASK.load(str(path), split="test")) == 0  # rows [327680, 328704) do not exist
     with pytest.raises(ValueError):
-        load_countdown(str(path), split="validation")
+        TASK.load(str(path), split="validation")

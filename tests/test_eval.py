@@ -290,11 +290,13 @@ def test_killed_run_resumes_without_loss_or_duplicates(lm, tok, problems, tmp_pa
 
 
 def test_prompts_chat_prefill_and_rate_tag(tok):
-    from ngc_trl.tasks.countdown import PREFILL, build_prompt
+    from ngc_trl.tasks import get_task
+    from ngc_trl.tasks.base import PREFILL
 
-    text = ev.render_prompt(build_prompt([1, 2, 3], 6, prefill=True), tok)
+    prompt = get_task("countdown").build_prompt({"nums": [1, 2, 3], "target": 6}, prefill=True)
+    text = ev.render_prompt(prompt, tok)
     assert text.endswith(PREFILL) and tok.eos_token not in text  # the assistant turn is continued
-    tagged = ev.render_prompt(build_prompt([1, 2, 3], 6, prefill=True), tok, rate=0.5)
+    tagged = ev.render_prompt(prompt, tok, rate=0.5)
     assert "<eviction_rate>50%</eviction_rate>" in tagged and tagged.endswith(PREFILL)
 
 

@@ -15,7 +15,7 @@ from ngc_trl.evaluation.learning_curve import (
     read_curve,
     write_curve,
 )
-from ngc_trl.tasks import countdown, linsys, load_generated, stargraph
+from ngc_trl.tasks import countdown, get_task, linsys, stargraph
 from ngc_trl.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,13 +131,13 @@ def test_curve_file_merge_replaces_same_point_and_keeps_others(tmp_path):
     ],
 )
 def test_validation_problems_avoid_training_and_test_splits(task, source, module):
-    train = load_generated(task, source, n=512, seed=0, split="train", prompt_format="plain")  # as ngc-train
+    train = get_task(task).load(source, n=512, seed=0, split="train", prompt_format="plain")  # as ngc-train
     val = load_validation_problems(task, source, 64, seed=0, exclude=train, prompt_format="plain")
     assert len(val) == 64 and len({p["id"] for p in val}) == 64
     keys = [instance_key(task, p) for p in val]
     assert len(set(keys)) == 64  # no repeats
     assert not set(keys) & {instance_key(task, r) for r in train}
-    test = load_generated(task, source, n=128, seed=0, split="test", prompt_format="plain")  # as ngc-eval
+    test = get_task(task).load(source, n=128, seed=0, split="test", prompt_format="plain")  # as ngc-eval
     assert not set(keys) & {instance_key(task, r) for r in test}
     columns = {
         "countdown": ("nums", "target"),

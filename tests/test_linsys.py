@@ -9,23 +9,8 @@ from fractions import Fraction
 import pytest
 
 from ngc_trl.tasks import TASKS, get_task, linsys
-from ngc_trl.tasks.countdown import PREFILL
-from ngc_trl.tasks.linsys import (
-    build_plain_prompt,
-    build_prompt,
-    determinant,
-    extract_answer,
-    format_equation,
-    format_prompt,
-    generate_problems,
-    linsys_reward,
-    load_linsys,
-    parse_assignment,
-    score,
-    solution_trace,
-    solve,
-    verify,
-)
+from ngc_trl.tasks.base import PREFILL
+from ngc_trl.tasks.linsys import TASK, determinant, format_equation, generate_problems, solution_trace, solve
 
 # 2x + 3y = 7, x - y = 1  ->  x = 2, y = 1
 P2 = {"coeffs": [[2, 3], [1, -1]], "rhs": [7, 1]}
@@ -35,8 +20,8 @@ P3 = {"coeffs": [[1, 1, 1], [0, 2, -1], [1, 0, -1]], "rhs": [6, 1, -2]}
 
 # ----------------------------------------------------------------------------- registry
 def test_registered():
-    assert TASKS["linsys"] is linsys and get_task("linsys") is linsys
-    assert linsys.reward_func is linsys_reward
+    assert TASKS["linsys"] is TASK and get_task("linsys") is TASK and isinstance(TASK, linsys.LinSys)
+    assert TASK.reward_func is TASK.reward_func and TASK.reward_func.__name__ == "linsys_reward"
 
 
 # ----------------------------------------------------------------------------- exact algebra
@@ -112,7 +97,7 @@ def test_generated_splits_are_disjoint():
     ],
 )
 def test_verify_accepts(answer, problem):
-    assert verify(answer, problem)
+    assert TASK.verify(answer, problem)
 
 
 @pytest.mark.parametrize(
@@ -141,26 +126,26 @@ def test_verify_accepts(answer, problem):
     ],
 )
 def test_verify_rejects(answer, problem):
-    assert not verify(answer, problem)
+    assert not TASK.verify(answer, problem)
 
 
 def test_verify_substitutes_into_every_equation():
-    assert verify("x=1, y=2, z=3", P3)
+    assert TASK.verify("x=1, y=2, z=3", P3)
     # satisfies the first two equations only
-    assert not verify("x=0, y=3, z=3", {"coeffs": P3["coeffs"], "rhs": P3["rhs"]})
-    assert not verify(None, P2) and not verify(b"x=2, y=1", P2)
+    assert not TASK.verify("x=0, y=3, z=3", {"coeffs": P3["coeffs"], "rhs": P3["rhs"]})
+    assert not TASK.verify(None, P2) and not TASK.verify(b"x=2, y=1", P2)
 
 
 def test_parse_and_extract():
-    assert parse_assignment("x = -3, yy_2=+4") == {"x": -3, "yy_2": 4}
-    assert parse_assignment("x=1, x=1") is None
-    assert parse_assignment("1=x") is None
-    assert extract_answer("<answer>x=1</answer> then <answer> x=2, y=1 </answer>") == "x=2, y=1"
-    assert extract_answer("<answer>x=1") is None and extract_answer("no tags") is None
-    assert extract_answer("<answer><answer>x=2, y=1</answer>") == "x=2, y=1"  # nested: the innermost
-    assert extract_answer("<answer>" + "x=1, " * 50 + "</answer>") is None  # over 200 characters
+    assert TASK.parse_assignment("x = -3, yy_2=+4") == {"x": -3, "yy_2": 4}
+    assert TASK.parse_assignment("x=1, x=1") is None
+    assert TASK.parse_assignment("1=x") is None
+    assert TASK.extract_answer("<answer>x=1</answer> then <answer> x=2, y=1 </answer>") == "x=2, y=1"
+    assert TASK.extract_answer("<answer>x=1") is None and TASK.extract_answer("no tags") is None
+    assert TASK.extract_answer("<answer><answer>x=2, y=1</answer>") == "x=2, y=1"  # nested: the innermost
+    assert TASK.extract_answer("<answer>" + "x=1, " * 50 + "</answer>") is None  # over 200 characters
     t0 = time.perf_counter()
-    assert extract_answer("x" * 200_000 + "<answer>x=2, y=1</answer>" + "</answer>" * 10_000) is None
+    assert TASK.extract_answer("x" * 200_000 + "<answer>x=2, y=1</answer>" + "</answer>" * 10_000) is None
     assert time.perf_counter() - t0 < 0.1
 
 
@@ -221,26 +206,27 @@ def test_fuzz_hostile_inputs_no_exception_fast(tmp_path, monkeypatch):
     for s in strings:
         t0 = time.perf_counter()
         p = rng.choice(problems)
-        assert verify(s, p) in (True, False)
-        assert score(f"think {s} <answer>{s}</answer> tail", p["coeffs"], p["rhs"], 0.1) in (0.0, 0.1, 1.0)
-        assert score(s, p["coeffs"], p["rhs"]) in (0.0, 1.0)
-        assert parse_assignment(s) is None or all(type(v) is int for v in parse_assignment(s).values())
-        assert extract_answer(s) is None or isinstance(extract_answer(s), str)
+        assert TASK.verify(s, p) in (True, False)
+        assert TASK.score(f"think {s} <answer>{s}</answer> tail", p, 0.1) in (0.0, 0.1, 1.0)
+        assert TASK.score(s, p) in (0.0, 1.0)
+        parsed = TASK.parse_assignment(s)
+        assert parsed is None or all(type(v) is int for v in parsed.values())
+        assert TASK.extract_answer(s) is None or isinstance(TASK.extract_answer(s), str)
         slowest = max(slowest, time.perf_counter() - t0)
     assert time.perf_counter() - start < 5.0
     assert slowest < 0.2
     assert not hasattr(builtins, "NGC_PWNED") and not list(tmp_path.iterdir())
     # the hostile fixed strings with a right answer buried in them never verify
-    assert not any(verify(s, P2) for s in strings[:20])
+    assert not any(TASK.verify(s, P2) for s in strings[:20])
 
 
 # ----------------------------------------------------------------------------- rewards
 def test_score_and_reward():
-    assert score("<think>e1</think><answer>x=2, y=1</answer>", **P2) == 1.0
-    assert score("<answer>x=2, y=2</answer>", **P2) == 0.0
-    assert score("<answer>x=2, y=2</answer>", **P2, format_reward=0.1) == 0.1
-    assert score("x=2, y=1", **P2, format_reward=0.1) == 0.0  # no tags
-    assert score("<answer>x=2, y=1</answer> no, <answer>x=0, y=0</answer>", **P2) == 0.0  # the last counts
+    assert TASK.score("<think>e1</think><answer>x=2, y=1</answer>", P2) == 1.0
+    assert TASK.score("<answer>x=2, y=2</answer>", P2) == 0.0
+    assert TASK.score("<answer>x=2, y=2</answer>", P2, format_reward=0.1) == 0.1
+    assert TASK.score("x=2, y=1", P2, format_reward=0.1) == 0.0  # no tags
+    assert TASK.score("<answer>x=2, y=1</answer> no, <answer>x=0, y=0</answer>", P2) == 0.0  # the last counts
     completions = [
         [{"role": "assistant", "content": "<answer>x=2, y=1</answer>"}],
         [{"role": "assistant", "content": [{"type": "text", "text": "<answer>x=1, y=2, z=3</answer>"}]}],
@@ -249,13 +235,15 @@ def test_score_and_reward():
     ]
     coeffs = [P2["coeffs"], P3["coeffs"], P2["coeffs"], P2["coeffs"]]
     rhs = [P2["rhs"], P3["rhs"], P2["rhs"], P2["rhs"]]
-    assert linsys_reward(prompts=[None] * 4, completions=completions, coeffs=coeffs, rhs=rhs) == [
+    assert TASK.reward_func(prompts=[None] * 4, completions=completions, coeffs=coeffs, rhs=rhs) == [
         1.0,
         1.0,
         0.0,
         0.0,
     ]
-    assert linsys_reward(None, completions, coeffs, rhs, format_reward=0.1, trainer_state=None) == [
+    assert TASK.reward_func(
+        None, completions, coeffs=coeffs, rhs=rhs, format_reward=0.1, trainer_state=None
+    ) == [
         1.0,
         1.0,
         0.1,
@@ -270,9 +258,9 @@ def test_solution_traces_verify():
     for p in generate_problems(300, seed=3) + generate_problems(30, seed=4, num_vars=(4, 5)):
         trace = solution_trace(p, rng)
         assert trace.startswith("\ne1: ") and "\n</think>\n<answer>" in trace and trace.endswith("</answer>")
-        assert score(trace, p["coeffs"], p["rhs"]) == 1.0
+        assert TASK.score(trace, p) == 1.0
         names = linsys.variable_names(len(p["coeffs"]))
-        assert extract_answer(trace) == ", ".join(f"{k}={v}" for k, v in zip(names, p["solution"]))
+        assert TASK.extract_answer(trace) == ", ".join(f"{k}={v}" for k, v in zip(names, p["solution"]))
         body = trace.split("</think>")[0]
         assert all(f"\n{k}: e" in body for k in names)  # one back-substitution line per variable
         assert "/" not in body.replace(")/", "")  # integers only, except the gcd divisions
@@ -291,7 +279,7 @@ def test_show_work_steps_are_true_two_operand_facts_and_end_in_the_compact_resul
         worked, compact = (
             solution_trace(p, None if i % 2 else random.Random(i), show_work=w) for w in (True, False)
         )
-        assert score(worked, p["coeffs"], p["rhs"]) == 1.0
+        assert TASK.score(worked, p) == 1.0
         facts = step.findall(worked)
         assert facts and all(ops[op](int(x), int(y)) == int(z) for x, op, y, z in facts)
         # the compact lines are all still there, in order; the work only adds text
@@ -325,17 +313,17 @@ def test_format_equation():
 
 
 def test_prompts():
-    messages = build_prompt(P3["coeffs"], P3["rhs"], eviction_rate_tag="<eviction_rate>50%</eviction_rate>")
+    messages = TASK.build_prompt(P3, eviction_rate_tag="<eviction_rate>50%</eviction_rate>")
     assert [m["role"] for m in messages] == ["user"]
     content = messages[0]["content"]
     assert "x + y + z = 6\n2y - z = 1\nx - z = -2\n" in content and "for x, y, z." in content
     assert "<answer>x=1, y=-2</answer>" in content and "<think>" in content
     assert content.endswith("<eviction_rate>50%</eviction_rate>")
-    with_prefill = build_prompt(P2["coeffs"], P2["rhs"], prefill=True, system_prompt="sys")
+    with_prefill = TASK.build_prompt(P2, prefill=True, system_prompt="sys")
     assert [m["role"] for m in with_prefill] == ["system", "user", "assistant"]
     assert with_prefill[-1]["content"] == PREFILL
-    assert build_plain_prompt(P2["coeffs"], P2["rhs"]) == "solve 2x+3y=7; x-y=1\n<think>"
-    assert build_plain_prompt(P2["coeffs"], P2["rhs"], "<e>") == "solve 2x+3y=7; x-y=1 <e>\n<think>"
+    assert TASK.build_plain_prompt(P2) == "solve 2x+3y=7; x-y=1\n<think>"
+    assert TASK.build_plain_prompt(P2, "<e>") == "solve 2x+3y=7; x-y=1 <e>\n<think>"
 
     class Chat:
         chat_template = "t"
@@ -343,19 +331,21 @@ def test_prompts():
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             return "|".join(m["content"] for m in messages) + "|assistant:"
 
-    assert format_prompt(P2["coeffs"], P2["rhs"], Chat()).endswith("|assistant:" + PREFILL)
-    assert format_prompt(P2["coeffs"], P2["rhs"]) == build_plain_prompt(P2["coeffs"], P2["rhs"])
+    assert TASK.format_prompt(P2, Chat()).endswith("|assistant:" + PREFILL)
+    assert TASK.format_prompt(P2) == TASK.build_plain_prompt(P2)
 
 
 def test_load_linsys():
-    train = load_linsys(40, seed=0, split="train")
-    test = load_linsys(10, seed=0, split="test", prompt_format="plain", num_vars=(3, 3))
+    train = TASK.load("generated", 40, seed=0, split="train")
+    test = TASK.load("generated", 10, seed=0, split="test", prompt_format="plain", num_vars=(3, 3))
     assert train.column_names == ["prompt", "coeffs", "rhs"] and len(train) == 40
     assert train[0]["prompt"][-1] == {"role": "assistant", "content": PREFILL}
     assert test[0]["prompt"].startswith("solve ") and len(test) == 10
     assert all(len(row["coeffs"]) == 3 for row in test)
     row = train[3]
     answer = ", ".join(f"{k}={v}" for k, v in zip("xyz", solve(row["coeffs"], row["rhs"])))
-    assert linsys_reward(None, [f"<answer>{answer}</answer>"], [row["coeffs"]], [row["rhs"]]) == [1.0]
+    assert TASK.reward_func(
+        None, [f"<answer>{answer}</answer>"], coeffs=[row["coeffs"]], rhs=[row["rhs"]]
+    ) == [1.0]
     with pytest.raises(ValueError):
-        load_linsys(5, split="all")
+        TASK.load("generated", 5, split="all")

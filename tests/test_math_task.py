@@ -1,19 +1,29 @@
 """Math task: answer extraction, math-verify grading under a time bound, evaluation files, DAPO loading."""
 
+import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from ngc_trl.tasks.math import (
-    DAPO_PREFIX,
-    DAPO_SUFFIX,
-    build_prompt,
-    default_data_dir,
-    extract_answer,
-    grade,
-    load_math,
-    math_reward,
+from ngc_trl.tasks.math import DAPO_PREFIX, DAPO_SUFFIX, TASK, default_data_dir, grade
+
+ROOT = Path(__file__).resolve().parents[1]
+# the AIME/AMC files (data/README.md): $NGC_MATH_DATA, the checkout's data/math once fetched, or the
+# project's shared copy next to the checkout
+MATH_DIR = next(
+    (
+        Path(d)
+        for d in (
+            os.environ.get("NGC_MATH_DATA"),
+            ROOT / "data" / "math",
+            ROOT.parent / "shared" / "data" / "math",
+        )
+        if d and (Path(d) / "aime24.jsonl").is_file()
+    ),
+    ROOT / "data" / "math",
 )
 
 
@@ -33,13 +43,13 @@ from ngc_trl.tasks.math import (
     ],
 )
 def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
+    assert TASK.extract_answer(text) == expected
 
 
 def test_extract_answer_huge_input_is_fast():
     t0 = time.perf_counter()
-    assert extract_answer("\\boxed{" * 30_000 + "x" * 100_000) is None
-    assert extract_answer("x" * 100_000 + "\\boxed{204}") == "204"
+    assert TASK.extract_answer("\\boxed{" * 30_000 + "x" * 100_000) is None
+    assert TASK.extract_answer("x" * 100_000 + "\\boxed{204}") == "204"
     assert time.perf_counter() - t0 < 0.5
 
 
@@ -85,7 +95,8 @@ def test_grade_from_a_thread():
 
 def test_math_reward():
     completions = [[{"role": "assistant", "content": "... Answer: 204"}], "\\boxed{203}", "nothing"]
-    assert math_reward(prompts=[None] * 3, completions=completions, answer=["204", "204", "204"]) == [
+    assert TASK.reward_func.__name__ == "math_reward"
+    assert TASK.reward_func(prompts=[None] * 3, completions=completions, answer=["204", "204", "204"]) == [
         1.0,
         0.0,
         0.0,
@@ -93,35 +104,70 @@ def test_math_reward():
 
 
 def test_build_prompt_styles():
-    dapo = build_prompt("What is 1+1?")[0]["content"]
+    dapo = TASK.build_prompt({"problem": "What is 1+1?"})[0]["content"]
     assert dapo.startswith(DAPO_PREFIX) and dapo.endswith(DAPO_SUFFIX) and "What is 1+1?" in dapo
-    assert build_prompt("Q", style="boxed")[0]["content"].endswith("within \\boxed{}.")
+    assert TASK.build_prompt({"problem": "Q"}, style="boxed")[0]["content"].endswith("within \\boxed{}.")
     with pytest.raises(ValueError):
-        build_prompt("Q", style="nope")
+        TASK.build_prompt({"problem": "Q"}, style="nope")
 
 
 @pytest.mark.parametrize("name, rows", [("aime24", 30), ("aime25", 30), ("amc23", 40)])
-def test_shared_eval_sets_grade_against_themselves(name, rows):
+def test_shared_eval_sets_grade_against_themselves(name, rows, monkeypatch):
+    monkeypatch.setenv("NGC_MATH_DATA", str(MATH_DIR))
     assert (default_data_dir() / f"{name}.jsonl").exists()
-    ds = load_math(name)
+    ds = TASK.load(split=name)
     assert len(ds) == rows and ds.column_names == ["prompt", "answer", "id"]
     assert len(set(ds["id"])) == rows and all(i.startswith(name) for i in ds["id"])
     for row in ds:
         assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"].startswith(DAPO_PREFIX)
-        assert extract_answer(f"... so \\boxed{{{row['answer']}}}") == row["answer"]
-        assert grade(extract_answer(f"\\boxed{{{row['answer']}}}"), row["answer"])
+        assert TASK.extract_answer(f"... so \\boxed{{{row['answer']}}}") == row["answer"]
+        assert grade(TASK.extract_answer(f"\\boxed{{{row['answer']}}}"), row["answer"])
+        assert TASK.score(f"\\boxed{{{row['answer']}}}", row) == 1.0
 
 
 def test_data_dir_env_and_amc25_error(tmp_path, monkeypatch):
     monkeypatch.setenv("NGC_MATH_DATA", str(tmp_path))
     assert default_data_dir() == tmp_path
     with pytest.raises(FileNotFoundError, match="AMC 2025"):
-        load_math("amc25")
+        TASK.load(split="amc25")
     (tmp_path / "amc25.jsonl").write_text('{"id": "amc25-1", "problem": "P", "answer": "5", "source": "x"}\n')
-    ds = load_math("amc25")
+    ds = TASK.load(split="amc25")
     assert ds[0]["id"] == "amc25-1" and ds[0]["answer"] == "5"
     with pytest.raises(ValueError):
-        load_math("gsm8k")
+        TASK.load("gsm8k", split="test")
+    with pytest.raises(ValueError, match="split"):
+        TASK.load(split="gsm8k")
+
+
+def test_default_data_dir_is_data_math_and_missing_files_fail_early_naming_the_field(tmp_path, monkeypatch):
+    from ngc_trl.evaluation.run import EvalArguments
+    from ngc_trl.train import make_parser
+
+    monkeypatch.delenv("NGC_MATH_DATA", raising=False)
+    assert default_data_dir() == Path("data") / "math"  # relative to the current directory
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"data_dir data/math: aime24.jsonl not found.*data/README.md"
+    ):
+        TASK.load(split="aime24")
+    with pytest.raises(ValueError, match=r"^--data_dir: data_dir data/math: aime25.jsonl not found"):
+        EvalArguments(model="m", task="aime25")
+    with pytest.raises(ValueError, match=r"^--grade_timeout_s=0: must be positive"):  # not at the first grade
+        EvalArguments(model="m", task="countdown", grade_timeout_s=0)
+    with pytest.raises(ValueError, match=r"^--data_dir: data_dir elsewhere: amc23.jsonl not found"):
+        EvalArguments(model="m", task="math", data_source="amc23", data_dir="elsewhere")
+    recipe = str(ROOT / "recipes" / "dapo_math.yaml")
+    argv = ["--config", recipe, "--bf16", "false", "--use_cpu", "true", "--eval_data_source", "aime25"]
+    with pytest.raises(
+        ValueError, match=r"^ScriptArguments.eval_data_source: data_dir data/math: aime25.jsonl"
+    ):
+        make_parser().parse_args_and_config(args=argv)
+    (tmp_path / "data" / "math").mkdir(parents=True)
+    line = {"id": "aime25-I-1", "problem": "P", "answer": "70", "source": "x"}
+    (tmp_path / "data" / "math" / "aime25.jsonl").write_text(json.dumps(line) + "\n")
+    assert EvalArguments(model="m", task="aime25").data_dir is None
+    assert make_parser().parse_args_and_config(args=argv)[0].eval_data_source == "aime25"
+    assert TASK.load(split="aime25")["id"] == ["aime25-I-1"]
 
 
 def test_load_dapo_fixture_dedupes(tmp_path):
@@ -140,12 +186,12 @@ def test_load_dapo_fixture_dedupes(tmp_path):
         )
     path = tmp_path / "dapo-math-17k.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(path))
-    ds = load_math("dapo", source=str(path))
+    ds = TASK.load(str(path), split="train")
     assert (
         len(ds) == 3
         and ds["answer"] == ["1", "2", "3"]
         and ds["id"] == ["dapo-uuid-0", "dapo-uuid-1", "dapo-uuid-3"]
     )
     assert ds[0]["prompt"] == [{"role": "user", "content": DAPO_PREFIX + "P1" + DAPO_SUFFIX}]
-    boxed = load_math(str(path), style="boxed", n=2)
+    boxed = TASK.load(str(path), split="test", style="boxed", n=2)
     assert len(boxed) == 2 and boxed[1]["prompt"][0]["content"].startswith("P2\n\nPlease reason")

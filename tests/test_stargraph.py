@@ -8,22 +8,8 @@ from collections import Counter
 import pytest
 
 from ngc_trl.tasks import TASKS, get_task, stargraph
-from ngc_trl.tasks.countdown import PREFILL
-from ngc_trl.tasks.stargraph import (
-    arms,
-    build_plain_prompt,
-    build_prompt,
-    extract_answer,
-    format_prompt,
-    generate_problems,
-    load_stargraph,
-    parse_path,
-    score,
-    solution_trace,
-    solve,
-    stargraph_reward,
-    verify,
-)
+from ngc_trl.tasks.base import PREFILL
+from ngc_trl.tasks.stargraph import TASK, arms, generate_problems, solution_trace, solve
 
 # source 12; arms 12>5>33>40, 12>7>2, 12>9>11>60
 G = {
@@ -35,8 +21,10 @@ G = {
 
 # ----------------------------------------------------------------------------- registry
 def test_registered():
-    assert TASKS["stargraph"] is stargraph and get_task("stargraph") is stargraph
-    assert stargraph.reward_func is stargraph_reward
+    assert (
+        TASKS["stargraph"] is TASK and get_task("stargraph") is TASK and isinstance(TASK, stargraph.StarGraph)
+    )
+    assert TASK.reward_func is TASK.reward_func and TASK.reward_func.__name__ == "stargraph_reward"
 
 
 # ----------------------------------------------------------------------------- generator
@@ -71,7 +59,7 @@ def test_generator_structure_deterministic():
     for p in problems:
         path = _check_path_star(p)
         lengths[len(path)] += 1
-        assert verify(",".join(map(str, path)), p)
+        assert TASK.verify(",".join(map(str, path)), p)
     assert lengths[4] > 150 and lengths[5] > 150 and set(lengths) == {4, 5}
     # edges are shuffled: without the shuffle every edge list would start with an edge out of the source
     starts_at_source = sum(p["edges"][0][0] == p["source"] for p in problems)
@@ -110,7 +98,7 @@ def test_generated_splits_are_disjoint():
 # ----------------------------------------------------------------------------- parser and verifier
 @pytest.mark.parametrize("answer", ["12,5,33,40", "12, 5, 33, 40", " 12 ,5,\t33,40 "])
 def test_verify_accepts(answer):
-    assert verify(answer, G)
+    assert TASK.verify(answer, G)
 
 
 @pytest.mark.parametrize(
@@ -142,31 +130,33 @@ def test_verify_accepts(answer):
     ],
 )
 def test_verify_rejects(answer):
-    assert not verify(answer, G)
+    assert not TASK.verify(answer, G)
 
 
 def test_verify_checks_edges_not_a_stored_answer():
     # a different graph with the same source and goal: the path must follow its edges
     other = {"edges": [[12, 8], [8, 40], [12, 5], [5, 33]], "source": 12, "goal": 40}
-    assert verify("12,8,40", other) and not verify("12,5,33,40", other)
+    assert TASK.verify("12,8,40", other) and not TASK.verify("12,5,33,40", other)
     # a non-tree graph with two routes: both verify, and a cycle is rejected
     diamond = {"edges": [[1, 2], [1, 3], [2, 4], [3, 4], [4, 1]], "source": 1, "goal": 4}
-    assert verify("1,2,4", diamond) and verify("1,3,4", diamond)
-    assert not verify("1,2,4,1,3,4", diamond)
-    assert not verify(None, G) and not verify(b"12,5,33,40", G)
-    assert not verify("1,2,3", {"edges": [[1, 2], [3, 2]], "source": 1, "goal": 3})  # 2>3 is not listed
+    assert TASK.verify("1,2,4", diamond) and TASK.verify("1,3,4", diamond)
+    assert not TASK.verify("1,2,4,1,3,4", diamond)
+    assert not TASK.verify(None, G) and not TASK.verify(b"12,5,33,40", G)
+    assert not TASK.verify("1,2,3", {"edges": [[1, 2], [3, 2]], "source": 1, "goal": 3})  # 2>3 is not listed
     assert solve(diamond["edges"], 4, 3) == [4, 1, 3] and solve(G["edges"], 40, 12) is None
 
 
 def test_parse_and_extract():
-    assert parse_path("1, 2,3") == [1, 2, 3] and parse_path("007") == [7]
-    assert parse_path("1,,2") is None and parse_path("-1,2") is None and parse_path("1 2") is None
-    assert extract_answer("<answer>1,2</answer> then <answer> 12,5,33,40 </answer>") == "12,5,33,40"
-    assert extract_answer("<answer><answer>12,5</answer>") == "12,5"  # nested: the innermost
-    assert extract_answer("<answer>12,5") is None and extract_answer("12,5</answer>") is None
-    assert extract_answer("<answer>" + "1," * 250 + "1</answer>") is None  # over 400 characters
+    assert TASK.parse_path("1, 2,3") == [1, 2, 3] and TASK.parse_path("007") == [7]
+    assert (
+        TASK.parse_path("1,,2") is None and TASK.parse_path("-1,2") is None and TASK.parse_path("1 2") is None
+    )
+    assert TASK.extract_answer("<answer>1,2</answer> then <answer> 12,5,33,40 </answer>") == "12,5,33,40"
+    assert TASK.extract_answer("<answer><answer>12,5</answer>") == "12,5"  # nested: the innermost
+    assert TASK.extract_answer("<answer>12,5") is None and TASK.extract_answer("12,5</answer>") is None
+    assert TASK.extract_answer("<answer>" + "1," * 250 + "1</answer>") is None  # over 400 characters
     t0 = time.perf_counter()
-    assert extract_answer("x" * 200_000 + "<answer>12,5,33,40</answer>" + "</answer>" * 10_000) is None
+    assert TASK.extract_answer("x" * 200_000 + "<answer>12,5,33,40</answer>" + "</answer>" * 10_000) is None
     assert time.perf_counter() - t0 < 0.1
 
 
@@ -225,27 +215,27 @@ def test_fuzz_hostile_inputs_no_exception_fast(tmp_path, monkeypatch):
     for s in strings:
         t0 = time.perf_counter()
         p = rng.choice(problems)
-        assert verify(s, p) in (True, False)
+        assert TASK.verify(s, p) in (True, False)
         wrapped = f"think {s} <answer>{s}</answer> tail"
-        assert score(wrapped, p["edges"], p["source"], p["goal"], 0.1) in (0.0, 0.1, 1.0)
-        assert score(s, p["edges"], p["source"], p["goal"]) in (0.0, 1.0)
-        assert parse_path(s) is None or all(type(v) is int for v in parse_path(s))
-        assert extract_answer(s) is None or isinstance(extract_answer(s), str)
+        assert TASK.score(wrapped, p, 0.1) in (0.0, 0.1, 1.0)
+        assert TASK.score(s, p) in (0.0, 1.0)
+        assert TASK.parse_path(s) is None or all(type(v) is int for v in TASK.parse_path(s))
+        assert TASK.extract_answer(s) is None or isinstance(TASK.extract_answer(s), str)
         slowest = max(slowest, time.perf_counter() - t0)
     assert time.perf_counter() - start < 5.0
     assert slowest < 0.2
     assert not hasattr(builtins, "NGC_PWNED") and not list(tmp_path.iterdir())
-    assert not any(verify(s, G) for s in strings[:17])
+    assert not any(TASK.verify(s, G) for s in strings[:17])
 
 
 # ----------------------------------------------------------------------------- rewards
 def test_score_and_reward():
     e, s, g = G["edges"], G["source"], G["goal"]
-    assert score("<think>40</think><answer>12,5,33,40</answer>", e, s, g) == 1.0
-    assert score("<answer>12,9,11,60</answer>", e, s, g) == 0.0
-    assert score("<answer>12,9,11,60</answer>", e, s, g, format_reward=0.1) == 0.1
-    assert score("12,5,33,40", e, s, g, format_reward=0.1) == 0.0  # no tags
-    assert score("<answer>12,5,33,40</answer> or <answer>12,40</answer>", e, s, g) == 0.0  # the last counts
+    assert TASK.score("<think>40</think><answer>12,5,33,40</answer>", G) == 1.0
+    assert TASK.score("<answer>12,9,11,60</answer>", G) == 0.0
+    assert TASK.score("<answer>12,9,11,60</answer>", G, format_reward=0.1) == 0.1
+    assert TASK.score("12,5,33,40", G, format_reward=0.1) == 0.0  # no tags
+    assert TASK.score("<answer>12,5,33,40</answer> or <answer>12,40</answer>", G) == 0.0  # the last counts
     completions = [
         [{"role": "assistant", "content": "<answer>12,5,33,40</answer>"}],
         [{"role": "assistant", "content": [{"type": "text", "text": "<answer>12,9,11,60</answer>"}]}],
@@ -253,11 +243,11 @@ def test_score_and_reward():
         "no answer",
     ]
     edges, source, goal = [e] * 4, [s] * 4, [g, 60, g, g]
-    assert stargraph_reward(
+    assert TASK.reward_func(
         prompts=[None] * 4, completions=completions, edges=edges, source=source, goal=goal
     ) == [1.0, 1.0, 0.0, 0.0]
-    assert stargraph_reward(
-        None, completions, edges, source, goal, format_reward=0.1, trainer_state=None
+    assert TASK.reward_func(
+        None, completions, edges=edges, source=source, goal=goal, format_reward=0.1, trainer_state=None
     ) == [1.0, 1.0, 0.1, 0.0]
 
 
@@ -270,11 +260,11 @@ def test_solution_traces_verify():
         trace = solution_trace(p, rng)
         assert trace.startswith(f"\ngoal {p['goal']}\n") and trace.endswith("</answer>")
         assert f"\nstart {p['source']}\n</think>\n<answer>" in trace
-        assert score(trace, p["edges"], p["source"], p["goal"]) == 1.0
+        assert TASK.score(trace, p) == 1.0
         path = solve(p["edges"], p["source"], p["goal"])
         walked = trace.split("\n")[2:-3]  # the edge lines, goal first
         assert walked == [f"{a}>{b}" for a, b in zip(path, path[1:])][::-1]
-        assert all(line in build_plain_prompt(p["edges"], p["source"], p["goal"]) for line in walked)
+        assert all(line in TASK.build_plain_prompt(p) for line in walked)
 
 
 def test_solution_trace_example_and_errors():
@@ -292,7 +282,7 @@ def test_search_traces_are_honest_and_verify():
         20, seed=6, degree=(2, 6), path_length=(2, 9)
     ):
         trace = stargraph.search_trace(p)
-        assert score(trace, p["edges"], p["source"], p["goal"]) == 1.0
+        assert TASK.score(trace, p) == 1.0
         lines = trace.strip("\n").split("\n")
         assert lines[-2:] == [
             "</think>",
@@ -328,17 +318,18 @@ def test_search_trace_example_and_errors():
 
 # ----------------------------------------------------------------------------- prompts and datasets
 def test_prompts():
-    messages = build_prompt(G["edges"], 12, 40, eviction_rate_tag="<eviction_rate>50%</eviction_rate>")
+    messages = TASK.build_prompt(G, eviction_rate_tag="<eviction_rate>50%</eviction_rate>")
     assert [m["role"] for m in messages] == ["user"]
     content = messages[0]["content"]
     assert "7>2, 12>5, 33>40, 12>7, 5>33, 11>60, 12>9, 9>11." in content  # the given (shuffled) order
     assert "from node 12 to node 40" in content and "<answer>1,8,3,5</answer>" in content
     assert content.endswith("<eviction_rate>50%</eviction_rate>")
-    with_prefill = build_prompt(G["edges"], 12, 40, prefill=True, system_prompt="sys")
+    with_prefill = TASK.build_prompt(G, prefill=True, system_prompt="sys")
     assert [m["role"] for m in with_prefill] == ["system", "user", "assistant"]
     assert with_prefill[-1]["content"] == PREFILL
-    assert build_plain_prompt([[7, 2], [12, 7]], 12, 2) == "edges 7>2 12>7 from 12 to 2\n<think>"
-    assert build_plain_prompt([[7, 2], [12, 7]], 12, 2, "<e>") == "edges 7>2 12>7 from 12 to 2 <e>\n<think>"
+    small = {"edges": [[7, 2], [12, 7]], "source": 12, "goal": 2}
+    assert TASK.build_plain_prompt(small) == "edges 7>2 12>7 from 12 to 2\n<think>"
+    assert TASK.build_plain_prompt(small, "<e>") == "edges 7>2 12>7 from 12 to 2 <e>\n<think>"
 
     class Chat:
         chat_template = "t"
@@ -346,21 +337,21 @@ def test_prompts():
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             return "|".join(m["content"] for m in messages) + "|assistant:"
 
-    assert format_prompt(G["edges"], 12, 40, Chat()).endswith("|assistant:" + PREFILL)
-    assert format_prompt(G["edges"], 12, 40) == build_plain_prompt(G["edges"], 12, 40)
+    assert TASK.format_prompt(G, Chat()).endswith("|assistant:" + PREFILL)
+    assert TASK.format_prompt(G) == TASK.build_plain_prompt(G)
 
 
 def test_load_stargraph():
-    train = load_stargraph(40, seed=0, split="train")
-    test = load_stargraph(10, seed=0, split="test", prompt_format="plain", degree=(4, 4))
+    train = TASK.load("generated", 40, seed=0, split="train")
+    test = TASK.load("generated", 10, seed=0, split="test", prompt_format="plain", degree=(4, 4))
     assert train.column_names == ["prompt", "edges", "source", "goal"] and len(train) == 40
     assert train[0]["prompt"][-1] == {"role": "assistant", "content": PREFILL}
     assert test[0]["prompt"].startswith("edges ") and len(test) == 10
     assert all(len(arms(row["edges"], row["source"])) == 4 for row in test)
     row = train[3]
     path = ",".join(map(str, solve(row["edges"], row["source"], row["goal"])))
-    assert stargraph_reward(
-        None, [f"<answer>{path}</answer>"], [row["edges"]], [row["source"]], [row["goal"]]
+    assert TASK.reward_func(
+        None, [f"<answer>{path}</answer>"], edges=[row["edges"]], source=[row["source"]], goal=[row["goal"]]
     ) == [1.0]
     with pytest.raises(ValueError):
-        load_stargraph(5, split="all")
+        TASK.load("generated", 5, split="all")

@@ -7,33 +7,32 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ngc_trl import testbed
-from ngc_trl.tasks.countdown import build_plain_prompt, score
+from ngc_trl.tasks import get_task
 
 
 def test_sft_example_is_prompt_plus_verifying_trace():
     args = testbed.TestbedArgs(num_train=6)
     for ex in testbed.sft_examples(args, "<eos>"):
-        assert ex["prompt"] == build_plain_prompt(ex["nums"], ex["target"])
+        assert ex["prompt"] == get_task("countdown").build_plain_prompt(ex)
         assert (
             ex["completion"].startswith("\n")
             and " left " in ex["completion"]
             and ex["completion"].endswith("</answer><eos>")
         )
-        assert score(ex["completion"], ex["nums"], ex["target"]) == 1.0
+        assert get_task("countdown").score(ex["completion"], ex) == 1.0
         assert len(ex["prompt"]) < 64  # shorter than the tiny recipes' eviction interval
 
 
 def test_linsys_testbed_examples_verify_and_its_words_are_single_tokens():
-    from ngc_trl.tasks import linsys
-
+    linsys = get_task("linsys")
     args = testbed.TestbedArgs(task="linsys", num_train=20)
     tok = testbed.build_tokenizer("number", "linsys")
     examples, lengths = testbed.sft_examples(args, "<eos>"), []
     assert len(examples) == 20
     for ex in examples:
-        assert ex["prompt"] == linsys.build_plain_prompt(ex["coeffs"], ex["rhs"])
+        assert ex["prompt"] == linsys.build_plain_prompt(ex)
         assert len(ex["coeffs"]) == 2 and max(abs(c) for row in ex["coeffs"] for c in row) <= 4
-        assert linsys.score(ex["completion"], ex["coeffs"], ex["rhs"]) == 1.0
+        assert linsys.score(ex["completion"], ex) == 1.0
         text = ex["prompt"] + ex["completion"]
         ids = tok(text)["input_ids"]
         assert tok.decode(ids) == text and tok.unk_token_id not in ids
@@ -113,7 +112,7 @@ def test_prefixed_number_tokens_make_an_edge_lookup_one_induction_step():
     ]
     p = stargraph.generate_problems(1, 0, split="train", **stargraph.DISTRIBUTIONS["testbed"])[0]
     prompt, trace = (
-        stargraph.build_plain_prompt(*[p[k] for k in ("edges", "source", "goal")]),
+        stargraph.TASK.build_plain_prompt(p),
         stargraph.search_trace(p),
     )
     prompt_toks, trace_toks = (tok.convert_ids_to_tokens(tok(x)["input_ids"]) for x in (prompt, trace))

@@ -17,8 +17,8 @@ points already there (a point of the same step, policy and rate is replaced by t
 Validation problems (`load_validation_problems`): generated tasks only. They come from the training
 distribution's ``train`` hash split (so never from the held-out ``test`` split the final evaluation uses),
 drawn with a dedicated seed (the training seed + `VALIDATION_SEED_OFFSET`), with every instance of the RL
-training set and every repeat removed. The task modules are unchanged: the split is a filter on top of
-their generators.
+training set and every repeat removed. The tasks are unchanged: the split is a filter on top of their
+generators (``task.load``, ``task.instance_key``).
 """
 
 from __future__ import annotations
@@ -44,14 +44,13 @@ VALIDATION_SEED_OFFSET = 7_919_001  # validation seed = training seed + this (tr
 # ----------------------------------------------------------------------------- validation split
 def instance_key(task: str, row: Mapping[str, Any]) -> tuple:
     """A hashable identity of a generated instance, invariant to the orders that do not change it (the
-    numbers of a Countdown instance, the equations of a LinSys system, the edges of a StarGraph graph)."""
-    if task == "countdown":
-        return tuple(sorted(int(x) for x in row["nums"])), int(row["target"])
-    if task == "linsys":
-        return tuple(sorted((*map(int, a), int(b)) for a, b in zip(row["coeffs"], row["rhs"])))
-    if task == "stargraph":
-        return tuple(sorted((int(a), int(b)) for a, b in row["edges"])), int(row["source"]), int(row["goal"])
-    raise ValueError(f"instance_key: task {task!r} is not generated")
+    numbers of a Countdown instance, the equations of a LinSys system, the edges of a StarGraph graph):
+    the task's ``instance_key``."""
+    from ngc_trl.tasks import GENERATED_TASKS, get_task
+
+    if task not in GENERATED_TASKS:
+        raise ValueError(f"instance_key: task {task!r} is not generated")
+    return get_task(task).instance_key(row)
 
 
 def load_validation_problems(
@@ -73,7 +72,7 @@ def load_validation_problems(
     20000)``); a distribution almost exhausted by the training set gives fewer problems (a warning) and
     none at all raises ``ValueError``.
     """
-    from ngc_trl.tasks import GENERATED_TASKS, load_generated
+    from ngc_trl.tasks import GENERATED_TASKS, get_task
 
     if task not in GENERATED_TASKS:
         raise ValueError(
@@ -83,12 +82,12 @@ def load_validation_problems(
         raise ValueError(f"validation problems: source {source!r} is not 'generated' or 'generated:<name>'")
     if n <= 0:
         raise ValueError(f"validation problems: n={n} must be > 0")
-    banned = {instance_key(task, row) for row in exclude}
+    generated = get_task(task)
+    banned = {generated.instance_key(row) for row in exclude}
     cap = max_candidates or max(64 * n, 20_000)
     draw, out = min(cap, max(4 * n, 64)), []
     while True:
-        ds = load_generated(
-            task,
+        ds = generated.load(
             source,
             n=draw,
             seed=seed + VALIDATION_SEED_OFFSET,
@@ -98,7 +97,7 @@ def load_validation_problems(
         )
         seen, out = set(banned), []
         for row in ds:
-            key = instance_key(task, row)
+            key = generated.instance_key(row)
             if key not in seen:
                 seen.add(key)
                 out.append(dict(row))

@@ -181,7 +181,10 @@ class EvalArguments:
         default="auto", metadata={"help": "auto|float32|bfloat16|float16 (auto: bf16 on GPU, fp32 on CPU)."}
     )
     data_dir: str | None = field(
-        default=None, metadata={"help": "Folder of aime24/aime25/amc23 .jsonl files."}
+        default=None,
+        metadata={
+            "help": "Folder of aime24/aime25/amc23 .jsonl files (default: $NGC_MATH_DATA, else data/math)."
+        },
     )
     data_source: str | None = field(
         default=None,
@@ -218,14 +221,20 @@ class EvalArguments:
             ",".join(map(str, parse_rates(self.rates))),
         )
         self.compression_ratios = ",".join(map(str, parse_compression_ratios(self.compression_ratios)))
-        for name in ("num_samples", "batch_size", "num_problems", "max_new_tokens"):
+        for name in ("num_samples", "batch_size", "num_problems", "max_new_tokens", "grade_timeout_s"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"--{name}={v}: must be positive")
-        from ngc_trl.tasks import check_source
+        from ngc_trl.tasks import get_task
 
         try:
-            check_source(self.task, self.data_source)
+            if self.task in MATH_TASKS:  # an evaluation set read from --data_dir fails here when missing
+                split = "test" if self.task == "math" else self.task
+                get_task("math").check_source(self.data_source, split, data_dir=self.data_dir)
+            else:
+                get_task(self.task).check_source(self.data_source)
+        except FileNotFoundError as e:
+            raise ValueError(f"--data_dir: {e}") from None
         except ValueError as e:
             raise ValueError(f"--data_source: {e}") from None
         if self.prompt_format not in ("auto", "chat", "plain"):
@@ -338,17 +347,17 @@ def load_problems(
     """Evaluation problems as dicts ``{id, prompt, ...}`` (generated tasks: held-out ``test`` split, plus
     their instance columns, e.g. ``nums``/``target``; math: ``answer``). ``prompt`` is a string or chat
     messages."""
-    from ngc_trl.tasks import GENERATED_TASKS, load_generated, math
+    from ngc_trl.tasks import get_task
 
     chat = prompt_format == "chat" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None))
-    if task in GENERATED_TASKS:
-        ds = load_generated(
-            task,
+    fmt = "chat" if chat else "plain"
+    if task not in MATH_TASKS:
+        ds = get_task(task).load(
             data_source or "generated",
             n=num_problems,
             seed=seed,
             split="test",
-            prompt_format="chat" if chat else "plain",
+            prompt_format=fmt,
             prefill=prefill,
         )
         return [{"id": f"{task}-{i}", **row} for i, row in enumerate(ds)]
@@ -356,13 +365,9 @@ def load_problems(
         raise ValueError(
             "--task math: give the problems with --data_source (a .jsonl/.parquet file or Hub name)"
         )
-    name = data_source if task == "math" else task
-    ds = math.load_math(name, data_dir, source=None if task == "math" else data_source, n=num_problems)
-    rows = [dict(row) for row in ds]
-    if not chat:
-        for row in rows:
-            row["prompt"] = "\n".join(m["content"] for m in row["prompt"])
-    return rows
+    split = "test" if task == "math" else task  # an evaluation set; data_source then overrides its file
+    ds = get_task("math").load(data_source, n=num_problems, split=split, prompt_format=fmt, data_dir=data_dir)
+    return [dict(row) for row in ds]
 
 
 def render_prompt(prompt, tokenizer, rate: float | None = None) -> str:
@@ -385,15 +390,13 @@ def render_prompt(prompt, tokenizer, rate: float | None = None) -> str:
 def score_completion(
     task: str, text: str, problem: dict, timeout_s: float = 5.0
 ) -> tuple[float, bool, str | None]:
-    """``(reward, correct, extracted answer)`` with the task's own verifier (the RL reward's)."""
-    from ngc_trl.tasks import GENERATED_TASKS, get_task, math, score_row
+    """``(reward, correct, extracted answer)`` with the task's own verifier (the RL reward's, ``task.score``;
+    math answers graded within ``timeout_s``)."""
+    from ngc_trl.tasks import get_task
 
-    if task in GENERATED_TASKS:
-        reward = score_row(task, text, problem)
-        return reward, reward == 1.0, get_task(task).extract_answer(text)
-    pred = math.extract_answer(text)
-    ok = math.grade(pred, str(problem["answer"]), timeout_s)
-    return float(ok), ok, pred
+    scorer = get_task("math").with_timeout(timeout_s) if task in MATH_TASKS else get_task(task)
+    reward = scorer.score(text, problem)
+    return reward, reward == 1.0, scorer.extract_answer(text)
 
 
 def _check_settings(output_dir: Path, settings: dict) -> None:

@@ -1,7 +1,8 @@
-"""Countdown: generator, prompt, search traces, parser and verifier in one module.
+"""Countdown: generator, search traces, and the task class (prompt, parser, verifier) in one module.
 
-The RL reward (:func:`countdown_reward`) and evaluation both call :func:`score`, so they cannot
-disagree (nanochat's "task = prompt + verifier").
+:class:`Countdown` (the registered task, :data:`TASK`) is the prompt, the parser and the verifier; the
+RL reward (``TASK.reward_func``, logged as ``countdown_reward``) and evaluation both call ``TASK.score``,
+so they cannot disagree (nanochat's "task = prompt + verifier").
 
 Instances follow ``Jiayi-Pan/Countdown-Tasks-3to4`` (Stream-of-Search generator): a target drawn
 from [10, 100], 3-4 numbers drawn uniformly from [1, 99], numbers redrawn until a depth-first search
@@ -71,11 +72,11 @@ characters; ``max_chars`` lets a caller skip such instances.
 
 Prompts
 -------
-* :func:`build_prompt`: chat messages in TinyZero's wording, for models with a chat template
+* ``TASK.build_prompt(row)``: chat messages in TinyZero's wording, for models with a chat template
   (Qwen2.5-Instruct with ``prefill=True``; DeepSeek-R1-Distill with ``prefill=False``, its template
   opens ``<think>`` itself).
-* :func:`build_plain_prompt`: ``"nums 3 5 7 8 target 24\\n<think>"``, for tiny models whose tokenizer
-  has no chat template. ``build_plain_prompt(...) + search_trace(...)`` is one SFT example.
+* ``TASK.build_plain_prompt(row)``: ``"nums 3 5 7 8 target 24\\n<think>"``, for tiny models whose
+  tokenizer has no chat template. ``build_plain_prompt(row) + search_trace(...)`` is one SFT example.
 """
 
 from __future__ import annotations
@@ -85,11 +86,12 @@ import hashlib
 import os
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
-PREFILL = "Let me solve this step by step.\n<think>"
+from ngc_trl.tasks.base import GeneratedTask
+
 HUB_NAME = "Jiayi-Pan/Countdown-Tasks-3to4"
 TRAIN_ROWS = 327_680  # TinyZero: train on rows [0, 327680), test on the next 1024
 TEST_ROWS = 1_024
@@ -98,7 +100,7 @@ MAX_AST_NODES = 400
 MAX_MAGNITUDE = 10**100
 TEST_BUCKETS = 16  # generated instances whose hash % 16 == 0 form the test split
 
-# named generator settings: ``load_countdown("generated:<name>")``
+# named generator settings: ``TASK.load("generated:<name>")``
 DISTRIBUTIONS: dict[str, dict[str, Any]] = {
     # Countdown-Tasks-3to4 (Stream-of-Search / TinyZero)
     "standard": dict(
@@ -394,109 +396,7 @@ def search_trace(
     return "\n" + "\n".join(writer.lines)
 
 
-# ----------------------------------------------------------------------------- prompts
-def chat_messages(
-    content: str,
-    eviction_rate_tag: str | None = None,
-    prefill: bool = False,
-    system_prompt: str | None = None,
-) -> list[dict]:
-    """A task's user ``content`` as chat messages: the interoception tag appended, an optional system
-    turn first and the assistant prefill (:data:`PREFILL`) last. Shared by every task's ``build_prompt``."""
-    if eviction_rate_tag:
-        content += " " + eviction_rate_tag
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": content})
-    if prefill:
-        messages.append({"role": "assistant", "content": PREFILL})
-    return messages
-
-
-def build_prompt(
-    nums: Sequence[int],
-    target: int,
-    *,
-    eviction_rate_tag: str | None = None,
-    prefill: bool = False,
-    system_prompt: str | None = None,
-) -> list[dict]:
-    """TinyZero's Countdown prompt as chat messages.
-
-    Parameters
-    ----------
-    nums, target
-        The instance.
-    eviction_rate_tag : str, optional
-        E.g. ``"<eviction_rate>50%</eviction_rate>"``, appended to the user message.
-    prefill : bool
-        Append an assistant message ``PREFILL`` (TRL then continues the final message instead of
-        adding a generation prompt). Use for Qwen-Instruct; not for R1-Distill templates.
-    system_prompt : str, optional
-        A system message (TinyZero used one; none by default).
-    """
-    numbers = "[" + ", ".join(str(int(x)) for x in nums) + "]"
-    content = (
-        f"Using the numbers {numbers}, create an equation that equals {int(target)}. You can use basic "
-        "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work in "
-        "<think> </think> tags. And return the final answer in <answer> </answer> tags, for example "
-        "<answer> (1 + 2) / 3 </answer>."
-    )
-    return chat_messages(content, eviction_rate_tag, prefill, system_prompt)
-
-
-def build_plain_prompt(nums: Sequence[int], target: int, eviction_rate_tag: str | None = None) -> str:
-    """Compact prompt for tokenizers without a chat template, e.g. ``"nums 3 5 7 8 target 24\\n<think>"``.
-
-    The tag, if given, follows the target on the first line. The completion (:func:`search_trace`)
-    starts with a newline.
-    """
-    line = "nums " + " ".join(str(int(x)) for x in nums) + f" target {int(target)}"
-    if eviction_rate_tag:
-        line += " " + eviction_rate_tag
-    return line + "\n<think>"
-
-
-def format_prompt(
-    nums: Sequence[int],
-    target: int,
-    tokenizer: Any = None,
-    *,
-    eviction_rate_tag: str | None = None,
-    prefill: bool = True,
-) -> str:
-    """The prompt string fed to the model.
-
-    With a tokenizer that has a chat template: the template applied to :func:`build_prompt` with
-    ``add_generation_prompt=True``, followed by ``PREFILL`` when ``prefill``. Otherwise
-    :func:`build_plain_prompt` (which always ends in ``<think>``).
-    """
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            build_prompt(nums, target, eviction_rate_tag=eviction_rate_tag),
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return text + (PREFILL if prefill else "")
-    return build_plain_prompt(nums, target, eviction_rate_tag=eviction_rate_tag)
-
-
-# ----------------------------------------------------------------------------- parser, verifier, reward
-def extract_answer(text: str) -> str | None:
-    """Content of the last ``<answer>...</answer>``, stripped; ``None`` if absent or over 200 characters.
-
-    Linear-time ``str.rfind`` scans only (no regex), safe on completions of any length.
-    """
-    if not isinstance(text, str):
-        return None
-    end = text.rfind("</answer>")
-    if end < 0:
-        return None
-    start = text.rfind("<answer>", max(0, end - MAX_ANSWER_CHARS - len("<answer>")), end)
-    if start < 0:
-        return None
-    return text[start + len("<answer>") : end].strip()
-
-
+# ----------------------------------------------------------------------------- verifier internals
 class _Reject(Exception):
     pass
 
@@ -512,123 +412,34 @@ def _evaluate(node: ast.AST) -> Fraction:
     return value
 
 
-def verify(expression: str, nums: Sequence[int], target: int) -> bool:
-    """Whether ``expression`` uses each of ``nums`` exactly once and equals ``target`` exactly.
+# ----------------------------------------------------------------------------- the task
+class Countdown(GeneratedTask):
+    """Countdown (module docstring): rows ``{"nums": list[int], "target": int}``; answers are arithmetic
+    expressions in ``<answer>`` tags, checked by an AST walk with exact rationals (never executed)."""
 
-    Never executes the input and never raises on it (see the module docstring for the grammar).
-    """
-    if not isinstance(expression, str) or len(expression) > MAX_ANSWER_CHARS:
-        return False
-    expr = " ".join(expression.translate(_UNICODE_OPS).split())
-    if not expr or not _ALLOWED_CHARS.issuperset(expr):
-        return False
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
-    literals = []
-    for count, node in enumerate(ast.walk(tree)):
-        if count >= MAX_AST_NODES or not isinstance(node, _ALLOWED_NODES):
-            return False
-        if isinstance(node, ast.Constant):
-            if type(node.value) is not int:
-                return False
-            literals.append(node.value)
-    if Counter(literals) != Counter(int(x) for x in nums):
-        return False
-    try:
-        return _evaluate(tree.body) == int(target)
-    except (_Reject, ZeroDivisionError, RecursionError):
-        return False
+    name = "countdown"
+    columns = ("nums", "target")
+    distributions = DISTRIBUTIONS
+    max_answer_chars = MAX_ANSWER_CHARS
+    splits = ("train", "test", "all")
+    reads_sources = True
 
+    def generate(self, n: int, seed: int, *, split: str | None = None, **ranges: Any) -> list[dict]:
+        """:func:`generate_problems`."""
+        return generate_problems(n, seed, split=split, **ranges)
 
-def score(completion: str, nums: Sequence[int], target: int, format_reward: float = 0.0) -> float:
-    """1.0 if the last answer verifies, ``format_reward`` if an answer is present but wrong, else 0.0.
-
-    TinyZero uses ``format_reward=0.1``; the NGC paper reports plain accuracy (the default).
-    """
-    answer = extract_answer(completion)
-    if answer is None:
-        return 0.0
-    return 1.0 if verify(answer, nums, target) else float(format_reward)
-
-
-def completion_text(completion: Any) -> str:
-    """Text of a TRL completion: a string, or a chat list whose last message's content is used."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion:
-        content = completion[-1].get("content", "") if isinstance(completion[-1], dict) else ""
-        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return content if isinstance(content, str) else ""
-    return ""
-
-
-def countdown_reward(prompts, completions, nums, target, format_reward: float = 0.0, **kwargs) -> list[float]:
-    """TRL reward function: :func:`score` of each completion (string or chat list)."""
-    return [score(completion_text(c), n, t, format_reward) for c, n, t in zip(completions, nums, target)]
-
-
-reward_func = countdown_reward
-
-
-# ----------------------------------------------------------------------------- datasets
-def load_countdown(
-    source: str = "generated",
-    n: int | None = None,
-    seed: int = 0,
-    split: str = "train",
-    *,
-    prompt_format: str = "chat",
-    prefill: bool = True,
-    eviction_rate_tag: str | None = None,
-    **ranges: Any,
-):
-    """Countdown as a ``datasets.Dataset`` with columns ``prompt``, ``nums``, ``target``.
-
-    Parameters
-    ----------
-    source : str
-        ``"generated"`` (:func:`generate_problems`, hash-disjoint train/test, the ``"standard"``
-        distribution) or ``"generated:<name>"`` (a named entry of :data:`DISTRIBUTIONS`, e.g.
-        ``"generated:testbed"``; the test split has no repeated instance), a Hub dataset name
-        (e.g. ``HUB_NAME``) or a local ``.jsonl``/``.json``/``.parquet`` file with ``nums``, ``target``.
-    n : int, optional
-        Number of rows (the first ``n`` of the split). Default: the whole split for Hub/local
-        sources; 10,000 (train) or 1,024 (test) generated instances.
-    seed : int
-        Generator seed (``"generated"`` only).
-    split : {"train", "test", "all"}
-        Hub/local rows: TinyZero's [0, 327680) / the next 1,024 / every row.
-    prompt_format : {"chat", "plain"}
-        ``prompt`` as :func:`build_prompt` messages or a :func:`build_plain_prompt` string.
-    prefill, eviction_rate_tag
-        Passed to the prompt builders.
-    **ranges
-        ``count_range``, ``num_range``, ``target_range`` for the generator.
-    """
-    import datasets
-
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    if prompt_format not in ("chat", "plain"):
-        raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
-    if source == "generated" or source.startswith("generated:"):
-        if split == "all":
-            raise ValueError("generated data has no 'all' split: use 'train' or 'test'")
-        name = source.partition(":")[2] or "standard"
-        if name not in DISTRIBUTIONS:
-            raise ValueError(
-                f"unknown Countdown distribution {name!r} in source {source!r}; "
-                f"valid: {', '.join('generated:' + k for k in DISTRIBUTIONS)}"
-            )
-        kwargs = {**DISTRIBUTIONS[name], **ranges}
-        n = n if n is not None else (10_000 if split == "train" else TEST_ROWS)
+    def generator_options(self, name: str, split: str, ranges: dict[str, Any]) -> dict[str, Any]:
+        """The test split of a named distribution other than ``"standard"`` has no repeated instance."""
         if split == "test" and name != "standard":
-            kwargs.setdefault("unique", True)
-        rows = generate_problems(n, seed + (0 if split == "train" else 1), split=split, **kwargs)
-    else:
+            ranges.setdefault("unique", True)
+        return ranges
+
+    def read(self, source: str, n: int | None, split: str) -> list[dict]:
+        """Rows of a Hub dataset (e.g. :data:`HUB_NAME`) or a local ``.jsonl``/``.json``/``.parquet`` file with
+        ``nums`` and ``target``: TinyZero's rows [0, 327680) (``"train"``), the next 1,024 (``"test"``) or every
+        row (``"all"``); the first ``n`` of them when given."""
+        import datasets
+
         ext = os.path.splitext(source)[1].lower()
         if os.path.exists(source):
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext)
@@ -644,14 +455,60 @@ def load_countdown(
         }[split]
         hi = min(hi, len(ds), lo + n if n is not None else hi)
         ds = ds.select(range(lo, hi) if lo < hi else [])
-        rows = [{"nums": a, "target": t} for a, t in zip(ds["nums"], ds["target"])]
-    nums_col = [[int(x) for x in row["nums"]] for row in rows]
-    target_col = [int(row["target"]) for row in rows]
-    if prompt_format == "plain":
-        prompts = [build_plain_prompt(a, t, eviction_rate_tag) for a, t in zip(nums_col, target_col)]
-    else:
-        prompts = [
-            build_prompt(a, t, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
-            for a, t in zip(nums_col, target_col)
-        ]
-    return datasets.Dataset.from_dict({"prompt": prompts, "nums": nums_col, "target": target_col})
+        return [{"nums": a, "target": t} for a, t in zip(ds["nums"], ds["target"])]
+
+    def instance(self, row: Mapping[str, Any]) -> dict:
+        """``{"nums": [int, ...], "target": int}`` (plain ints, whatever the source's types)."""
+        return {"nums": [int(x) for x in row["nums"]], "target": int(row["target"])}
+
+    def instance_key(self, row: Mapping[str, Any]) -> tuple:
+        """The sorted numbers and the target (the order of the numbers does not change the instance)."""
+        return tuple(sorted(int(x) for x in row["nums"])), int(row["target"])
+
+    def prompt_content(self, row: Mapping[str, Any]) -> str:
+        """TinyZero's Countdown user message."""
+        numbers = "[" + ", ".join(str(int(x)) for x in row["nums"]) + "]"
+        return (
+            f"Using the numbers {numbers}, create an equation that equals {int(row['target'])}. You can use "
+            "basic arithmetic operations (+, -, *, /) and each number can only be used once. Show your work "
+            "in <think> </think> tags. And return the final answer in <answer> </answer> tags, for example "
+            "<answer> (1 + 2) / 3 </answer>."
+        )
+
+    def plain_line(self, row: Mapping[str, Any]) -> str:
+        """``"nums 3 5 7 8 target 24"`` (the plain prompt adds ``"\\n<think>"``; :func:`search_trace`
+        continues it)."""
+        return "nums " + " ".join(str(int(x)) for x in row["nums"]) + f" target {int(row['target'])}"
+
+    def verify(self, answer: str, row: Mapping[str, Any]) -> bool:
+        """Whether the expression ``answer`` uses each of ``row["nums"]`` exactly once and equals
+        ``row["target"]`` exactly.
+
+        Never executes the input and never raises on it (see the module docstring for the grammar).
+        """
+        if not isinstance(answer, str) or len(answer) > MAX_ANSWER_CHARS:
+            return False
+        expr = " ".join(answer.translate(_UNICODE_OPS).split())
+        if not expr or not _ALLOWED_CHARS.issuperset(expr):
+            return False
+        try:
+            tree = ast.parse(expr, mode="eval")
+        except (SyntaxError, ValueError, MemoryError, RecursionError):
+            return False
+        literals = []
+        for count, node in enumerate(ast.walk(tree)):
+            if count >= MAX_AST_NODES or not isinstance(node, _ALLOWED_NODES):
+                return False
+            if isinstance(node, ast.Constant):
+                if type(node.value) is not int:
+                    return False
+                literals.append(node.value)
+        if Counter(literals) != Counter(int(x) for x in row["nums"]):
+            return False
+        try:
+            return _evaluate(tree.body) == int(row["target"])
+        except (_Reject, ZeroDivisionError, RecursionError):
+            return False
+
+
+TASK = Countdown()

@@ -1,7 +1,8 @@
 """LinSys: systems of linear equations with a unique integer solution, in one module.
 
-Generator, prompts, solution traces, parser and verifier live together; the RL reward
-(:func:`linsys_reward`) and evaluation both call :func:`score`, so they cannot disagree. Breadcrumbs
+Generator, solution traces and the task class :class:`LinSys` (:data:`TASK`: prompts, parser and
+verifier) live together; the RL reward (``TASK.reward_func``, logged as ``linsys_reward``) and evaluation
+both call ``TASK.score``, so they cannot disagree. Breadcrumbs
 Reasoning (arXiv 2510.13797) used this task but did not publish its generator; this one is ours.
 
 Instances
@@ -64,10 +65,10 @@ so x=2``), so that no token needs more than one fact; ~170 tokens for ``DISTRIBU
 
 Prompts
 -------
-* :func:`build_prompt`: chat messages in the wording of the Countdown prompt (``<think>`` tags,
+* ``TASK.build_prompt(row)``: chat messages in the wording of the Countdown prompt (``<think>`` tags,
   ``<answer>`` tags with an example), equations one per line as ``2x + 3y - z = 7``.
-* :func:`build_plain_prompt`: ``"solve 2x+3y=7; x-y=1\\n<think>"`` for tiny models without a chat
-  template; ``build_plain_prompt(...) + solution_trace(...)`` is one SFT example.
+* ``TASK.build_plain_prompt(row)``: ``"solve 2x+3y=7; x-y=1\\n<think>"`` for tiny models without a chat
+  template; ``build_plain_prompt(row) + solution_trace(row)`` is one SFT example.
 """
 
 from __future__ import annotations
@@ -80,15 +81,14 @@ from fractions import Fraction
 from math import gcd
 from typing import Any
 
-from ngc_trl.tasks.countdown import PREFILL, chat_messages, completion_text
+from ngc_trl.tasks.base import GeneratedTask
 
 VAR_NAMES = ("x", "y", "z", "w", "u", "v")
 MAX_ANSWER_CHARS = 200
 MAX_DIGITS = 12
 TEST_BUCKETS = 16  # generated instances whose hash % 16 == 0 form the test split
-TEST_ROWS = 1_024
 
-# named generator settings: ``load_generated("linsys", "generated:<name>")`` (ngc_trl.tasks)
+# named generator settings: ``TASK.load("generated:<name>")``
 DISTRIBUTIONS: dict[str, dict[str, Any]] = {
     "standard": dict(num_vars=(2, 3), coef_range=(-9, 9), solution_range=(-9, 9)),
     # the offline tiny testbed (ngc_trl.testbed --task linsys): 2x2 systems whose written-out elimination
@@ -354,182 +354,73 @@ def solution_trace(
     return "\n" + "\n".join(lines) + f"\n</think>\n<answer>{answer}</answer>"
 
 
-# ----------------------------------------------------------------------------- prompts
-def build_prompt(
-    coeffs: Sequence[Sequence[int]],
-    rhs: Sequence[int],
-    *,
-    eviction_rate_tag: str | None = None,
-    prefill: bool = False,
-    system_prompt: str | None = None,
-) -> list[dict]:
-    """The LinSys prompt as chat messages (Countdown's wording and options, see its ``build_prompt``).
+# ----------------------------------------------------------------------------- the task
+class LinSys(GeneratedTask):
+    """LinSys (module docstring): rows ``{"coeffs": [[int]*n]*n, "rhs": [int]*n}``; answers are
+    ``name=integer`` assignments in ``<answer>`` tags, substituted into every equation."""
 
-    Parameters
-    ----------
-    coeffs, rhs
-        The system.
-    eviction_rate_tag : str, optional
-        Appended to the user message.
-    prefill : bool
-        Append an assistant message ``PREFILL`` (as for Countdown).
-    system_prompt : str, optional
-        A system message (none by default).
-    """
-    names = variable_names(len(coeffs))
-    equations = "\n".join(format_equation(row, b) for row, b in zip(coeffs, rhs))
-    content = (
-        f"Solve the following system of linear equations for {', '.join(names)}. The solution is "
-        f"unique and every value is an integer.\n{equations}\nShow your work in <think> </think> "
-        "tags. And return the final answer in <answer> </answer> tags, giving every variable as "
-        "name=value separated by commas, for example <answer>x=1, y=-2</answer>."
-    )
-    return chat_messages(content, eviction_rate_tag, prefill, system_prompt)
+    name = "linsys"
+    columns = ("coeffs", "rhs")
+    distributions = DISTRIBUTIONS
+    max_answer_chars = MAX_ANSWER_CHARS
 
+    def generate(self, n: int, seed: int, *, split: str | None = None, **ranges: Any) -> list[dict]:
+        """:func:`generate_problems` (rows also carry the ``solution``)."""
+        return generate_problems(n, seed, split=split, **ranges)
 
-def build_plain_prompt(
-    coeffs: Sequence[Sequence[int]], rhs: Sequence[int], eviction_rate_tag: str | None = None
-) -> str:
-    """Compact prompt for tokenizers without a chat template, e.g. ``"solve 2x+3y=7; x-y=1\\n<think>"``.
+    def instance_key(self, row: Mapping[str, Any]) -> tuple:
+        """The equations as a sorted tuple (the order of the equations does not change the system)."""
+        return tuple(sorted((*map(int, a), int(b)) for a, b in zip(row["coeffs"], row["rhs"])))
 
-    The tag, if given, follows the equations on the first line; :func:`solution_trace` continues it.
-    """
-    line = "solve " + "; ".join(format_equation(row, b, spaced=False) for row, b in zip(coeffs, rhs))
-    if eviction_rate_tag:
-        line += " " + eviction_rate_tag
-    return line + "\n<think>"
-
-
-def format_prompt(
-    coeffs: Sequence[Sequence[int]],
-    rhs: Sequence[int],
-    tokenizer: Any = None,
-    *,
-    eviction_rate_tag: str | None = None,
-    prefill: bool = True,
-) -> str:
-    """The prompt string fed to the model: chat template + ``PREFILL``, or :func:`build_plain_prompt`."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            build_prompt(coeffs, rhs, eviction_rate_tag=eviction_rate_tag),
-            tokenize=False,
-            add_generation_prompt=True,
+    def prompt_content(self, row: Mapping[str, Any]) -> str:
+        """The user message, in the wording of the Countdown prompt: equations one per line as
+        ``2x + 3y - z = 7``, ``<think>`` tags, ``<answer>`` tags with an example."""
+        coeffs, rhs = row["coeffs"], row["rhs"]
+        names = variable_names(len(coeffs))
+        equations = "\n".join(format_equation(eq, b) for eq, b in zip(coeffs, rhs))
+        return (
+            f"Solve the following system of linear equations for {', '.join(names)}. The solution is "
+            f"unique and every value is an integer.\n{equations}\nShow your work in <think> </think> "
+            "tags. And return the final answer in <answer> </answer> tags, giving every variable as "
+            "name=value separated by commas, for example <answer>x=1, y=-2</answer>."
         )
-        return text + (PREFILL if prefill else "")
-    return build_plain_prompt(coeffs, rhs, eviction_rate_tag=eviction_rate_tag)
 
+    def plain_line(self, row: Mapping[str, Any]) -> str:
+        """``"solve 2x+3y=7; x-y=1"`` (the plain prompt adds ``"\\n<think>"``; :func:`solution_trace`
+        continues it)."""
+        return "solve " + "; ".join(
+            format_equation(eq, b, spaced=False) for eq, b in zip(row["coeffs"], row["rhs"])
+        )
 
-# ----------------------------------------------------------------------------- parser, verifier, reward
-def extract_answer(text: str) -> str | None:
-    """Content of the last ``<answer>...</answer>``, stripped; ``None`` if absent or over 200 characters.
+    def parse_assignment(self, answer: str) -> dict[str, int] | None:
+        """``"x=1, y=-2"`` -> ``{"x": 1, "y": -2}``; ``None`` on any malformed piece or a repeated name.
 
-    Linear-time ``str.rfind`` scans only, safe on completions of any length.
-    """
-    if not isinstance(text, str):
-        return None
-    end = text.rfind("</answer>")
-    if end < 0:
-        return None
-    start = text.rfind("<answer>", max(0, end - MAX_ANSWER_CHARS - len("<answer>")), end)
-    if start < 0:
-        return None
-    return text[start + len("<answer>") : end].strip()
-
-
-def parse_assignment(answer: str) -> dict[str, int] | None:
-    """``"x=1, y=-2"`` -> ``{"x": 1, "y": -2}``; ``None`` on any malformed piece or a repeated name.
-
-    Pieces are split on ``,`` ``;`` and newlines and each must match ``name = [+-]digits`` entirely
-    (ASCII digits, at most 12). At most 200 characters; nothing is evaluated.
-    """
-    if not isinstance(answer, str) or len(answer) > MAX_ANSWER_CHARS:
-        return None
-    out: dict[str, int] = {}
-    for piece in _SEPARATORS.split(answer.replace("\u2212", "-")):
-        m = _PAIR.fullmatch(piece.strip(" \t\r"))
-        if m is None or m.group(1) in out:
+        Pieces are split on ``,`` ``;`` and newlines and each must match ``name = [+-]digits`` entirely
+        (ASCII digits, at most 12). At most 200 characters; nothing is evaluated.
+        """
+        if not isinstance(answer, str) or len(answer) > MAX_ANSWER_CHARS:
             return None
-        out[m.group(1)] = int(m.group(2) + m.group(3))
-    return out
+        out: dict[str, int] = {}
+        for piece in _SEPARATORS.split(answer.replace("\u2212", "-")):
+            m = _PAIR.fullmatch(piece.strip(" \t\r"))
+            if m is None or m.group(1) in out:
+                return None
+            out[m.group(1)] = int(m.group(2) + m.group(3))
+        return out
+
+    def verify(self, answer: str, row: Mapping[str, Any]) -> bool:
+        """Whether ``answer`` (the content of the answer tags) gives every variable once and solves the
+        system ``row`` (``coeffs``, ``rhs``): the values are substituted into every equation (exact
+        integers). Never evaluates the input and never raises on it."""
+        values = self.parse_assignment(answer)
+        if values is None:
+            return False
+        coeffs, rhs = row["coeffs"], row["rhs"]
+        names = variable_names(len(coeffs))
+        if sorted(values) != sorted(names):
+            return False
+        vector = [values[name] for name in names]
+        return all(sum(int(a) * v for a, v in zip(eq, vector)) == int(b) for eq, b in zip(coeffs, rhs))
 
 
-def verify(answer: str, problem: Mapping[str, Any]) -> bool:
-    """Whether ``answer`` (the content of the answer tags) gives every variable once and solves the system.
-
-    ``problem`` holds ``coeffs`` and ``rhs``. The values are substituted into every equation (exact
-    integers). Never evaluates the input and never raises on it.
-    """
-    values = parse_assignment(answer)
-    if values is None:
-        return False
-    coeffs, rhs = problem["coeffs"], problem["rhs"]
-    names = variable_names(len(coeffs))
-    if sorted(values) != sorted(names):
-        return False
-    vector = [values[name] for name in names]
-    return all(sum(int(a) * v for a, v in zip(row, vector)) == int(b) for row, b in zip(coeffs, rhs))
-
-
-def score(
-    completion: str, coeffs: Sequence[Sequence[int]], rhs: Sequence[int], format_reward: float = 0.0
-) -> float:
-    """1.0 if the last answer verifies, ``format_reward`` if an answer is present but wrong, else 0.0."""
-    answer = extract_answer(completion)
-    if answer is None:
-        return 0.0
-    return 1.0 if verify(answer, {"coeffs": coeffs, "rhs": rhs}) else float(format_reward)
-
-
-def linsys_reward(prompts, completions, coeffs, rhs, format_reward: float = 0.0, **kwargs) -> list[float]:
-    """TRL reward function: :func:`score` of each completion (string or chat list)."""
-    return [score(completion_text(c), a, b, format_reward) for c, a, b in zip(completions, coeffs, rhs)]
-
-
-reward_func = linsys_reward
-
-
-# ----------------------------------------------------------------------------- datasets
-def load_linsys(
-    n: int | None = None,
-    seed: int = 0,
-    split: str = "train",
-    *,
-    prompt_format: str = "chat",
-    prefill: bool = True,
-    eviction_rate_tag: str | None = None,
-    **ranges: Any,
-):
-    """Generated LinSys as a ``datasets.Dataset`` with columns ``prompt``, ``coeffs``, ``rhs``.
-
-    Parameters
-    ----------
-    n : int, optional
-        Number of rows; default 10,000 (train) or 1,024 (test).
-    seed : int
-        Generator seed (the test split uses ``seed + 1``; splits are hash-disjoint anyway).
-    split : {"train", "test"}
-    prompt_format : {"chat", "plain"}
-        ``prompt`` as :func:`build_prompt` messages or a :func:`build_plain_prompt` string.
-    prefill, eviction_rate_tag
-        Passed to the prompt builders.
-    **ranges
-        ``num_vars``, ``coef_range``, ``solution_range`` for :func:`generate_problems`.
-    """
-    import datasets
-
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if prompt_format not in ("chat", "plain"):
-        raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
-    n = n if n is not None else (10_000 if split == "train" else TEST_ROWS)
-    rows = generate_problems(n, seed + (0 if split == "train" else 1), split=split, **ranges)
-    coeffs = [row["coeffs"] for row in rows]
-    rhs = [row["rhs"] for row in rows]
-    if prompt_format == "plain":
-        prompts = [build_plain_prompt(a, b, eviction_rate_tag) for a, b in zip(coeffs, rhs)]
-    else:
-        prompts = [
-            build_prompt(a, b, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
-            for a, b in zip(coeffs, rhs)
-        ]
-    return datasets.Dataset.from_dict({"prompt": prompts, "coeffs": coeffs, "rhs": rhs})
+TASK = LinSys()

@@ -1,7 +1,8 @@
 """StarGraph: path-star graphs (Bachmann & Nagarajan, "The Pitfalls of Next-Token Prediction"), in one module.
 
-Generator, prompts, solution traces, parser and verifier live together; the RL reward
-(:func:`stargraph_reward`) and evaluation both call :func:`score`, so they cannot disagree.
+Generator, solution traces and the task class :class:`StarGraph` (:data:`TASK`: prompts, parser and
+verifier) live together; the RL reward (``TASK.reward_func``, logged as ``stargraph_reward``) and
+evaluation both call ``TASK.score``, so they cannot disagree.
 
 Instances
 ---------
@@ -67,10 +68,10 @@ the last, so old reasoning loses value as the search goes on: the setting where 
 
 Prompts
 -------
-* :func:`build_prompt`: chat messages in the wording of the Countdown prompt (``<think>`` tags,
+* ``TASK.build_prompt(row)``: chat messages in the wording of the Countdown prompt (``<think>`` tags,
   ``<answer>`` tags with an example).
-* :func:`build_plain_prompt`: ``"edges 7>2 12>5 33>40 12>7 5>33 from 12 to 40\\n<think>"`` for tiny
-  models without a chat template; ``build_plain_prompt(...) + solution_trace(...)`` is one SFT example.
+* ``TASK.build_plain_prompt(row)``: ``"edges 7>2 12>5 33>40 12>7 5>33 from 12 to 40\\n<think>"`` for tiny
+  models without a chat template; ``build_plain_prompt(row) + solution_trace(row)`` is one SFT example.
 """
 
 from __future__ import annotations
@@ -82,14 +83,13 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ngc_trl.tasks.countdown import PREFILL, chat_messages, completion_text
+from ngc_trl.tasks.base import GeneratedTask
 
 MAX_ANSWER_CHARS = 400
 MAX_DIGITS = 12
 TEST_BUCKETS = 16  # generated instances whose hash % 16 == 0 form the test split
-TEST_ROWS = 1_024
 
-# named generator settings: ``load_generated("stargraph", "generated:<name>")`` (ngc_trl.tasks)
+# named generator settings: ``TASK.load("generated:<name>")``
 DISTRIBUTIONS: dict[str, dict[str, Any]] = {
     "standard": dict(degree=(3, 3), path_length=(4, 5), label_range=(0, 99)),
     # the offline tiny testbed: every label one token of the number tokenizer; ~59-token prompts, ~38-token traces
@@ -278,186 +278,64 @@ def search_trace(problem: Mapping[str, Any], *, restate_goal: bool = True) -> st
     raise ValueError(f"no arm from {source} ends at the goal {goal}")
 
 
-# ----------------------------------------------------------------------------- prompts
+# ----------------------------------------------------------------------------- the task
 def format_edges(edges: Sequence[Sequence[int]], sep: str = ", ") -> str:
     """Edges as ``a>b`` joined by ``sep``, in the given (shuffled) order."""
     return sep.join(f"{a}>{b}" for a, b in _edge_list(edges))
 
 
-def build_prompt(
-    edges: Sequence[Sequence[int]],
-    source: int,
-    goal: int,
-    *,
-    eviction_rate_tag: str | None = None,
-    prefill: bool = False,
-    system_prompt: str | None = None,
-) -> list[dict]:
-    """The StarGraph prompt as chat messages (Countdown's wording and options, see its ``build_prompt``).
+class StarGraph(GeneratedTask):
+    """StarGraph (module docstring): rows ``{"edges": [[a, b], ...], "source": int, "goal": int}``; answers
+    are comma-separated paths in ``<answer>`` tags, checked against the edge list."""
 
-    Parameters
-    ----------
-    edges, source, goal
-        The instance.
-    eviction_rate_tag : str, optional
-        Appended to the user message.
-    prefill : bool
-        Append an assistant message ``PREFILL`` (as for Countdown).
-    system_prompt : str, optional
-        A system message (none by default).
-    """
-    content = (
-        f"A directed graph is given by its edges, where a>b is an edge from node a to node b: "
-        f"{format_edges(edges)}. Find the path from node {int(source)} to node {int(goal)}. Show your "
-        "work in <think> </think> tags. And return the final answer in <answer> </answer> tags as the "
-        "nodes of the path in order, separated by commas, for example <answer>1,8,3,5</answer>."
-    )
-    return chat_messages(content, eviction_rate_tag, prefill, system_prompt)
+    name = "stargraph"
+    columns = ("edges", "source", "goal")
+    distributions = DISTRIBUTIONS
+    max_answer_chars = MAX_ANSWER_CHARS
 
+    def generate(self, n: int, seed: int, *, split: str | None = None, **ranges: Any) -> list[dict]:
+        """:func:`generate_problems`."""
+        return generate_problems(n, seed, split=split, **ranges)
 
-def build_plain_prompt(
-    edges: Sequence[Sequence[int]], source: int, goal: int, eviction_rate_tag: str | None = None
-) -> str:
-    """Compact prompt for tokenizers without a chat template: ``"edges 7>2 12>5 from 12 to 2\\n<think>"``.
+    def instance_key(self, row: Mapping[str, Any]) -> tuple:
+        """The sorted edges, the source and the goal (the order of the edges does not change the graph)."""
+        return tuple(sorted((int(a), int(b)) for a, b in row["edges"])), int(row["source"]), int(row["goal"])
 
-    The tag, if given, follows the goal on the first line; :func:`solution_trace` continues it.
-    """
-    line = f"edges {format_edges(edges, ' ')} from {int(source)} to {int(goal)}"
-    if eviction_rate_tag:
-        line += " " + eviction_rate_tag
-    return line + "\n<think>"
-
-
-def format_prompt(
-    edges: Sequence[Sequence[int]],
-    source: int,
-    goal: int,
-    tokenizer: Any = None,
-    *,
-    eviction_rate_tag: str | None = None,
-    prefill: bool = True,
-) -> str:
-    """The prompt string fed to the model: chat template + ``PREFILL``, or :func:`build_plain_prompt`."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            build_prompt(edges, source, goal, eviction_rate_tag=eviction_rate_tag),
-            tokenize=False,
-            add_generation_prompt=True,
+    def prompt_content(self, row: Mapping[str, Any]) -> str:
+        """The user message, in the wording of the Countdown prompt (``<think>`` tags, ``<answer>`` tags
+        with an example); the edges in their given (shuffled) order."""
+        return (
+            f"A directed graph is given by its edges, where a>b is an edge from node a to node b: "
+            f"{format_edges(row['edges'])}. Find the path from node {int(row['source'])} to node "
+            f"{int(row['goal'])}. Show your work in <think> </think> tags. And return the final answer in "
+            "<answer> </answer> tags as the nodes of the path in order, separated by commas, for example "
+            "<answer>1,8,3,5</answer>."
         )
-        return text + (PREFILL if prefill else "")
-    return build_plain_prompt(edges, source, goal, eviction_rate_tag=eviction_rate_tag)
+
+    def plain_line(self, row: Mapping[str, Any]) -> str:
+        """``"edges 7>2 12>5 from 12 to 2"`` (the plain prompt adds ``"\\n<think>"``; a trace continues it)."""
+        return f"edges {format_edges(row['edges'], ' ')} from {int(row['source'])} to {int(row['goal'])}"
+
+    def parse_path(self, answer: str) -> list[int] | None:
+        """``"12, 5,33"`` -> ``[12, 5, 33]``; ``None`` unless the whole string is comma-separated ASCII
+        integers. At most 400 characters and 12 digits per label; nothing is evaluated."""
+        if not isinstance(answer, str) or len(answer) > MAX_ANSWER_CHARS:
+            return None
+        answer = answer.strip(" \t\r\n")
+        if not _PATH.fullmatch(answer):
+            return None
+        return [int(x) for x in answer.split(",")]
+
+    def verify(self, answer: str, row: Mapping[str, Any]) -> bool:
+        """Whether ``answer`` is a path from ``row["source"]`` to ``row["goal"]`` along the listed directed
+        ``row["edges"]``, no node twice. Never evaluates the input and never raises on it."""
+        path = self.parse_path(answer)
+        if path is None or path[0] != int(row["source"]) or path[-1] != int(row["goal"]):
+            return False
+        if len(set(path)) != len(path):
+            return False
+        edges = set(_edge_list(row["edges"]))
+        return all((a, b) in edges for a, b in zip(path, path[1:]))
 
 
-# ----------------------------------------------------------------------------- parser, verifier, reward
-def extract_answer(text: str) -> str | None:
-    """Content of the last ``<answer>...</answer>``, stripped; ``None`` if absent or over 400 characters.
-
-    Linear-time ``str.rfind`` scans only, safe on completions of any length.
-    """
-    if not isinstance(text, str):
-        return None
-    end = text.rfind("</answer>")
-    if end < 0:
-        return None
-    start = text.rfind("<answer>", max(0, end - MAX_ANSWER_CHARS - len("<answer>")), end)
-    if start < 0:
-        return None
-    return text[start + len("<answer>") : end].strip()
-
-
-def parse_path(answer: str) -> list[int] | None:
-    """``"12, 5,33"`` -> ``[12, 5, 33]``; ``None`` unless the whole string is comma-separated ASCII integers.
-
-    At most 400 characters and 12 digits per label; nothing is evaluated.
-    """
-    if not isinstance(answer, str) or len(answer) > MAX_ANSWER_CHARS:
-        return None
-    answer = answer.strip(" \t\r\n")
-    if not _PATH.fullmatch(answer):
-        return None
-    return [int(x) for x in answer.split(",")]
-
-
-def verify(answer: str, problem: Mapping[str, Any]) -> bool:
-    """Whether ``answer`` is a path from source to goal along the listed directed edges, no node twice.
-
-    ``problem`` holds ``edges``, ``source``, ``goal``. Never evaluates the input and never raises on it.
-    """
-    path = parse_path(answer)
-    if path is None or path[0] != int(problem["source"]) or path[-1] != int(problem["goal"]):
-        return False
-    if len(set(path)) != len(path):
-        return False
-    edges = set(_edge_list(problem["edges"]))
-    return all((a, b) in edges for a, b in zip(path, path[1:]))
-
-
-def score(
-    completion: str, edges: Sequence[Sequence[int]], source: int, goal: int, format_reward: float = 0.0
-) -> float:
-    """1.0 if the last answer verifies, ``format_reward`` if an answer is present but wrong, else 0.0."""
-    answer = extract_answer(completion)
-    if answer is None:
-        return 0.0
-    return 1.0 if verify(answer, {"edges": edges, "source": source, "goal": goal}) else float(format_reward)
-
-
-def stargraph_reward(
-    prompts, completions, edges, source, goal, format_reward: float = 0.0, **kwargs
-) -> list[float]:
-    """TRL reward function: :func:`score` of each completion (string or chat list)."""
-    return [
-        score(completion_text(c), e, s, g, format_reward)
-        for c, e, s, g in zip(completions, edges, source, goal)
-    ]
-
-
-reward_func = stargraph_reward
-
-
-# ----------------------------------------------------------------------------- datasets
-def load_stargraph(
-    n: int | None = None,
-    seed: int = 0,
-    split: str = "train",
-    *,
-    prompt_format: str = "chat",
-    prefill: bool = True,
-    eviction_rate_tag: str | None = None,
-    **ranges: Any,
-):
-    """Generated StarGraph as a ``datasets.Dataset`` with columns ``prompt``, ``edges``, ``source``, ``goal``.
-
-    Parameters
-    ----------
-    n : int, optional
-        Number of rows; default 10,000 (train) or 1,024 (test).
-    seed : int
-        Generator seed (the test split uses ``seed + 1``; splits are hash-disjoint anyway).
-    split : {"train", "test"}
-    prompt_format : {"chat", "plain"}
-        ``prompt`` as :func:`build_prompt` messages or a :func:`build_plain_prompt` string.
-    prefill, eviction_rate_tag
-        Passed to the prompt builders.
-    **ranges
-        ``degree``, ``path_length``, ``label_range`` for :func:`generate_problems`.
-    """
-    import datasets
-
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if prompt_format not in ("chat", "plain"):
-        raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
-    n = n if n is not None else (10_000 if split == "train" else TEST_ROWS)
-    rows = generate_problems(n, seed + (0 if split == "train" else 1), split=split, **ranges)
-    edges = [row["edges"] for row in rows]
-    source = [row["source"] for row in rows]
-    goal = [row["goal"] for row in rows]
-    if prompt_format == "plain":
-        prompts = [build_plain_prompt(e, s, g, eviction_rate_tag) for e, s, g in zip(edges, source, goal)]
-    else:
-        prompts = [
-            build_prompt(e, s, g, eviction_rate_tag=eviction_rate_tag, prefill=prefill)
-            for e, s, g in zip(edges, source, goal)
-        ]
-    return datasets.Dataset.from_dict({"prompt": prompts, "edges": edges, "source": source, "goal": goal})
+TASK = StarGraph()
