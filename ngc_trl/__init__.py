@@ -13,7 +13,7 @@ from ngc_trl.policies import POLICIES, get_policy
 __version__ = "0.1.0"
 
 _LAZY = {
-    "BreadcrumbsConfig": "ngc_trl.breadcrumbs.trainer",
+    "BreadcrumbsConfig": "ngc_trl.breadcrumbs.config",
     "BreadcrumbsTrainer": "ngc_trl.breadcrumbs.trainer",
     "NGCConfig": "ngc_trl.ngc.config",
     "NGCTrainer": "ngc_trl.ngc.trainer",

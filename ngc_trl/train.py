@@ -212,7 +212,7 @@ def make_parser(method: str = "ngc") -> TrlParser:
     """The parser of ``ngc-train``: ``(ScriptArguments, NGCConfig, ModelConfig)``, or `BreadcrumbsConfig`
     in the middle for ``method="breadcrumbs"``."""
     if method == "breadcrumbs":
-        from ngc_trl.breadcrumbs.trainer import BreadcrumbsConfig
+        from ngc_trl.breadcrumbs.config import BreadcrumbsConfig
 
         return TrlParser((ScriptArguments, BreadcrumbsConfig, ModelConfig))
     return TrlParser((ScriptArguments, NGCConfig, ModelConfig))

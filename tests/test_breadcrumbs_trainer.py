@@ -12,7 +12,8 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from ngc_trl import BreadcrumbsConfig, BreadcrumbsTrainer
-from ngc_trl.breadcrumbs.trainer import TEACHER_SUBFOLDER, token_kl
+from ngc_trl.breadcrumbs.distillation import token_kl
+from ngc_trl.breadcrumbs.trainer import TEACHER_SUBFOLDER
 from ngc_trl.engine.config import BeaconConfig
 from ngc_trl.hub import load_ngc_settings
 from ngc_trl.models import char_tokenizer, tiny_qwen2_config

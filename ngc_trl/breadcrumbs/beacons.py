@@ -235,7 +235,7 @@ def beacon_forward(
     backend : ``"auto"``, ``"dense"`` or ``"flex"`` (see `ReplayContext`).
     return_hidden : return the final hidden states ``(B, T, H)`` at the same slots instead of logits
         (``backbone_and_head(model)[1]`` maps them to the logits); the LM head then runs on one slot only,
-        so a caller can project chunk by chunk and never hold ``(B, T, V)`` (`ngc_trl.breadcrumbs.trainer.token_kl`).
+        so a caller can project chunk by chunk and never hold ``(B, T, V)`` (`ngc_trl.breadcrumbs.distillation.token_kl`).
 
     Returns
     -------

@@ -6,14 +6,12 @@ One training step on one batch of rollouts:
    rewards, group advantages and TRL's loss (Dr. GRPO by default).
 2. **Student** (compresses with beacons): one forward over prompt + the *teacher's* completion with a
    beacon interleaved every ``c`` completion tokens, under the beacon mask (`ngc_trl.breadcrumbs.beacons`), and a
-   token-level KL to the teacher's full-cache distribution on the same tokens (teacher detached)::
+   token-level KL to the teacher's full-cache distribution on the same tokens (teacher detached;
+   `ngc_trl.breadcrumbs.distillation`, which defines ``KL_{b,t}``, ``m`` and ``N``)::
 
        L = L_GRPO(teacher) + distill_loss_coef · Σ_{b,t} m_{b,t} KL_{b,t} / N
 
-   ``KL_{b,t} = KL(p_T ‖ p_S)`` (``kl_direction="forward"``, default) or ``KL(p_S ‖ p_T)`` (``"reverse"``)
-   over the whole vocabulary, ``m`` the completion mask, ``N = B · max_completion_length`` with Dr. GRPO
-   (the same constant TRL divides the policy loss by, so coefficient 1 weighs one token of KL like one
-   token of policy gradient) and the number of completion tokens with any other ``loss_type``.
+The configuration, `BreadcrumbsConfig`, is in `ngc_trl.breadcrumbs.config`.
 
 Teacher and student:
 
@@ -31,16 +29,16 @@ Teacher and student:
   the student's.
 
 Memory: TRL's fused LM head never materialises the teacher's logits, so the teacher's final hidden
-states are captured (detached) during TRL's own forward and projected chunk by chunk inside the KL
-(``distill_chunk_size`` tokens at a time, under activation checkpointing); the student's forward returns
-its final hidden states too (`beacon_forward(return_hidden=True)`), projected in the same chunks: the KL
-never holds a ``(B, T, V)`` tensor, only ``O(chunk · V)``. No extra teacher forward is run.
+states are captured (detached) during TRL's own forward; the student's forward returns its final hidden
+states too (`beacon_forward(return_hidden=True)`); both are projected chunk by chunk inside the KL
+(`ngc_trl.breadcrumbs.distillation.token_kl`), which never holds a ``(B, T, V)`` tensor. No extra teacher
+forward is run.
 
-Deviations from / choices beyond the paper (docs/method.md §8 "Choices"): the KL direction and weight, its
-normalisation, temperature 1 for both distributions (TRL's sampling ``temperature`` is not applied),
-the beacon embedding init, separate gradient clipping, ``c`` drawn per rollout from a list (not in the
-paper). With LoRA the beacon embedding row stays at its init (the base is frozen); with full
-fine-tuning the student learns it. The beacon token is suppressed in the teacher's rollouts.
+Deviations from / choices beyond the paper (docs/method.md §8 "Choices"; those of the KL itself are listed
+in `ngc_trl.breadcrumbs.distillation`, the configurable ones in `ngc_trl.breadcrumbs.config`): the KL weight,
+separate gradient clipping, ``c`` drawn per rollout from a list (not in the paper). With LoRA the beacon
+embedding row stays at its init (the base is frozen); with full fine-tuning the student learns it. The
+beacon token is suppressed in the teacher's rollouts.
 
 Saving: ``output_dir`` holds the *student* (what users decode with: adapter or full model), the
 tokenizer and ``ngc_settings.json`` (``BeaconConfig(compression_ratio=c,
@@ -55,218 +53,22 @@ import copy
 import os
 import random
 import shutil
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from ngc_trl.breadcrumbs.beacons import (
-    BEACON_INITS,
-    BEACON_TOKEN,
     add_beacon_token,
     backbone_and_head,
     beacon_forward,
     beacon_layout,
     last_hidden,
 )
+from ngc_trl.breadcrumbs.config import BreadcrumbsConfig
+from ngc_trl.breadcrumbs.distillation import distillation_loss, token_kl
 from ngc_trl.engine.config import BeaconConfig
 
 TEACHER_SUBFOLDER = "teacher"
-KL_DIRECTIONS = ("forward", "reverse")
-
-
-@dataclass
-class BreadcrumbsConfig(GRPOConfig):
-    r"""
-    Configuration of [`BreadcrumbsTrainer`]: TRL's `GRPOConfig` (Dr. GRPO defaults, as `NGCConfig`) plus:
-
-    New Parameters:
-        compression_ratio (`int` or `list[int]`, defaults to `8`): ``c``, one beacon every ``c`` completion
-            tokens (paper: one student per ``c ∈ {2, 4, 8, 16, 32}``). A list (CLI: ``--compression_ratio 4 8
-            16``) draws ``c`` per rollout from it (not in the paper); its first entry is the decode default
-            written to ``ngc_settings.json``.
-        distill_loss_coef (`float`, defaults to `1.0`): weight of the distillation loss (0: the student is
-            frozen and the KL is only logged).
-        kl_direction (`str`, defaults to `"forward"`): ``"forward"`` = KL(teacher ‖ student), ``"reverse"`` =
-            KL(student ‖ teacher).
-        distill_chunk_size (`int`, defaults to `512`): tokens per chunk of the vocabulary-wide KL.
-        student_learning_rate (`float` or `None`, defaults to `None`): peak learning rate of the student's
-            parameters (their own optimizer groups, same schedule); ``None``: ``learning_rate``. Distillation is
-            a supervised loss and tolerates the larger rates of SFT, while the teacher's RL step stays small.
-        student_model_name_or_path (`str` or `None`, defaults to `None`): full fine-tuning only: start the
-            student from this model (e.g. a beacon warm start, `ngc_trl.breadcrumbs.warm_start`; its tokenizer must map
-            ``beacon_token`` to the teacher's beacon id) instead of a copy of the teacher. ``None``: the copy
-            (the paper; ``"none"`` on the command line).
-        beacon_token (`str`, defaults to `"<|beacon|>"`), beacon_init (`str`, defaults to `"mean"`): the
-            special token and its embedding init (`ngc_trl.breadcrumbs.beacons.add_beacon_token`: mean | eos | random).
-        teacher_adapter_name (`str`, defaults to `"teacher"`), student_adapter_name (`str`, defaults to
-            `"student"`): the two LoRA adapters (LoRA only).
-    """
-
-    # list[int] so that the CLI takes one or several values; an int is kept as an int
-    compression_ratio: list[int] = field(
-        default=8, metadata={"help": "c (int), or several to draw per rollout."}
-    )
-    distill_loss_coef: float = field(
-        default=1.0, metadata={"help": "Weight of the student's distillation loss."}
-    )
-    kl_direction: str = field(
-        default="forward", metadata={"help": "forward = KL(teacher||student) | reverse"}
-    )
-    distill_chunk_size: int = field(
-        default=512, metadata={"help": "Tokens per chunk of the vocabulary-wide KL."}
-    )
-    student_learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate of the student (default: learning_rate)."}
-    )
-    student_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Full fine-tuning: start the student from this model (e.g. a beacon warm start), not a teacher copy."
-        },
-    )
-    beacon_token: str = field(default=BEACON_TOKEN, metadata={"help": "The beacon special token."})
-    beacon_init: str = field(default="mean", metadata={"help": "Beacon embedding init: mean | eos | random."})
-    teacher_adapter_name: str = field(default="teacher", metadata={"help": "LoRA adapter of the teacher."})
-    student_adapter_name: str = field(default="student", metadata={"help": "LoRA adapter of the student."})
-
-    # Dr. GRPO defaults (as NGCConfig)
-    loss_type: str = field(default="dr_grpo", metadata={"help": "TRL loss type of the teacher; Dr. GRPO."})
-    scale_rewards: str = field(default="none", metadata={"help": "Dr. GRPO: no std scaling of advantages."})
-
-    def __post_init__(self):
-        super().__post_init__()
-
-        def bad(name, why):
-            raise ValueError(f"BreadcrumbsConfig.{name}={getattr(self, name)!r}: {why}")
-
-        c = self.compression_ratio
-        if isinstance(c, str):  # "4,8,16"
-            try:
-                c = [int(x) for x in c.split(",") if x.strip()]
-            except ValueError:
-                bad("compression_ratio", "must be an integer >= 2 or a list of them")
-        if isinstance(c, (list, tuple)) and len(c) == 1:
-            c = c[0]
-        ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2  # noqa: E731
-        if not (ok(c) or (isinstance(c, (list, tuple)) and c and all(ok(v) for v in c))):
-            bad("compression_ratio", "must be an integer >= 2 or a non-empty list of them")
-        self.compression_ratio = c if isinstance(c, int) else list(c)
-        coef = self.distill_loss_coef
-        if (
-            isinstance(coef, bool)
-            or not isinstance(coef, (int, float))
-            or not coef >= 0
-            or coef == float("inf")
-        ):
-            bad("distill_loss_coef", "must be a finite number >= 0")
-        if self.kl_direction not in KL_DIRECTIONS:
-            bad("kl_direction", f"must be one of {KL_DIRECTIONS}")
-        lr = self.student_learning_rate
-        if lr is not None and (
-            isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")
-        ):
-            bad("student_learning_rate", "must be a finite number > 0, or None")
-        if (
-            isinstance(self.distill_chunk_size, bool)
-            or not isinstance(self.distill_chunk_size, int)
-            or self.distill_chunk_size <= 0
-        ):
-            bad("distill_chunk_size", "must be a positive integer")
-        if not isinstance(self.beacon_token, str) or not self.beacon_token.strip():
-            bad("beacon_token", "must be a non-empty string")
-        if self.beacon_init not in BEACON_INITS:
-            bad("beacon_init", f"must be one of {BEACON_INITS}")
-        for name in ("teacher_adapter_name", "student_adapter_name"):
-            v = getattr(self, name)
-            if not isinstance(v, str) or not v or "." in v or v == "ref":
-                bad(name, "must be a non-empty adapter name without '.' (and not 'ref')")
-        if self.teacher_adapter_name == self.student_adapter_name:
-            bad("student_adapter_name", "must differ from teacher_adapter_name")
-        path = self.student_model_name_or_path
-        if isinstance(path, str) and path.strip().lower() in ("none", "null"):  # the CLI's way to say None
-            self.student_model_name_or_path = path = None
-        if path is not None and (not isinstance(path, str) or not path.strip()):
-            bad("student_model_name_or_path", "must be a model folder or Hub id, or None")
-        if self.use_vllm:
-            bad(
-                "use_vllm",
-                "not supported (the vocabulary grows by the beacon token; use transformers generation)",
-            )
-        for name in ("use_transformers_paged", "use_transformers_continuous_batching"):
-            if getattr(self, name, False):
-                bad(
-                    name,
-                    "not supported (the teacher's rollouts must suppress the beacon token, which only the "
-                    "plain transformers generation path is tested to do)",
-                )
-        if self.use_liger_kernel:
-            bad(
-                "use_liger_kernel",
-                "not supported (Liger patches the teacher when training starts but not the "
-                "student copy, and the beacon replay has not been checked with its kernels)",
-            )
-
-    @property
-    def compression_ratios(self) -> list[int]:
-        """The ratios as a list (one entry for a fixed ``c``)."""
-        c = self.compression_ratio
-        return [c] if isinstance(c, int) else list(c)
-
-
-def token_kl(
-    student_logits,
-    teacher_hidden,
-    lm_head,
-    mask,
-    direction: str = "forward",
-    chunk_size: int = 512,
-    student_head=None,
-):
-    """Per-token vocabulary-wide KL between the student and the teacher, computed chunk by chunk.
-
-    Parameters
-    ----------
-    student_logits : ``(B, T, V)`` logits (with autograd), ``[:, t]`` predicting completion token ``t``; or,
-        with ``student_head``, the student's final hidden states ``(B, T, H)``, projected inside each chunk
-        (with gradient to the hidden states and the head), so ``(B, T, V)`` is never held.
-    teacher_hidden : ``(B, T, H)`` the teacher's final hidden states at the same predictions (detached);
-        projected by ``lm_head`` inside each chunk, without gradient.
-    lm_head : the teacher's output projection ``(H) -> (V)``.
-    mask : ``(B, T)``, 1 on completion tokens; other tokens are skipped and get 0.
-    direction : ``"forward"`` KL(p_T ‖ p_S) or ``"reverse"`` KL(p_S ‖ p_T), softmax at temperature 1, fp32.
-    chunk_size : tokens per chunk; with grad each chunk runs under activation checkpointing, so only
-        ``O(chunk_size · V)`` floats are alive at a time besides ``student_logits``.
-    student_head : the student's output projection when ``student_logits`` are hidden states, else None.
-
-    Returns
-    -------
-    ``(B, T)`` fp32 KL, 0 where ``mask`` is 0.
-    """
-    b, t, _ = student_logits.shape
-    s_flat, h_flat = student_logits.reshape(b * t, -1), teacher_hidden.reshape(b * t, -1)
-    m_flat = mask.reshape(-1).bool()
-    reverse = direction == "reverse"
-    out = []
-    for s, h, m in zip(s_flat.split(chunk_size), h_flat.split(chunk_size), m_flat.split(chunk_size)):
-        if not bool(m.any()):
-            out.append(torch.zeros(m.shape, device=s.device))
-        elif s.requires_grad:
-            out.append(checkpoint(_kl_chunk, s, h, lm_head, reverse, student_head, use_reentrant=False) * m)
-        else:
-            out.append(_kl_chunk(s, h, lm_head, reverse, student_head) * m)
-    return torch.cat(out).view(b, t)
-
-
-def _kl_chunk(s, h, lm_head, reverse, student_head=None):
-    with torch.no_grad():
-        t_logp = F.log_softmax(lm_head(h).float(), -1)
-    s_logp = F.log_softmax((s if student_head is None else student_head(s)).float(), -1)
-    if reverse:
-        return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
-    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
 
 
 def _pin_checkpoint_adapters(model) -> None:
@@ -559,11 +361,7 @@ class BreadcrumbsTrainer(GRPOTrainer):
                 self.args.distill_chunk_size,
                 student_head=backbone_and_head(student)[1],
             )
-        if self.loss_type == "dr_grpo":
-            norm = mask.shape[0] * self.max_completion_length
-        else:
-            norm = mask.sum().clamp(min=1)
-        distill_loss = kl.sum() / norm
+        distill_loss = distillation_loss(kl, mask, self.loss_type, self.max_completion_length)
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         gather = self.accelerator.gather
         metrics = self._metrics[mode]
