@@ -3,7 +3,7 @@
 Files written next to a trained model (``output_dir``):
 
 * ``ngc_settings.json`` — the `EvictionConfig` fields (δ, ε, b, w, policy, protections...) at top level,
-  plus ``interoception_rates`` / ``meta_token`` when set: exactly the keys `ngc_trl.evaluation.run.read_ngc_settings`
+  plus ``interoception_rates`` / ``meta_token`` when set: exactly the keys `ngc_trl.evaluation.setup.read_ngc_settings`
   accepts, so ``ngc-eval --model output_dir`` decodes with the trained schedule.
 * ``ngc_training.json`` — everything else about the run (curriculum, loss switches, base model, task),
   kept out of ``ngc_settings.json`` so that file stays a strict `EvictionConfig`.

@@ -8,7 +8,7 @@ as a changed file (``tests/test_splits.py`` regenerates them and compares bytes)
 ``<task>`` (Countdown, LinSys, StarGraph), under ``--out``:
 
 * ``testbed/<task>/test.jsonl``: the 256 problems of ``ngc-eval --task <task> --data_source
-  generated:testbed --num_problems 256 --prompt_format plain`` (seed 0; `ngc_trl.evaluation.run.load_problems`),
+  generated:testbed --num_problems 256 --prompt_format plain`` (seed 0; `ngc_trl.evaluation.setup.load_problems`),
   ids ``<task>-<i>``: the testbed tables and the learning-curve run's final evaluation.
 * ``testbed/<task>/validation.jsonl``: the 64 validation problems of the learning curve of a tiny NGC recipe
   (``--curve_every N``, default ``curve_num_problems`` 64, seed 0, the recipe's 512 training problems excluded;
@@ -49,7 +49,7 @@ def split_rows(task: str, split: str) -> list[dict]:
         raise ValueError(f"task must be one of {', '.join(GENERATED)}, got {task!r}")
     generated = get_task(task)
     if split == "test":
-        from ngc_trl.evaluation.run import load_problems
+        from ngc_trl.evaluation.setup import load_problems
 
         return load_problems(task, None, TEST_PROBLEMS, SEED, SOURCE, prompt_format="plain")
     if split == "validation":

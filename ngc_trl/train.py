@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ evaluate
     summary = None
     if script_args.eval_after_train:
-        from ngc_trl.evaluation.run import evaluate, load_problems
+        from ngc_trl.evaluation.run import evaluate
+        from ngc_trl.evaluation.setup import load_problems
 
         logger.info("*** Evaluate ***")
         data_source = script_args.eval_data_source

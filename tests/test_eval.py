@@ -1,4 +1,4 @@
-"""`ngc_trl.evaluation.run` / `ngc_trl.evaluation.metrics`: pass@k, the paper's peak reduction, resume, reports, CLI validation."""
+"""`ngc_trl.evaluation.run` / `.setup` / `.metrics`: pass@k, the paper's peak reduction, resume, reports, CLI validation."""
 
 import itertools
 import json
@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_qwen2
 
 import ngc_trl.evaluation.run as ev
+import ngc_trl.evaluation.setup as es
 from ngc_trl.engine.config import BeaconConfig, EvictionConfig
 from ngc_trl.evaluation.metrics import combine, pareto_auc, pass_at_k, summarize
 from ngc_trl.models import char_tokenizer
@@ -33,7 +34,7 @@ def lm(tok):
 
 @pytest.fixture(scope="module")
 def problems(tok):
-    return ev.load_problems("countdown", tok, num_problems=4, seed=0, prompt_format="plain")
+    return es.load_problems("countdown", tok, num_problems=4, seed=0, prompt_format="plain")
 
 
 class CountingGenerate:
@@ -294,16 +295,16 @@ def test_prompts_chat_prefill_and_rate_tag(tok):
     from ngc_trl.tasks.base import PREFILL
 
     prompt = get_task("countdown").build_prompt({"nums": [1, 2, 3], "target": 6}, prefill=True)
-    text = ev.render_prompt(prompt, tok)
+    text = es.render_prompt(prompt, tok)
     assert text.endswith(PREFILL) and tok.eos_token not in text  # the assistant turn is continued
-    tagged = ev.render_prompt(prompt, tok, rate=0.5)
+    tagged = es.render_prompt(prompt, tok, rate=0.5)
     assert "<eviction_rate>50%</eviction_rate>" in tagged and tagged.endswith(PREFILL)
 
 
 @pytest.mark.skipif(not MATH_DIR.is_dir(), reason="no shared math data")
 def test_math_set_is_graded(lm, tok, monkeypatch):
     monkeypatch.setenv("NGC_MATH_DATA", str(MATH_DIR))
-    probs = ev.load_problems("amc23", tok, num_problems=2)
+    probs = es.load_problems("amc23", tok, num_problems=2)
     assert {"id", "prompt", "answer"} <= set(probs[0])
     s = ev.evaluate(
         lm,
@@ -328,7 +329,7 @@ def model_dir(lm, tok, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-ngc")
     lm.save_pretrained(d)
     tok.save_pretrained(d)
-    (d / ev.SETTINGS_FILE).write_text(json.dumps(SMALL.to_dict()))
+    (d / es.SETTINGS_FILE).write_text(json.dumps(SMALL.to_dict()))
     return d
 
 
@@ -348,7 +349,7 @@ def test_cli_bad_arguments_fail_before_any_work(model_dir, tmp_path, monkeypatch
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=r"--model .*could not load"):
         ev.main(["--model", str(tmp_path / "empty"), *base])
-    monkeypatch.setattr(ev, "load_model", boom)
+    monkeypatch.setattr(es, "load_model", boom)
     with pytest.raises(SystemExit, match=r"--policies: unknown policy 'bogus'; valid: .*keydiff"):
         ev.main(["--model", str(model_dir), "--policies", "full,bogus", *base])
     with pytest.raises(SystemExit, match=r"--rates"):
@@ -405,7 +406,7 @@ def test_cli_reads_model_settings_and_loads_peft_adapters(model_dir, tmp_path):
     )  # B = 0: merged == base
     adapter = tmp_path / "adapter"
     peft.save_pretrained(adapter)
-    (adapter / ev.SETTINGS_FILE).write_text((model_dir / ev.SETTINGS_FILE).read_text())
+    (adapter / es.SETTINGS_FILE).write_text((model_dir / es.SETTINGS_FILE).read_text())
     s3 = ev.main(["--model", str(adapter), "--output_dir", str(tmp_path / "adapter_eval"), *argv])
     done = [
         [r["completion"] for r in _lines(tmp_path / d / "samples.jsonl")] for d in ("base", "adapter_eval")
@@ -494,7 +495,7 @@ def test_breadcrumbs_student_at_several_c_beside_heuristics(tok, problems, tmp_p
 
 
 def test_default_data_source_is_the_models_training_distribution(tmp_path):
-    from ngc_trl.evaluation.run import trained_data_source
+    from ngc_trl.evaluation.setup import trained_data_source
 
     (tmp_path / "ngc_training.json").write_text(
         json.dumps({"task": "countdown", "dataset_source": "generated:testbed"})

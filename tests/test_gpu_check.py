@@ -1,5 +1,6 @@
-"""`bench/gpu_check.py`: the CPU dry run writes every section of the GPU report, and the CPU-testable pieces of
-the GPU path (argument checks, the budget, the contiguous death tensor of the FlexAttention mask) hold."""
+"""`bench/gpu_check.py` (its sections: `bench/gpu_sections.py`): the CPU dry run writes every section of the GPU
+report, and the CPU-testable pieces of the GPU path (argument checks, the budget, the contiguous death tensor
+of the FlexAttention mask) hold."""
 
 import copy
 import json
@@ -19,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 import gpu_check  # noqa: E402
+import gpu_sections  # noqa: E402
 
 SECTIONS = ("replay_parity", "decode", "train_step", "fixed_budget")
 
@@ -149,15 +151,15 @@ def test_a_failing_section_is_recorded_and_the_next_runs(tmp_path, monkeypatch, 
 
 def test_predict_and_tolerance():
     rate = {"full": (0.01, 1024)}
-    assert gpu_check.predict_s({}, "ngc", 1024) is None
-    assert gpu_check.predict_s(rate, "full", 1024, warmup=320) == pytest.approx(0.01 * 1344)
-    assert gpu_check.predict_s(rate, "ngc", 2048) == pytest.approx(0.01 * 2048 * 1.3)  # longer: x1.3
-    assert gpu_check.tolerance(0.0) == 1e-6 and gpu_check.tolerance(3e-5) == 1e-4
-    assert gpu_check.tolerance(0.2) is None and gpu_check.tolerance(float("nan")) is None
+    assert gpu_sections.predict_s({}, "ngc", 1024) is None
+    assert gpu_sections.predict_s(rate, "full", 1024, warmup=320) == pytest.approx(0.01 * 1344)
+    assert gpu_sections.predict_s(rate, "ngc", 2048) == pytest.approx(0.01 * 2048 * 1.3)  # longer: x1.3
+    assert gpu_sections.tolerance(0.0) == 1e-6 and gpu_sections.tolerance(3e-5) == 1e-4
+    assert gpu_sections.tolerance(0.2) is None and gpu_sections.tolerance(float("nan")) is None
 
 
 def test_head_dim_check():
-    assert gpu_check.check_head_dim(gpu_check.PARITY_MODEL, "parity") == 64
+    assert gpu_check.check_head_dim(gpu_sections.PARITY_MODEL, "parity") == 64
     assert gpu_check.check_head_dim(gpu_check.decode_bench.SHAPES["r1-1.5b"][0], "r1") == 128
     assert gpu_check.check_head_dim(gpu_check.decode_bench.SHAPES["tiny"][0], "tiny") == 32
     assert gpu_check.check_head_dim({"hidden_size": 256, "num_attention_heads": 4}, "x") == 64

@@ -8,7 +8,7 @@ from transformers import Qwen2ForCausalLM
 
 from ngc_trl.engine.config import EvictionConfig
 from ngc_trl.engine.special_tokens import add_special_token
-from ngc_trl.evaluation.run import read_ngc_settings
+from ngc_trl.evaluation.setup import read_ngc_settings
 from ngc_trl.hub import (
     SETTINGS_FILE,
     TRAINING_FILE,

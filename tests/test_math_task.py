@@ -140,7 +140,7 @@ def test_data_dir_env_and_amc25_error(tmp_path, monkeypatch):
 
 
 def test_default_data_dir_is_data_math_and_missing_files_fail_early_naming_the_field(tmp_path, monkeypatch):
-    from ngc_trl.evaluation.run import EvalArguments
+    from ngc_trl.evaluation.setup import EvalArguments
     from ngc_trl.train import make_parser
 
     monkeypatch.delenv("NGC_MATH_DATA", raising=False)

@@ -20,6 +20,7 @@ from conftest import left_padded, tiny_qwen2
 
 import ngc_trl.engine.generation as generation
 import ngc_trl.evaluation.run as ev
+import ngc_trl.evaluation.setup as es
 from ngc_trl.engine.config import EvictionConfig
 from ngc_trl.engine.decision import decide, score_blocks
 from ngc_trl.engine.generation import generate_with_eviction
@@ -206,7 +207,7 @@ def tok():
 
 def test_eval_full_then_oracle_reuses_completions_and_resumes(tok, tmp_path, monkeypatch):
     lm = tiny_qwen2(vocab=len(tok))
-    problems = ev.load_problems("countdown", tok, num_problems=3, seed=0, prompt_format="plain")
+    problems = es.load_problems("countdown", tok, num_problems=3, seed=0, prompt_format="plain")
     calls = []
     real = generation.generate_with_eviction
 

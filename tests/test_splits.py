@@ -75,7 +75,7 @@ def test_split_files_are_what_the_loaders_give(task):
 
 def test_splits_use_the_recipes_and_eval_defaults():
     """The constants of the export are the settings the results ran with."""
-    from ngc_trl.evaluation.run import EvalArguments
+    from ngc_trl.evaluation.setup import EvalArguments
     from ngc_trl.train import ScriptArguments, make_parser
 
     assert EvalArguments(model="m").seed == splits.SEED

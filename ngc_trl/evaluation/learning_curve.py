@@ -186,7 +186,8 @@ class LearningCurveCallback(TrainerCallback):
         batch_size: int = 64,
         output_dir: str | None = None,
     ):
-        from ngc_trl.evaluation.run import parse_policies, plan_runs
+        from ngc_trl.evaluation.run import plan_runs
+        from ngc_trl.evaluation.setup import parse_policies
 
         if every <= 0:
             raise ValueError(f"LearningCurveCallback: every={every} must be > 0")
