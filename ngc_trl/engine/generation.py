@@ -139,9 +139,6 @@ def generate_with_eviction(
     device = input_ids.device
     bsz, plen = input_ids.shape
     sample_evictions = do_sample if sample_evictions is None else sample_evictions
-    beacons = isinstance(cfg, BeaconConfig)
-    eps = torch.zeros(bsz) if isinstance(cfg, BeaconConfig) else torch.full((bsz,), cfg.eviction_rate)
-    eps = (eviction_rate if eviction_rate is not None and not beacons else eps).to(device).float()
     if schedule is None:
         schedule = make_schedule(
             cfg,
@@ -172,7 +169,6 @@ def generate_with_eviction(
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     cache = NGCCache(n_layers, schedule.query_window, schedule.tracks_attention, cache_growth)
     cache.scale = head_dim**-0.5
-    schedule.start(bsz, n_layers, device)
     prompt_len = mask.sum(1)
     suppress = torch.tensor(sorted(set(suppress_token_ids or [])), dtype=torch.long, device=device)
 
@@ -212,6 +208,7 @@ def generate_with_eviction(
         finished=torch.zeros(bsz, dtype=torch.bool, device=device),
         finished_host=torch.zeros(bsz, dtype=torch.bool),
     )
+    schedule.start(state)
     with use_ngc_attention(model):
         pos0 = (mask.long().cumsum(1) - 1).clamp(min=0)
         logits = forward(input_ids, pos0, mask)
@@ -261,7 +258,7 @@ def generate_with_eviction(
         sequences=torch.cat([input_ids, gen], 1),
         completion_mask=comp_mask,
         token_logprobs=torch.stack(logps, 1) if logps else torch.zeros(bsz, 0, device=device),
-        records=schedule.records(eps, device),
+        records=schedule.records(),
         cache_stats=stats,
         eviction_time=schedule.eviction_time,
     )

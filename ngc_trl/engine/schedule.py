@@ -72,19 +72,23 @@ class DecodeSchedule:
 
     Class attributes ``query_window`` / ``tracks_attention``: what the cache must keep for the score rule
     (recent queries; attention summed over every step), both off here. ``eviction_time``: seconds spent
-    changing the cache, filled by subclasses.
+    changing the cache, filled by subclasses. ``eviction_rate``: optional ``(B,)`` ε per row (each in
+    ``[0, 1)``), recorded with the actions (zeros when None).
     """
 
     query_window: int = 0
     tracks_attention: bool = False
 
-    def __init__(self) -> None:
+    def __init__(self, eviction_rate: torch.Tensor | None = None) -> None:
+        if eviction_rate is not None and ((eviction_rate < 0) | (eviction_rate >= 1)).any():
+            raise ValueError("eviction_rate: every per-sequence rate must be in [0, 1)")
+        self.eviction_rate = eviction_rate
         self.eviction_time = 0.0
-        self.n_layers = 0
 
-    def start(self, batch: int, n_layers: int, device: torch.device) -> None:
-        """Called once before the prefill."""
-        self.batch, self.n_layers, self.device = batch, n_layers, device
+    def start(self, state: DecodeState) -> None:
+        """Called once before the prefill, with the decode loop's state."""
+        self.batch, self.n_layers = state.n_fed.shape[0], len(state.cache.layers)
+        self.device = state.n_fed.device
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """``(B, V)`` logits with tokens the schedule forbids set to ``-inf`` (for sampling only)."""
@@ -106,9 +110,15 @@ class DecodeSchedule:
         """Entries fed per row that a full cache on the same completion would not hold (beacons)."""
         return 0
 
-    def records(self, eviction_rate: torch.Tensor, device) -> EvictionRecords:
+    def rates(self) -> torch.Tensor:
+        """``(B,)`` fp32 ε per row on the decode device (zeros without a rate)."""
+        if self.eviction_rate is None:
+            return torch.zeros(self.batch, device=self.device)
+        return self.eviction_rate.to(self.device).float()
+
+    def records(self) -> EvictionRecords:
         """The eviction actions taken (none here)."""
-        return RecordBuilder(self.batch, self.n_layers).build(eviction_rate, device)
+        return RecordBuilder(self.batch, self.n_layers).build(self.rates(), self.device)
 
 
 class FullCache(DecodeSchedule):
@@ -134,17 +144,16 @@ class EvictionRounds(DecodeSchedule):
         generator: torch.Generator | None = None,
         forced_token_id: int | None = None,
     ) -> None:
-        super().__init__()
-        if ((eviction_rate < 0) | (eviction_rate >= 1)).any():
-            raise ValueError("eviction_rate: every per-sequence rate must be in [0, 1)")
-        self.cfg, self.policy, self.eps = cfg, policy, eviction_rate
+        super().__init__(eviction_rate)
+        self.cfg, self.policy = cfg, policy
         self.sample, self.generator, self.forced_token_id = sample, generator, forced_token_id
         self.query_window, self.tracks_attention = policy.query_window, policy.tracks_attention
 
-    def start(self, batch: int, n_layers: int, device: torch.device) -> None:
-        super().start(batch, n_layers, device)
-        self.policy.check_batch(batch)
-        self.builder = RecordBuilder(batch, n_layers)
+    def start(self, state: DecodeState) -> None:
+        super().start(state)
+        self.policy.check_batch(self.batch)
+        self.builder = RecordBuilder(self.batch, self.n_layers)
+        self.eps = self.rates()
 
     def force_token(self, tok: torch.Tensor, state: DecodeState) -> torch.Tensor:
         if self.forced_token_id is None:
@@ -199,8 +208,8 @@ class EvictionRounds(DecodeSchedule):
             per_layer.append((dec, blocks, dec.keep_block))
         return per_layer
 
-    def records(self, eviction_rate: torch.Tensor, device) -> EvictionRecords:
-        return self.builder.build(eviction_rate, device)
+    def records(self) -> EvictionRecords:
+        return self.builder.build(self.eps, self.device)
 
 
 class BeaconWindows(DecodeSchedule):
@@ -218,22 +227,19 @@ class BeaconWindows(DecodeSchedule):
             raise ValueError("compression_ratio: every per-sequence ratio must be an integer >= 2")
         self.cfg, self.c = cfg, c
 
-    def start(self, batch: int, n_layers: int, device: torch.device) -> None:
-        super().start(batch, n_layers, device)
-        self.c_host = self.c.expand(batch).long().cpu()
-        self.c_dev = self.c_host.to(device)
-        self.beacon = torch.tensor([self.cfg.beacon_token_id], device=device)
-        self.n_beacons = torch.zeros(batch, dtype=torch.long, device=device)
-        # host mirror of every layer's live entries, set at the first feed
-        self.live_host: torch.Tensor | None = None
+    def start(self, state: DecodeState) -> None:
+        super().start(state)
+        self.c_host = self.c.expand(self.batch).long().cpu()
+        self.c_dev = self.c_host.to(self.device)
+        self.beacon = torch.tensor([self.cfg.beacon_token_id], device=self.device)
+        self.n_beacons = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.live_host = state.plen_host.clone()  # host mirror of every layer's live entries
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         # the beacon is only ever forced (TRL's suppress_tokens); log-probs use the unmasked logits
         return logits.index_fill(1, self.beacon, float("-inf"))
 
     def feed(self, tok: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        if self.live_host is None:
-            self.live_host = state.plen_host.clone()
         step, fin = state.step, state.finished_host
         due = None if step == 0 else ~fin & (step % self.c_host == 0)
         if due is None or not bool(due.any()):
@@ -298,9 +304,7 @@ def make_schedule(
         )
     eps = eviction_rate if eviction_rate is not None else torch.full((batch,), config.eviction_rate)
     eps = eps.to(device).float()
-    if ((eps < 0) | (eps >= 1)).any():
-        raise ValueError("eviction_rate: every per-sequence rate must be in [0, 1)")
     if not policy.evicts:
         policy.check_batch(batch)
-        return FullCache()
+        return FullCache(eps)
     return EvictionRounds(config, policy, eps, sample_evictions, generator, forced_token_id)
