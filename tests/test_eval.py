@@ -209,6 +209,10 @@ def test_reports_for_two_policies_two_rates(lm, tok, problems, tmp_path):
     rows = {(r["policy"], r["rate"]): r for r in summary["results"]}
     assert set(rows) == {("full", None), ("keydiff", 0.25), ("keydiff", 0.5)}
     assert rows[("full", None)]["peak_compression"] == 1.0
+    assert rows[("full", None)]["mean_prompt_kept"] == 1.0  # nothing is evicted without rounds
+    # unprotected rounds drop some prompt entries, the more the higher the rate
+    assert rows[("keydiff", 0.5)]["mean_prompt_kept"] < 1.0
+    assert rows[("keydiff", 0.5)]["mean_prompt_kept"] <= rows[("keydiff", 0.25)]["mean_prompt_kept"]
     for rate in (0.25, 0.5):
         r = rows[("keydiff", rate)]
         assert r["compression_source"] == "full_run" and r["peak_compression"] > 1.0

@@ -147,6 +147,9 @@ def summarize(records: Iterable[dict], runs: Sequence[tuple], ks: Sequence[int])
         row["mean_prompt_tokens"] = mean(x["prompt_tokens"] for x in recs)
         row["mean_rounds"] = mean(x["rounds"] for x in recs)
         row["truncated"] = mean(float(not x["finished"]) for x in recs)
+        kept = [x.get("prompt_kept") for x in recs]
+        if all(v is not None for v in kept):  # records written before it was logged lack it
+            row["mean_prompt_kept"] = mean(kept)
         rows.append(row)
     return rows
 

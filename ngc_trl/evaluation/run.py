@@ -371,6 +371,7 @@ def evaluate(
                     "footprint": int(st.footprint[i].sum()),
                     "mean_entries": float(st.footprint[i].double().mean()) / max(1, int(comp_len[i])),
                     "peak_kv_bytes": int(st.peak_total[i]) * entry_bytes,
+                    "prompt_kept": None if st.prompt_kept is None else float(st.prompt_kept[i]),
                 }
                 new_records.append(rec)
                 if fh is not None:
