@@ -478,6 +478,7 @@ def _ngc_setup(
         "meta_token_init": training_args.meta_token_init if meta_token_id is not None else None,
         "curriculum": curriculum,
         "eviction_loss_coef": training_args.eviction_loss_coef,
+        "token_loss_coef": training_args.token_loss_coef,
         "replay_masks": training_args.replay_masks,
         "min_length_penalty": training_args.min_length_penalty,
     }

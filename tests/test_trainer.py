@@ -135,6 +135,25 @@ def test_eviction_loss_coefficient_controls_the_gradient(tmp_path):
     assert not torch.allclose(grads[0.0], grads[1.0])
 
 
+def test_token_loss_coefficient_zero_trains_the_eviction_policy_alone(tmp_path):
+    """token_loss_coef=0: the gradient is L_mem's alone: nothing reaches the final norm (it only serves the
+    token loss), the keys still get one; with 1 the final norm gets the token loss's gradient."""
+    grads = {}
+    for coef in (0.0, 1.0):
+        tr = make_trainer(tmp_path, token_loss_coef=coef, peft=False, max_steps=1)
+        torch.manual_seed(1)
+        batch = tr._generate_and_score_completions([{"prompt": "abc 7\n"}] * 3)
+        batch["advantages"] = torch.tensor([1.0, -0.5, -0.5])
+        tr.model.train()
+        tr.current_gradient_accumulation_steps = 1
+        tr._compute_loss(tr.model, batch).backward()
+        head = tr.model.model.norm.weight.grad
+        k = tr.model.model.layers[0].self_attn.k_proj.weight.grad
+        grads[coef] = (0.0 if head is None else head.abs().max().item(), k.abs().max().item())
+    assert grads[0.0][0] == 0.0 and grads[0.0][1] > 0
+    assert grads[1.0][0] > 0
+
+
 def test_curriculum_eq6_values():
     rates, d = [0.1, 0.2, 0.3, 0.4, 0.5], 20
     assert curriculum_rate(0, rates, d) == pytest.approx(0.1)
@@ -175,6 +194,7 @@ def test_interoception_tags_prompts_per_group(tmp_path):
         ("eviction_interval", 0),
         ("eviction_rate", 1.5),
         ("eviction_loss_coef", -1.0),
+        ("token_loss_coef", -1.0),
         ("replay_backend", "x"),
         ("curriculum_rates", [0.5, 0.2]),
         ("curriculum_alpha", 0.0),

@@ -34,6 +34,9 @@ class NGCConfig(GRPOConfig):
         > Loss
 
         eviction_loss_coef (`float`, defaults to `1.0`): weight of L_mem (0: token log-probs only).
+        token_loss_coef (`float`, defaults to `1.0`): weight of TRL's token loss (beyond the paper, a
+            diagnostic: 0 trains the eviction policy alone, the "eviction-only" ablation; the paper trains
+            both with weight 1).
         replay_masks (`bool`, defaults to `True`): per-layer replay masks in the training forward (False:
             "targeted KV dropout", tokens scored on the full context).
         replay_backend (`str`, defaults to `"auto"`): `"dense"` SDPA masks, `"flex"` FlexAttention, or auto.
@@ -101,6 +104,10 @@ class NGCConfig(GRPOConfig):
     eviction_loss_coef: float = field(
         default=1.0, metadata={"help": "Weight of the eviction policy-gradient loss."}
     )
+    token_loss_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the token loss (beyond the paper; 0: train the eviction policy alone)."},
+    )
     replay_masks: bool = field(
         default=True, metadata={"help": "Per-layer replay masks in the training forward."}
     )
@@ -153,6 +160,13 @@ class NGCConfig(GRPOConfig):
         self._check_trl_options()
         if self.eviction_loss_coef < 0:
             raise ValueError(f"NGCConfig.eviction_loss_coef={self.eviction_loss_coef}: must be >= 0")
+        if self.token_loss_coef < 0:
+            raise ValueError(f"NGCConfig.token_loss_coef={self.token_loss_coef}: must be >= 0")
+        if self.token_loss_coef == 0 and (self.eviction_loss_coef == 0 or self.eviction_policy != "ngc"):
+            raise ValueError(
+                "NGCConfig.token_loss_coef=0 trains the eviction policy alone: it needs "
+                "eviction_policy='ngc' and eviction_loss_coef > 0, or nothing is trained"
+            )
         if (
             isinstance(self.replay_chunk_tokens, bool)
             or not isinstance(self.replay_chunk_tokens, int)

@@ -12,7 +12,7 @@ signatures change):
 * `_get_per_token_logps_and_entropies`: the replay forward — per-layer masks, eviction log-probs with grad
   (under reentrant or non-reentrant gradient checkpointing too: they leave each checkpointed layer as
   outputs of its checkpoint).
-* `_compute_loss`: ``L = L_token + eviction_loss_coef · L_mem`` (`ngc_trl.ngc.loss.eviction_policy_loss`:
+* `_compute_loss`: ``L = token_loss_coef · L_token + eviction_loss_coef · L_mem`` (paper: both 1) (`ngc_trl.ngc.loss.eviction_policy_loss`:
   the clipped surrogate over eviction actions with the same group advantages, summed over layers,
   averaged over each rollout's rounds, divided by Dr. GRPO's ``B · max_completion_length``; paper Eq. 4–5).
 
@@ -435,6 +435,8 @@ class NGCTrainer(GRPOTrainer):
         records = EvictionRecords.from_dict(inputs) if "ngc_positions" in inputs else None
         with self._open_scope("loss", records=records, prompt_len=inputs.get("ngc_prompt_len")) as scope:
             loss = super()._compute_loss(model, inputs)
+        if self.args.token_loss_coef != 1.0:  # beyond the paper: the eviction-only diagnostic (0)
+            loss = self.args.token_loss_coef * loss
         mode = "train" if self.model.training else "eval"
         if records is None or scope.evict_logp is None:
             return loss
