@@ -371,6 +371,40 @@ def test_cli_bad_arguments_fail_before_any_work(model_dir, tmp_path, monkeypatch
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_problems_file_evaluates_those_problems_and_refuses_bad_rows(model_dir, tmp_path, monkeypatch):
+    rows = [
+        {"id": "v-0", "prompt": "nums 3 5 7 target 15\n", "nums": [3, 5, 7], "target": 15},
+        {"id": "v-1", "prompt": "nums 2 4 6 target 8\n", "nums": [2, 4, 6], "target": 8},
+        {"id": "v-2", "prompt": "nums 1 2 3 target 6\n", "nums": [1, 2, 3], "target": 6},
+    ]
+    good = tmp_path / "val.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--task", "countdown", "--model", str(model_dir), "--policies", "full", "--max_new_tokens", "6"]
+    argv += ["--prompt_format", "plain", "--device", "cpu", "--problems_file", str(good)]
+    s = ev.main([*argv, "--num_problems", "2", "--output_dir", str(tmp_path / "o")])
+    assert [r["problem_id"] for r in _lines(tmp_path / "o" / "samples.jsonl")] == ["v-0", "v-1"]
+    assert s["settings"]["problems_file_sha256"] and s["results"][0]["num_problems"] == 2
+    assert es.read_problems_file(good, "countdown")[2] == rows[2]
+
+    _no_work(monkeypatch)
+    bad = {
+        "'prompt' must be": {"nums": [1, 2], "target": 3},
+        "not a countdown instance": {"prompt": "x", "nums": [1, 2]},
+        "not JSON": "{nums",
+        "unique": {"id": "v-0", "prompt": "x", "nums": [1], "target": 1},
+    }
+    for match, row in bad.items():
+        f = tmp_path / "bad.jsonl"
+        line = row if isinstance(row, str) else json.dumps(row)
+        f.write_text(json.dumps(rows[0]) + "\n" + line + "\n")
+        with pytest.raises(SystemExit, match=rf"line 2: .*{match}"):
+            ev.main([*argv[:-1], str(f), "--output_dir", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="--problems_file.*no such file"):
+        ev.main([*argv[:-1], str(tmp_path / "missing.jsonl")])
+    with pytest.raises(SystemExit, match="--problems_file.*not both"):
+        ev.main([*argv, "--data_source", "generated"])
+
+
 def test_cli_reads_model_settings_and_loads_peft_adapters(model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

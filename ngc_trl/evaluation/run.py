@@ -64,6 +64,7 @@ FINGERPRINT = (
     "model",
     "task",
     "data_source",
+    "problems_file_sha256",
     "seed",
     "prompt_format",
     "prefill",

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -154,6 +155,14 @@ class EvalArguments:
             "a Hub name or file; math: a Hub name or file (amc25, math)."
         },
     )
+    problems_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Generated tasks: a JSONL of fixed problems {id, prompt, <instance columns>} to evaluate "
+            "instead of the generated test split, e.g. data/testbed/countdown/validation.jsonl to choose "
+            "settings on the validation split (make data writes the testbed's)."
+        },
+    )
     prompt_format: str = field(
         default="auto", metadata={"help": "auto|chat|plain (auto: chat iff the tokenizer has a template)."}
     )
@@ -196,6 +205,15 @@ class EvalArguments:
             raise ValueError(f"--data_dir: {e}") from None
         except ValueError as e:
             raise ValueError(f"--data_source: {e}") from None
+        if self.problems_file is not None:
+            if self.task in MATH_TASKS:
+                raise ValueError(
+                    f"--problems_file: for generated tasks only (math sets: --data_source), got --task={self.task}"
+                )
+            if self.data_source is not None:
+                raise ValueError("--problems_file: give it or --data_source, not both")
+            if not Path(self.problems_file).is_file():
+                raise ValueError(f"--problems_file={self.problems_file!r}: no such file")
         if self.prompt_format not in ("auto", "chat", "plain"):
             raise ValueError(f"--prompt_format={self.prompt_format!r}: must be auto, chat or plain")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -347,6 +365,63 @@ def render_prompt(prompt, tokenizer, rate: float | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+MAX_PROBLEM_LINE_BYTES = 1 << 20  # one problem's JSON line; longer lines are refused, not parsed
+MAX_PROBLEMS = 1_000_000
+
+
+def read_problems_file(path: str | os.PathLike, task: str, num_problems: int | None = None) -> list[dict]:
+    """The problems of a JSONL file ``{"id": str, "prompt": str | messages, <task columns>}`` (the rows
+    `ngc_trl.splits` writes), the first ``num_problems`` of them, for generated task ``task``.
+
+    The file is untrusted: every line is bounded (`MAX_PROBLEM_LINE_BYTES`, `MAX_PROBLEMS` lines), parsed as
+    JSON (never evaluated) and checked, so a bad row fails here naming its line: an object with a ``prompt``
+    string or message list, the task's instance columns (`Task.instance`, which also normalises their types),
+    and unique ids (default ``<task>-file-<line index>``).
+    """
+    from ngc_trl.tasks import get_task
+
+    generated = get_task(task)
+    rows: list[dict] = []
+    ids: set[str] = set()
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if num_problems is not None and len(rows) >= num_problems:
+                break
+            where = f"--problems_file {path}, line {lineno}"
+            if len(raw) > MAX_PROBLEM_LINE_BYTES:
+                raise ValueError(f"{where}: longer than {MAX_PROBLEM_LINE_BYTES} bytes")
+            if not raw.strip():
+                continue
+            if len(rows) >= MAX_PROBLEMS:
+                raise ValueError(f"{where}: more than {MAX_PROBLEMS} problems")
+            try:
+                row = json.loads(raw)
+            except ValueError as e:
+                raise ValueError(f"{where}: not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: not a JSON object")
+            prompt = row.get("prompt")
+            chat = isinstance(prompt, list) and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt
+            )
+            if not (isinstance(prompt, str) or chat):
+                raise ValueError(f"{where}: 'prompt' must be a string or a list of chat messages")
+            try:
+                instance = generated.instance(row)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(
+                    f"{where}: not a {task} instance (columns {generated.columns}): {e!r}"
+                ) from None
+            pid = row.get("id", f"{task}-file-{len(rows)}")
+            if not isinstance(pid, str) or pid in ids:
+                raise ValueError(f"{where}: 'id' must be a string unique in the file, got {pid!r}")
+            ids.add(pid)
+            rows.append({"id": pid, "prompt": prompt, **instance})
+    if not rows:
+        raise ValueError(f"--problems_file {path}: no problems")
+    return rows
+
+
 def trained_data_source(folder: Path, task: str) -> str | None:
     """The generator distribution a model was trained on (``dataset_source`` of its ``ngc_training.json``,
     e.g. ``"generated:testbed"``) when it was trained on ``task`` from the generator, else ``None``: its
@@ -417,24 +492,31 @@ def _prepare(args: EvalArguments) -> dict:
             raise ValueError(
                 f"--model: meta_token {extras['meta_token']!r} of {SETTINGS_FILE} is not in the tokenizer"
             )
-    if args.data_source is None and folder is not None:
-        args.data_source = trained_data_source(folder, args.task)
-    problems = load_problems(
-        args.task,
-        tokenizer,
-        args.num_problems,
-        args.seed,
-        args.data_source,
-        args.data_dir,
-        args.prompt_format,
-        args.prefill,
-    )
+    if args.problems_file is not None:
+        problems = read_problems_file(args.problems_file, args.task, args.num_problems)
+    else:
+        if args.data_source is None and folder is not None:
+            args.data_source = trained_data_source(folder, args.task)
+        problems = load_problems(
+            args.task,
+            tokenizer,
+            args.num_problems,
+            args.seed,
+            args.data_source,
+            args.data_dir,
+            args.prompt_format,
+            args.prefill,
+        )
     interoception = (
         args.interoception if args.interoception is not None else bool(extras.get("interoception_rates"))
     )
     settings = {
         "model": args.model,
         "data_source": args.data_source,
+        "problems_file": args.problems_file,
+        "problems_file_sha256": None
+        if args.problems_file is None
+        else hashlib.sha256(Path(args.problems_file).read_bytes()).hexdigest(),
         "prompt_format": args.prompt_format,
         "prefill": args.prefill,
         "dtype": str(next(model.parameters()).dtype),
