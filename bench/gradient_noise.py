@@ -24,7 +24,6 @@ Zero-variance groups give zero gradients and are part of the batch, as in traini
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import sys
@@ -48,21 +47,35 @@ def flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Ten
 
 
 def noise_stats(grads: list[torch.Tensor], batch: float) -> dict:
-    """The estimates of the module docstring from K ≥ 2 batch gradients of ``batch`` rollouts each."""
+    """The estimates of the module docstring from K ≥ 3 batch gradients of ``batch`` rollouts each, with a
+    leave-one-batch-out jackknife standard error of ``|G|^2`` and, from it, a lower bound on the noise
+    scale (``tr(Sigma) / (|G|^2 + 2 se)``: with K small, ``|G|^2`` may be indistinguishable from 0)."""
     k = len(grads)
-    sq = [float(g.double().dot(g.double())) for g in grads]
-    pairs = list(itertools.combinations(range(k), 2))
-    dots = [float(grads[i].double().dot(grads[j].double())) for i, j in pairs]
-    cos = [d / max(1e-300, (sq[i] * sq[j]) ** 0.5) for d, (i, j) in zip(dots, pairs)]
-    g2 = sum(dots) / len(dots)
-    mean_sq = sum(sq) / k
-    trace = batch * (mean_sq - g2)
+    gram = torch.stack([g.double() for g in grads]) @ torch.stack([g.double() for g in grads]).T
+    sq = gram.diagonal()
+    off = ~torch.eye(k, dtype=torch.bool)
+
+    def estimate(keep: torch.Tensor) -> tuple[float, float]:
+        m = keep[:, None] & keep[None, :] & off
+        g2 = float(gram[m].mean())
+        return g2, batch * (float(sq[keep].mean()) - g2)
+
+    everyone = torch.ones(k, dtype=torch.bool)
+    g2, trace = estimate(everyone)
+    loo = [estimate(everyone & (torch.arange(k) != i))[0] for i in range(k)]
+    mean_loo = sum(loo) / k
+    se = ((k - 1) / k * sum((x - mean_loo) ** 2 for x in loo)) ** 0.5
+    norms = sq.sqrt()
+    cos = (gram / (norms[:, None] * norms[None, :]).clamp(min=1e-300))[torch.triu(off)].tolist()
     return {
         "batches": k,
-        "mean_batch_grad_norm": sum(s**0.5 for s in sq) / k,
+        "mean_batch_grad_norm": float(norms.mean()),
         "true_grad_sq_norm": g2,
+        "true_grad_sq_norm_se": se,
         "trace_sigma": trace,
         "noise_scale_rollouts": trace / g2 if g2 > 0 else None,
+        "noise_scale_rollouts_lower_bound": trace / (g2 + 2 * se) if g2 + 2 * se > 0 else None,
+        "signal_share_of_batch_grad_sq": g2 / float(sq.mean()),
         "mean_cosine": sum(cos) / len(cos),
         "cosines": cos,
     }
@@ -77,14 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ours, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     a = p.parse_args(ours)
-    if a.batches < 2:
-        p.error("--batches must be >= 2")
+    if a.batches < 3:
+        p.error("--batches must be >= 3 (the jackknife leaves one out)")
 
     import ngc_trl.train as train_cli
 
     records: dict[str, list[torch.Tensor]] = {"token": [], "mem": []}
     rollouts: list[int] = []
-    zero_std: list[float] = []
     original = NGCTrainer._compute_loss
 
     def measured(self, model, inputs):
@@ -97,10 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             records["mem"].append(flat_grad(original(self, model, inputs), params))
         finally:
             self.args.token_loss_coef, self.args.eviction_loss_coef = coefs
-        adv = inputs["advantages"]
-        rollouts.append(int(adv.shape[0]))
-        groups = adv.reshape(-1, self.num_generations)
-        zero_std.append(float((groups.abs().sum(1) == 0).float().mean()))
+        rollouts.append(int(inputs["advantages"].shape[0]))
         return sum(q.sum() * 0.0 for q in params)  # no update: the next batch sees the same parameters
 
     NGCTrainer._compute_loss = measured
@@ -146,7 +155,6 @@ def main(argv: list[str] | None = None) -> dict:
             "cpus": torch.get_num_threads(),
         },
         "rollouts_per_batch": batch,
-        "zero_variance_group_share": sum(zero_std) / len(zero_std),
         "seconds": time.perf_counter() - start,
         "token_loss": noise_stats(records["token"], batch),
         "eviction_loss": noise_stats(records["mem"], batch),

@@ -24,6 +24,8 @@ def test_noise_scale_recovers_a_known_signal_and_variance():
     assert s["trace_sigma"] == pytest.approx(sigma**2 * d, rel=0.05)  # 500
     assert s["noise_scale_rollouts"] == pytest.approx(500, rel=0.1)
     assert len(s["cosines"]) == k * (k - 1) // 2
+    assert 0 < s["true_grad_sq_norm_se"] < 0.05  # the jackknife sees the estimate is tight
+    assert s["noise_scale_rollouts_lower_bound"] < s["noise_scale_rollouts"]
 
 
 def test_pure_noise_has_no_direction():
@@ -31,3 +33,5 @@ def test_pure_noise_has_no_direction():
     grads = [torch.randn(5000) for _ in range(10)]
     s = gn.noise_stats(grads, 8.0)
     assert abs(s["mean_cosine"]) < 0.02 and abs(s["true_grad_sq_norm"]) < 0.05 * 5000
+    # no signal: |G|^2 is within two standard errors of 0, so only a lower bound on the noise scale stands
+    assert abs(s["true_grad_sq_norm"]) < 2 * s["true_grad_sq_norm_se"]
