@@ -35,3 +35,20 @@ def test_pure_noise_has_no_direction():
     assert abs(s["mean_cosine"]) < 0.02 and abs(s["true_grad_sq_norm"]) < 0.05 * 5000
     # no signal: |G|^2 is within two standard errors of 0, so only a lower bound on the noise scale stands
     assert abs(s["true_grad_sq_norm"]) < 2 * s["true_grad_sq_norm_se"]
+
+
+def test_set_log_prob_is_a_distribution_over_kept_sets():
+    """bench/pl_set_variance.py's unordered-set probability sums to 1 over all K-subsets of N blocks."""
+    import itertools
+
+    spec2 = importlib.util.spec_from_file_location(
+        "pl_set_variance", Path(__file__).resolve().parents[1] / "bench" / "pl_set_variance.py"
+    )
+    pv = importlib.util.module_from_spec(spec2)
+    spec2.loader.exec_module(pv)
+    logits = torch.tensor([1.5, -0.3, 0.2, 2.0, 0.0])
+    pool = torch.ones(5, dtype=torch.bool)
+    total = sum(
+        pv.set_log_prob(logits, torch.tensor(s), pool).exp() for s in itertools.combinations(range(5), 3)
+    )
+    assert float(total) == pytest.approx(1.0, abs=1e-5)
