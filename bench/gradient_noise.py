@@ -37,7 +37,7 @@ from ngc_trl import NGCTrainer
 
 def flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
     """``∂loss/∂params`` flattened to one fp32 vector on the CPU (zeros where a parameter gets none)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat(
         [
             (g if g is not None else torch.zeros_like(p)).detach().float().reshape(-1).cpu()

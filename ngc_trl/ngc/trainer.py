@@ -435,8 +435,7 @@ class NGCTrainer(GRPOTrainer):
         records = EvictionRecords.from_dict(inputs) if "ngc_positions" in inputs else None
         with self._open_scope("loss", records=records, prompt_len=inputs.get("ngc_prompt_len")) as scope:
             loss = super()._compute_loss(model, inputs)
-        if self.args.token_loss_coef != 1.0:  # beyond the paper: the eviction-only diagnostic (0)
-            loss = self.args.token_loss_coef * loss
+        loss = self.args.token_loss_coef * loss  # 1 in the paper; 0: the eviction-only diagnostic
         mode = "train" if self.model.training else "eval"
         if records is None or scope.evict_logp is None:
             return loss
