@@ -75,7 +75,7 @@ def noise_stats(grads: list[torch.Tensor], batch: float) -> dict:
         "trace_sigma": trace,
         "noise_scale_rollouts": trace / g2 if g2 > 0 else None,
         "noise_scale_rollouts_lower_bound": trace / (g2 + 2 * se) if g2 + 2 * se > 0 else None,
-        "signal_share_of_batch_grad_sq": g2 / float(sq.mean()),
+        "signal_share_of_batch_grad_sq": g2 / float(sq.mean()) if float(sq.mean()) > 0 else None,
         "mean_cosine": sum(cos) / len(cos),
         "cosines": cos,
     }

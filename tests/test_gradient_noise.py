@@ -37,6 +37,13 @@ def test_pure_noise_has_no_direction():
     assert abs(s["true_grad_sq_norm"]) < 2 * s["true_grad_sq_norm_se"]
 
 
+def test_all_zero_gradients_give_no_estimate_instead_of_failing():
+    """Every group without reward variance (all gradients 0): nothing to estimate, reported as None."""
+    s = gn.noise_stats([torch.zeros(10) for _ in range(4)], 8.0)
+    assert s["noise_scale_rollouts"] is None and s["signal_share_of_batch_grad_sq"] is None
+    assert s["true_grad_sq_norm"] == 0.0 and s["mean_cosine"] == 0.0
+
+
 def test_set_log_prob_is_a_distribution_over_kept_sets():
     """bench/pl_set_variance.py's unordered-set probability sums to 1 over all K-subsets of N blocks."""
     import itertools
