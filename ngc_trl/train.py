@@ -479,6 +479,7 @@ def _ngc_setup(
         "curriculum": curriculum,
         "eviction_loss_coef": training_args.eviction_loss_coef,
         "token_loss_coef": training_args.token_loss_coef,
+        "greedy_rollout_tokens": training_args.greedy_rollout_tokens,
         "replay_masks": training_args.replay_masks,
         "min_length_penalty": training_args.min_length_penalty,
     }

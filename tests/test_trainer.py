@@ -154,6 +154,34 @@ def test_token_loss_coefficient_zero_trains_the_eviction_policy_alone(tmp_path):
     assert grads[1.0][0] > 0
 
 
+def test_greedy_rollout_tokens_sample_only_the_evictions(tmp_path):
+    """greedy_rollout_tokens: with nothing evicted every rollout of a prompt is the greedy decode (one
+    completion, whatever the seed); with eviction the group's rollouts differ only through the Gumbel-top-k
+    draws, and they still carry eviction log-probs for L_mem. Needs token_loss_coef=0."""
+    with pytest.raises(ValueError, match="greedy_rollout_tokens"):
+        NGCConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, greedy_rollout_tokens=True)
+    prompts = [{"prompt": "nums 3 5 7 target 9\n"}] * 3
+
+    def completions(**kw):
+        tr = make_trainer(tmp_path, peft=False, greedy_rollout_tokens=True, token_loss_coef=0.0, **kw)
+        torch.manual_seed(3)
+        batch = tr._generate_and_score_completions(prompts)
+        return tr, batch, [tuple(r[m.bool()].tolist()) for r, m in zip(batch["completion_ids"], batch["completion_mask"])]
+
+    _, _, no_evict = completions(eviction_interval=10_000)
+    assert len(set(no_evict)) == 1  # greedy: no token randomness
+    tr, batch, evicting = completions(eviction_interval=32, eviction_rate=0.75, max_completion_length=64)
+    assert len(set(evicting)) > 1  # the evictions alone make the group differ
+    first = int(batch["ngc_positions"][0, 0]) - batch["prompt_ids"].shape[1]
+    assert first > 0 and len({c[:first] for c in evicting}) == 1  # identical up to the first round
+    assert batch["ngc_acted"].any()
+    batch["advantages"] = torch.tensor([1.0, -0.5, -0.5])
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    tr._compute_loss(tr.model, batch).backward()
+    assert tr.model.model.layers[0].self_attn.k_proj.weight.grad.abs().max() > 0
+
+
 def test_curriculum_eq6_values():
     rates, d = [0.1, 0.2, 0.3, 0.4, 0.5], 20
     assert curriculum_rate(0, rates, d) == pytest.approx(0.1)

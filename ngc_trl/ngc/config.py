@@ -37,6 +37,11 @@ class NGCConfig(GRPOConfig):
         token_loss_coef (`float`, defaults to `1.0`): weight of TRL's token loss (beyond the paper, a
             diagnostic: 0 trains the eviction policy alone, the "eviction-only" ablation; the paper trains
             both with weight 1).
+        greedy_rollout_tokens (`bool`, defaults to `False`): beyond the paper. Rollouts decode their tokens
+            greedily and sample only the evictions (Gumbel-top-k), so the eviction draws are the only
+            randomness in a group and every reward difference within it is due to what was evicted: a
+            lower-variance L_mem, trained under the decoding it is evaluated with (greedy). The token loss of
+            greedy tokens is no policy gradient, so it needs `token_loss_coef=0` (the paper samples both).
         replay_masks (`bool`, defaults to `True`): per-layer replay masks in the training forward (False:
             "targeted KV dropout", tokens scored on the full context).
         replay_backend (`str`, defaults to `"auto"`): `"dense"` SDPA masks, `"flex"` FlexAttention, or auto.
@@ -108,6 +113,13 @@ class NGCConfig(GRPOConfig):
         default=1.0,
         metadata={"help": "Weight of the token loss (beyond the paper; 0: train the eviction policy alone)."},
     )
+    greedy_rollout_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "Beyond the paper: decode rollout tokens greedily, sample only the evictions "
+            "(needs token_loss_coef=0)."
+        },
+    )
     replay_masks: bool = field(
         default=True, metadata={"help": "Per-layer replay masks in the training forward."}
     )
@@ -166,6 +178,12 @@ class NGCConfig(GRPOConfig):
             raise ValueError(
                 "NGCConfig.token_loss_coef=0 trains the eviction policy alone: it needs "
                 "eviction_policy='ngc' and eviction_loss_coef > 0, or nothing is trained"
+            )
+        if self.greedy_rollout_tokens and self.token_loss_coef != 0:
+            raise ValueError(
+                f"NGCConfig.greedy_rollout_tokens=True with token_loss_coef={self.token_loss_coef}: greedy tokens "
+                "are not sampled, so their log-probs carry no policy gradient; set token_loss_coef=0 "
+                "(the eviction policy alone is trained)"
             )
         if (
             isinstance(self.replay_chunk_tokens, bool)

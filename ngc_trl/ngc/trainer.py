@@ -5,7 +5,8 @@ signatures change):
 
 * `_generate`: budget-aware interoception — one eviction rate per prompt group, written into the prompt.
 * `_generate_single_turn`: rollouts through `generate_with_eviction` with Gumbel-top-k evictions at the
-  rate in force (curriculum, Eq. 6); the records are kept for the replay.
+  rate in force (curriculum, Eq. 6); the records are kept for the replay. Tokens are sampled (paper) or,
+  with ``greedy_rollout_tokens`` (beyond the paper, eviction-only), decoded greedily.
 * `_generate_and_score_completions`: adds the records to the batch as padded per-sample tensors (first
   dim ``B``, so TRL's shuffle/split keep them aligned), and the "old" eviction log-probs when TRL computes
   old token log-probs (``num_iterations > 1``).
@@ -283,7 +284,7 @@ class NGCTrainer(GRPOTrainer):
                 mask,
                 self.eviction,
                 max_new_tokens=self.max_completion_length,
-                do_sample=True,
+                do_sample=not self.args.greedy_rollout_tokens,  # greedy: the evictions are the only draws
                 temperature=self.temperature,
                 top_p=self.top_p,
                 top_k=self.top_k or 0,
