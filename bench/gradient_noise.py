@@ -15,6 +15,13 @@ large-batch training", §A.1):
 * ``mean_cosine`` — the mean cosine between two batches' gradients (≈ 0: the batches do not agree on a
   direction).
 
+With ``--logit_features`` it also asks whether the *reward* points anywhere in a few interpretable directions
+of the eviction action space, whatever the model can represent: a bias ``β_f`` (shared by every layer, 0, so
+rollouts are unchanged) is added in the replay to each block's Plackett–Luce logit times a block feature
+``f`` — ``prompt`` (share of the block's keys in the prompt), ``newest`` (the newest block), ``first`` (the
+oldest block) and ``age`` (block index / (N − 1)). ``∂L_mem/∂β`` per batch gives the same noise statistics in
+this 4-d space and a t-statistic per feature (``−∂L_mem/∂β_f > 0``: keeping such blocks more raises the reward).
+
 Zero-variance groups give zero gradients and are part of the batch, as in training. Example::
 
     python bench/gradient_noise.py --recipe recipes/tiny/countdown_ngc.yaml --batches 8 \\
@@ -81,12 +88,68 @@ def noise_stats(grads: list[torch.Tensor], batch: float) -> dict:
     }
 
 
+FEATURES = ("prompt", "newest", "first", "age")
+
+
+def block_features(view, n_blocks: int) -> torch.Tensor:
+    """``(R, N, 4)`` features of every block of a `LayerView` (see `FEATURES` and the module docstring)."""
+    live = view.live
+    col = torch.where(view.bid >= 0, view.bid, torch.full_like(view.bid, n_blocks))
+    ones = torch.zeros(live.shape[0], n_blocks + 1).scatter_add_(1, col, live.float())
+    in_prompt = (live & (view.pos < view.prompt_len[:, None])).float()
+    prompt = torch.zeros_like(ones).scatter_add_(1, col, in_prompt)[:, :n_blocks] / ones[:, :n_blocks].clamp(min=1)
+    n = (ones[:, :n_blocks] > 0).sum(-1, keepdim=True)  # blocks that exist (contiguous from 0)
+    idx = torch.arange(n_blocks)[None].expand_as(prompt)
+    newest = (idx == n - 1).float()
+    first = (idx == 0).float()
+    age = idx.float() / (n - 1).clamp(min=1)
+    return torch.stack([prompt, newest, first, age], -1)
+
+
+def install_feature_bias(bias: torch.Tensor):
+    """Make the replay's block logits ``logits + features · bias`` (rollouts untouched); returns an undo."""
+    import ngc_trl.engine.replay as replay
+
+    original = replay.score_blocks
+
+    def biased(policy, view, cfg):
+        blocks = original(policy, view, cfg)
+        feats = block_features(view, blocks.logits.shape[-1])
+        blocks.logits = blocks.logits + feats @ bias
+        return blocks
+
+    replay.score_blocks = biased
+
+    def restore():
+        replay.score_blocks = original
+
+    return restore
+
+
+def feature_stats(grads: list[torch.Tensor], batch: float) -> dict:
+    """`noise_stats` in the feature space, plus the mean gradient per feature, its standard error across
+    batches and ``t = mean / se`` (``|t| ≥ 2``: the reward points that way, beyond the batch noise)."""
+    g = torch.stack(grads)
+    mean, se = g.mean(0), g.std(0, unbiased=True) / len(grads) ** 0.5
+    out = noise_stats(grads, batch)
+    out["per_feature"] = {
+        f: {"mean_grad": float(m), "se": float(s), "t": float(m / s) if s > 0 else None}
+        for f, m, s in zip(FEATURES, mean, se)
+    }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", required=True, help="an NGC training recipe (its eviction_policy: ngc)")
     p.add_argument("--batches", type=int, default=8, help="independent batches K (>= 2)")
     p.add_argument("--model", default=None, help="model_name_or_path override (default: the recipe's)")
     p.add_argument("--out", default=None, help="write the JSON here")
+    p.add_argument(
+        "--logit_features",
+        action="store_true",
+        help="also measure L_mem's gradient w.r.t. per-feature logit biases (prompt, newest, first, age)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     ours, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     a = p.parse_args(ours)
@@ -95,9 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ngc_trl.train as train_cli
 
-    records: dict[str, list[torch.Tensor]] = {"token": [], "mem": []}
+    records: dict[str, list[torch.Tensor]] = {"token": [], "mem": [], "features": []}
     rollouts: list[int] = []
     original = NGCTrainer._compute_loss
+    bias = torch.zeros(len(FEATURES), requires_grad=True)
+    restore = install_feature_bias(bias) if a.logit_features else (lambda: None)
 
     def measured(self, model, inputs):
         params = [q for q in model.parameters() if q.requires_grad]
@@ -106,7 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
             self.args.token_loss_coef, self.args.eviction_loss_coef = 1.0, 0.0
             records["token"].append(flat_grad(original(self, model, inputs), params))
             self.args.token_loss_coef, self.args.eviction_loss_coef = 0.0, 1.0
-            records["mem"].append(flat_grad(original(self, model, inputs), params))
+            loss = original(self, model, inputs)
+            if a.logit_features:
+                records["features"].append(flat_grad(loss, [bias]).double())
+            records["mem"].append(flat_grad(loss, params))
         finally:
             self.args.token_loss_coef, self.args.eviction_loss_coef = coefs
         rollouts.append(int(inputs["advantages"].shape[0]))
@@ -142,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     finally:
         NGCTrainer._compute_loss = original
+        restore()
     batch = sum(rollouts) / len(rollouts)
     out = {
         "benchmark": "gradient_noise",
@@ -159,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         "token_loss": noise_stats(records["token"], batch),
         "eviction_loss": noise_stats(records["mem"], batch),
     }
+    if a.logit_features:
+        out["eviction_loss_logit_features"] = feature_stats(records["features"], batch)
     text = json.dumps(out, indent=1)
     if a.out:
         with open(a.out, "w") as fh:
