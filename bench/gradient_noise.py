@@ -172,9 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
             records["token"].append(flat_grad(original(self, model, inputs), params))
             self.args.token_loss_coef, self.args.eviction_loss_coef = 0.0, 1.0
             loss = original(self, model, inputs)
-            if a.logit_features:
-                records["features"].append(flat_grad(loss, [bias]).double())
-            records["mem"].append(flat_grad(loss, params))
+            if a.logit_features:  # one backward for both (the graph is not retained)
+                both = flat_grad(loss, params + [bias])
+                records["features"].append(both[-len(FEATURES) :].double())
+                records["mem"].append(both[: -len(FEATURES)])
+            else:
+                records["mem"].append(flat_grad(loss, params))
         finally:
             self.args.token_loss_coef, self.args.eviction_loss_coef = coefs
         rollouts.append(int(inputs["advantages"].shape[0]))

@@ -480,6 +480,7 @@ def _ngc_setup(
         "eviction_loss_coef": training_args.eviction_loss_coef,
         "token_loss_coef": training_args.token_loss_coef,
         "greedy_rollout_tokens": training_args.greedy_rollout_tokens,
+        "one_sampled_round": training_args.one_sampled_round,
         "replay_masks": training_args.replay_masks,
         "min_length_penalty": training_args.min_length_penalty,
     }

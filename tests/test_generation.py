@@ -230,3 +230,32 @@ def test_per_sequence_rates(model):
     assert out.records.acted[0].sum() == 0 and out.records.acted[1].sum() > 0
     with pytest.raises(ValueError, match="eviction_rate"):
         generate_with_eviction(model, ids, mask, EvictionConfig(), eviction_rate=torch.tensor([0.5, 1.0]))
+
+
+def test_sampled_round_samples_one_round_and_takes_the_top_k_elsewhere(model):
+    """``sampled_round``: a row samples its evictions at that round only. Greedy tokens, the same prompt
+    in every row: row 0 (-1) is the deterministic top-k rollout; row r+1 follows it exactly up to its round
+    r (the same kept sets at every earlier round), where it draws (seeds disagree)."""
+    ids, mask = left_padded([6])
+    ids, mask = ids.repeat(4, 1), mask.repeat(4, 1)
+    cfg = EvictionConfig(policy="ngc", eviction_rate=0.5, logit_transform="relative", **SMALL)
+    kw = dict(max_new_tokens=40, eos_token_id=[], sample_evictions=True)
+    topk = generate_with_eviction(model, ids, mask, cfg, max_new_tokens=40, eos_token_id=[])
+    rounds = torch.tensor([-1, 0, 1, 2])
+    outs = [
+        generate_with_eviction(
+            model, ids, mask, cfg, generator=torch.Generator().manual_seed(s), sampled_round=rounds, **kw
+        )
+        for s in range(6)
+    ]
+    for out in outs:
+        rec = out.records
+        assert torch.equal(out.sequences[0], topk.sequences[0]) and torch.equal(rec.kept[0], topk.records.kept[0])
+        for row in (1, 2, 3):
+            r = int(rounds[row])
+            assert torch.equal(rec.kept[row, :r], topk.records.kept[0, :r])  # top-k before its round
+    # the sampled round differs between seeds (it is a draw), the rounds before it never do
+    assert len({tuple(o.records.kept[1, 0].flatten().tolist()) for o in outs}) > 1
+    assert len({tuple(o.records.kept[2, 0].flatten().tolist()) for o in outs}) == 1
+    with pytest.raises(ValueError, match="sampled_round"):
+        generate_with_eviction(model, ids, mask, cfg, max_new_tokens=4, sampled_round=rounds)

@@ -79,3 +79,16 @@ def test_deterministic_top_k_and_pool():
     pool = torch.tensor([[True, True, True, False]])
     order = rank_blocks(logits, pool, sample=False)
     assert order[0, :3].tolist() == [1, 2, 0]  # block 3 is outside the pool, so last
+
+
+def test_rank_blocks_samples_only_the_rows_asked():
+    """A per-row ``sample`` mask: unmasked rows are the deterministic top-k order, masked rows draw."""
+    from ngc_trl.engine.sampling import rank_blocks
+
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]] * 2)
+    pool = torch.ones(2, 4, dtype=torch.bool)
+    orders = [
+        rank_blocks(logits, pool, torch.tensor([False, True]), torch.Generator().manual_seed(s)) for s in range(20)
+    ]
+    assert all(o[0].tolist() == [0, 2, 1, 3] for o in orders)
+    assert len({tuple(o[1].tolist()) for o in orders}) > 1

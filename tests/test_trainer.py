@@ -182,6 +182,41 @@ def test_greedy_rollout_tokens_sample_only_the_evictions(tmp_path):
     assert tr.model.model.layers[0].self_attn.k_proj.weight.grad.abs().max() > 0
 
 
+def test_one_sampled_round_trains_on_that_round_only(tmp_path):
+    """one_sampled_round: a prompt group shares one sampled round (its rollouts are identical before it);
+    L_mem sees that round's actions only: with the round moved past every rollout's last round there is no
+    eviction action left, so no gradient reaches the keys (token loss off)."""
+    tr = make_trainer(
+        tmp_path,
+        peft=False,
+        greedy_rollout_tokens=True,
+        token_loss_coef=0.0,
+        one_sampled_round=2,
+        eviction_interval=16,
+        eviction_rate=0.75,
+        max_completion_length=64,
+    )
+    torch.manual_seed(5)
+    batch = tr._generate_and_score_completions([{"prompt": "nums 3 5 7 target 9\n"}] * 3 + [{"prompt": "abc 7\n"}] * 3)
+    sr = batch["ngc_sampled_round"]
+    assert sr.shape == (6,) and len(set(sr[:3].tolist())) == 1 and len(set(sr[3:].tolist())) == 1
+    assert set(sr.tolist()) <= {0, 1}
+    batch["advantages"] = torch.tensor([1.0, -0.5, -0.5, 0.5, 0.5, -1.0])
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    norms = []
+    for rounds in (sr, torch.full_like(sr, 99)):
+        tr.model.zero_grad()
+        loss = tr._compute_loss(tr.model, {**batch, "ngc_sampled_round": rounds})
+        if loss.requires_grad:
+            loss.backward()
+        g = tr.model.model.layers[0].self_attn.k_proj.weight.grad
+        norms.append(0.0 if g is None else g.abs().max().item())
+    assert norms[0] > 0 and norms[1] == 0.0
+    with pytest.raises(ValueError, match="one_sampled_round"):
+        NGCConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, one_sampled_round=-1)
+
+
 def test_curriculum_eq6_values():
     rates, d = [0.1, 0.2, 0.3, 0.4, 0.5], 20
     assert curriculum_rate(0, rates, d) == pytest.approx(0.1)

@@ -65,12 +65,13 @@ class Decision:
 def decide(
     blocks: BlockInputs,
     eviction_rate: torch.Tensor,
-    sample: bool,
+    sample: bool | torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> Decision:
     """Keep ``K`` blocks per row: all forced ones plus ``K − |forced|`` drawn from the pool.
 
-    ``eviction_rate (R,)``: ε per row (rates may differ per prompt, e.g. interoception).
+    ``eviction_rate (R,)``: ε per row (rates may differ per prompt, e.g. interoception). ``sample``:
+    Gumbel-top-k for every row, or top-k, or an ``(R,)`` bool choosing per row.
     """
     k = torch.maximum(num_kept(blocks.n_blocks, eviction_rate), blocks.forced.sum(-1))
     n_sample = (k - blocks.forced.sum(-1)).clamp(min=0)

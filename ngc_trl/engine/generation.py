@@ -105,6 +105,7 @@ def generate_with_eviction(
     policy: EvictionPolicy | None = None,
     schedule: DecodeSchedule | None = None,
     suppress_token_ids: list[int] | None = None,
+    sampled_round: torch.Tensor | None = None,
 ) -> EvictionOutput:
     """Decode with the cache managed by a schedule, independently per layer and per sequence.
 
@@ -131,6 +132,8 @@ def generate_with_eviction(
             ratio, policy and meta-token arguments must be left unset).
         suppress_token_ids: tokens never sampled (masked for sampling only, like TRL's ``suppress_tokens``;
             e.g. a Breadcrumbs student's beacon when it decodes with a full cache).
+        sampled_round: optional ``(B,)`` long, with ``sample_evictions`` (beyond the paper): row ``b`` samples
+            its evictions at round ``sampled_round[b]`` only and takes the top-k at every other round.
 
     Returns:
         `EvictionOutput`.
@@ -150,8 +153,9 @@ def generate_with_eviction(
             generator=generator,
             forced_token_id=forced_token_id,
             compression_ratio=compression_ratio,
+            sampled_round=sampled_round,
         )
-    elif any(x is not None for x in (eviction_rate, compression_ratio, policy, forced_token_id)):
+    elif any(x is not None for x in (eviction_rate, compression_ratio, policy, forced_token_id, sampled_round)):
         raise ValueError(
             "schedule: a prebuilt schedule takes no eviction_rate/compression_ratio/policy/forced_token_id"
         )

@@ -26,7 +26,7 @@ def gumbel_noise(
 def rank_blocks(
     logits: torch.Tensor,
     pool: torch.Tensor,
-    sample: bool,
+    sample: bool | torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Order the blocks of every row for a keep decision.
@@ -34,7 +34,8 @@ def rank_blocks(
     Args:
         logits: ``(..., N)`` block logits.
         pool: ``(..., N)`` bool, blocks that may be chosen (valid and not forced).
-        sample: add Gumbel noise (training rollouts) or not (deterministic top-k, evaluation).
+        sample: add Gumbel noise (training rollouts) or not (deterministic top-k, evaluation); a bool
+            tensor of the leading shape ``(...)`` decides per row.
         generator: source of the noise.
 
     Returns:
@@ -42,7 +43,11 @@ def rank_blocks(
         first ``K`` entries are the Gumbel-top-k sample ``σ`` in sampled order. Ties keep the earlier block.
     """
     values = logits.float()
-    if sample:
+    if isinstance(sample, torch.Tensor):
+        if bool(sample.any()):
+            noise = gumbel_noise(values.shape, generator, values.device)
+            values = values + noise * sample.to(values.device)[..., None].to(values.dtype)
+    elif sample:
         values = values + gumbel_noise(values.shape, generator, values.device)
     values = values.masked_fill(~pool, float("-inf"))
     return torch.sort(values, dim=-1, descending=True, stable=True).indices

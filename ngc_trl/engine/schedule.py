@@ -133,6 +133,9 @@ class EvictionRounds(DecodeSchedule):
         eviction_rate: ``(B,)`` fp32 ε per row, each in ``[0, 1)``.
         sample: Gumbel-top-k (training rollouts) or deterministic top-k.
         generator: the noise source. forced_token_id: the meta-token, or None.
+        sampled_round: optional ``(B,)`` long (beyond the paper; only with ``sample``): row ``b`` draws
+            Gumbel-top-k at its round ``sampled_round[b]`` (0-based) only and keeps the top-k at every other
+            round (``-1``: top-k at every round).
     """
 
     def __init__(
@@ -143,10 +146,14 @@ class EvictionRounds(DecodeSchedule):
         sample: bool,
         generator: torch.Generator | None = None,
         forced_token_id: int | None = None,
+        sampled_round: torch.Tensor | None = None,
     ) -> None:
         super().__init__(eviction_rate)
+        if sampled_round is not None and not sample:
+            raise ValueError("sampled_round: only sampled rollouts (sample_evictions=True) pick a round to sample")
         self.cfg, self.policy = cfg, policy
         self.sample, self.generator, self.forced_token_id = sample, generator, forced_token_id
+        self.sampled_round = None if sampled_round is None else sampled_round.long().cpu()
         self.query_window, self.tracks_attention = policy.query_window, policy.tracks_attention
 
     def start(self, state: DecodeState) -> None:
@@ -178,6 +185,10 @@ class EvictionRounds(DecodeSchedule):
         """One round for the rows ``rows (R,)`` in every layer; returns per-layer ``(decision, blocks,
         keep_block)``. ``round_pos (R,)``: absolute position of the round in each row."""
         cache, cfg = state.cache, self.cfg
+        sample = self.sample
+        if self.sampled_round is not None:  # this row's round index == its sampled round
+            r_cpu = rows.cpu()
+            sample = (self.builder.count[r_cpu] == self.sampled_round[r_cpu]).to(rows.device)
         per_layer = []
         for layer_idx, layer in enumerate(cache.layers):
             assert layer.keys is not None and layer.values is not None and layer.pos is not None  # prefilled
@@ -201,7 +212,7 @@ class EvictionRounds(DecodeSchedule):
                 round_pos=round_pos,
             )
             blocks = score_blocks(self.policy, view, cfg)
-            dec = decide(blocks, self.eps[rows], self.sample, self.generator)
+            dec = decide(blocks, self.eps[rows], sample, self.generator)
             keep_slot = live.clone()
             keep_slot[rows] = dec.keep_block.gather(1, view.bid.clamp(min=0)) & view.live
             layer.keep(keep_slot)
@@ -284,6 +295,7 @@ def make_schedule(
     generator: torch.Generator | None = None,
     forced_token_id: int | None = None,
     compression_ratio: torch.Tensor | None = None,
+    sampled_round: torch.Tensor | None = None,
 ) -> DecodeSchedule:
     """The schedule a config describes: `BeaconWindows` for a `BeaconConfig`; for an `EvictionConfig`,
     `FullCache` when its score rule never evicts (``full``), else `EvictionRounds` with that rule
@@ -291,7 +303,7 @@ def make_schedule(
     from ngc_trl.engine.policy import get_policy
 
     if isinstance(config, BeaconConfig):
-        if policy is not None or eviction_rate is not None or forced_token_id is not None:
+        if policy is not None or eviction_rate is not None or forced_token_id is not None or sampled_round is not None:
             raise ValueError("a BeaconConfig decodes without a score rule, eviction rate or meta-token")
         return BeaconWindows(config, compression_ratio)
     if compression_ratio is not None:
@@ -307,4 +319,4 @@ def make_schedule(
     if not policy.evicts:
         policy.check_batch(batch)
         return FullCache(eps)
-    return EvictionRounds(config, policy, eps, sample_evictions, generator, forced_token_id)
+    return EvictionRounds(config, policy, eps, sample_evictions, generator, forced_token_id, sampled_round)

@@ -42,6 +42,11 @@ class NGCConfig(GRPOConfig):
             randomness in a group and every reward difference within it is due to what was evicted: a
             lower-variance L_mem, trained under the decoding it is evaluated with (greedy). The token loss of
             greedy tokens is no policy gradient, so it needs `token_loss_coef=0` (the paper samples both).
+        one_sampled_round (`int`, defaults to `0`): beyond the paper. 0: every round's evictions are sampled
+            (paper). k ≥ 1: each prompt group samples its evictions at one round drawn uniformly from its first
+            k and keeps the top-k (what evaluation does) at every other round; L_mem is taken over that round's
+            actions only. With `greedy_rollout_tokens` a group's rollouts share their prefix up to that round and
+            differ only by its draw: each reward difference is credited to one decision per layer.
         replay_masks (`bool`, defaults to `True`): per-layer replay masks in the training forward (False:
             "targeted KV dropout", tokens scored on the full context).
         replay_backend (`str`, defaults to `"auto"`): `"dense"` SDPA masks, `"flex"` FlexAttention, or auto.
@@ -120,6 +125,13 @@ class NGCConfig(GRPOConfig):
             "(needs token_loss_coef=0)."
         },
     )
+    one_sampled_round: int = field(
+        default=0,
+        metadata={
+            "help": "Beyond the paper: k >= 1 samples the evictions of one round per group (drawn from the "
+            "first k), top-k at the others; 0: every round sampled (paper)."
+        },
+    )
     replay_masks: bool = field(
         default=True, metadata={"help": "Per-layer replay masks in the training forward."}
     )
@@ -184,6 +196,15 @@ class NGCConfig(GRPOConfig):
                 f"NGCConfig.greedy_rollout_tokens=True with token_loss_coef={self.token_loss_coef}: greedy tokens "
                 "are not sampled, so their log-probs carry no policy gradient; set token_loss_coef=0 "
                 "(the eviction policy alone is trained)"
+            )
+        if isinstance(self.one_sampled_round, bool) or not isinstance(self.one_sampled_round, int) or (
+            self.one_sampled_round < 0
+        ):
+            raise ValueError(f"NGCConfig.one_sampled_round={self.one_sampled_round!r}: must be an integer >= 0")
+        if self.one_sampled_round and self.eviction_loss_coef == 0:
+            raise ValueError(
+                "NGCConfig.one_sampled_round: it only changes which eviction actions L_mem trains on; "
+                "it needs eviction_loss_coef > 0"
             )
         if (
             isinstance(self.replay_chunk_tokens, bool)

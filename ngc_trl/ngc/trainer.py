@@ -5,7 +5,8 @@ signatures change):
 
 * `_generate`: budget-aware interoception — one eviction rate per prompt group, written into the prompt.
 * `_generate_single_turn`: rollouts through `generate_with_eviction` with Gumbel-top-k evictions at the
-  rate in force (curriculum, Eq. 6); the records are kept for the replay. Tokens are sampled (paper) or,
+  rate in force (curriculum, Eq. 6); the records are kept for the replay. With ``one_sampled_round``
+  (beyond the paper) a group draws its evictions at one round only and takes the top-k at the others. Tokens are sampled (paper) or,
   with ``greedy_rollout_tokens`` (beyond the paper, eviction-only), decoded greedily.
 * `_generate_and_score_completions`: adds the records to the batch as padded per-sample tensors (first
   dim ``B``, so TRL's shuffle/split keep them aligned), and the "old" eviction log-probs when TRL computes
@@ -89,6 +90,8 @@ class BatchScope:
         row_rates: ``(B,)`` ε of each rollout (set by ``_generate``: curriculum or interoception).
         rollout: the `EvictionOutput` of the batch (set by ``_generate_single_turn``).
         records, prompt_len: what the replay forward replays (``prompt_len (B,)``).
+        sampled_round: ``(B,)`` long, the one round whose evictions each rollout sampled
+            (``one_sampled_round``; None: every round was sampled, the paper).
         expects_old_pass: TRL will run its no-grad "old" log-prob pass in this rollout phase (its own
             condition, ``gradient_accumulation_steps % (steps_per_generation · num_iterations) != 0``);
             that pass is the first no-grad replay, before any reference-model pass.
@@ -101,6 +104,7 @@ class BatchScope:
     rollout: EvictionOutput | None = None
     records: EvictionRecords | None = None
     prompt_len: torch.Tensor | None = None
+    sampled_round: torch.Tensor | None = None
     expects_old_pass: bool = False
     old_evict_logp: torch.Tensor | None = None
     evict_logp: torch.Tensor | None = None
@@ -267,6 +271,7 @@ class NGCTrainer(GRPOTrainer):
         rates = scope.row_rates if scope is not None and scope.row_rates is not None else None
         if rates is None:
             rates = torch.full((len(prompt_ids),), self.rate_in_force())
+        sampled_round = self._draw_sampled_rounds(prompt_ids)
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -293,12 +298,26 @@ class NGCTrainer(GRPOTrainer):
                 pad_token_id=pad,
                 eviction_rate=rates.to(device),
                 forced_token_id=self.meta_token_id,
+                sampled_round=None if sampled_round is None else sampled_round.to(device),
             )
             model.train(was_training)
         if scope is not None:
             scope.rollout, scope.records, scope.prompt_len = out, out.records, mask.sum(1)
+            scope.sampled_round = sampled_round
         self._log_cache_stats(out, rates)
         return out.completion_ids, None
+
+    def _draw_sampled_rounds(self, prompt_ids: list) -> torch.Tensor | None:
+        """``(B,)`` long: with ``one_sampled_round = k`` (beyond the paper), the round each rollout samples, one
+        draw uniform in ``[0, k)`` per prompt group (consecutive rows with the same prompt, as TRL lays a
+        generation batch out), so a group shares its top-k prefix up to that round; None when off."""
+        k = self.args.one_sampled_round
+        if not k:
+            return None
+        group = torch.zeros(len(prompt_ids), dtype=torch.long)
+        for i in range(1, len(prompt_ids)):
+            group[i] = group[i - 1] + int(list(prompt_ids[i]) != list(prompt_ids[i - 1]))
+        return torch.randint(k, (int(group[-1]) + 1,))[group] if len(prompt_ids) else group
 
     def _log_cache_stats(self, out, rates):
         mode = "train" if self.model.training else "eval"
@@ -343,6 +362,8 @@ class NGCTrainer(GRPOTrainer):
             records = records.cleared(masked)
         out.update(records.as_dict())
         out["ngc_prompt_len"] = scope.prompt_len
+        if scope.sampled_round is not None:
+            out["ngc_sampled_round"] = scope.sampled_round.to(out["ngc_prompt_len"].device)
         if scope.old_evict_logp is not None:
             out["ngc_old_logp"] = scope.old_evict_logp
         return out
@@ -441,6 +462,9 @@ class NGCTrainer(GRPOTrainer):
         if records is None or scope.evict_logp is None:
             return loss
         new, acted = scope.evict_logp, records.acted
+        if "ngc_sampled_round" in inputs:  # one_sampled_round: the other rounds took the top-k, no action drawn
+            rounds = torch.arange(acted.shape[1], device=acted.device)
+            acted = acted & (rounds[None, :] == inputs["ngc_sampled_round"][:, None].to(acted.device))[..., None]
         m = acted.to(new.dtype)
         evict_loss = eviction_policy_loss(
             new,
