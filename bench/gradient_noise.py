@@ -19,8 +19,9 @@ With ``--logit_features`` it also asks whether the *reward* points anywhere in a
 of the eviction action space, whatever the model can represent: a bias ``β_f`` (shared by every layer, 0, so
 rollouts are unchanged) is added in the replay to each block's Plackett–Luce logit times a block feature
 ``f`` — ``prompt`` (share of the block's keys in the prompt), ``newest`` (the newest block), ``first`` (the
-oldest block) and ``age`` (block index / (N − 1)). ``∂L_mem/∂β`` per batch gives the same noise statistics in
-this 4-d space and a t-statistic per feature (``−∂L_mem/∂β_f > 0``: keeping such blocks more raises the reward).
+oldest block), ``age`` (block index / (N − 1)) and ``recent32`` (share of the block's keys among the 32 newest,
+what ``num_recent=32`` protects). ``∂L_mem/∂β`` per batch gives the same noise statistics in
+this 5-d space and a t-statistic per feature (``−∂L_mem/∂β_f > 0``: keeping such blocks more raises the reward).
 
 Zero-variance groups give zero gradients and are part of the batch, as in training. Example::
 
@@ -88,11 +89,11 @@ def noise_stats(grads: list[torch.Tensor], batch: float) -> dict:
     }
 
 
-FEATURES = ("prompt", "newest", "first", "age")
+FEATURES = ("prompt", "newest", "first", "age", "recent32")
 
 
 def block_features(view, n_blocks: int) -> torch.Tensor:
-    """``(R, N, 4)`` features of every block of a `LayerView` (see `FEATURES` and the module docstring)."""
+    """``(R, N, 5)`` features of every block of a `LayerView` (see `FEATURES` and the module docstring)."""
     live = view.live
     col = torch.where(view.bid >= 0, view.bid, torch.full_like(view.bid, n_blocks))
     ones = torch.zeros(live.shape[0], n_blocks + 1).scatter_add_(1, col, live.float())
@@ -103,7 +104,10 @@ def block_features(view, n_blocks: int) -> torch.Tensor:
     newest = (idx == n - 1).float()
     first = (idx == 0).float()
     age = idx.float() / (n - 1).clamp(min=1)
-    return torch.stack([prompt, newest, first, age], -1)
+    from_end = live.long().sum(-1, keepdim=True) - torch.cumsum(live.long(), -1)  # 0 for the newest key
+    in_recent = (live & (from_end < 32)).float()
+    recent = torch.zeros_like(ones).scatter_add_(1, col, in_recent)[:, :n_blocks] / ones[:, :n_blocks].clamp(min=1)
+    return torch.stack([prompt, newest, first, age, recent], -1)
 
 
 def install_feature_bias(bias: torch.Tensor):
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--logit_features",
         action="store_true",
-        help="also measure L_mem's gradient w.r.t. per-feature logit biases (prompt, newest, first, age)",
+        help="also measure L_mem's gradient w.r.t. per-feature logit biases (prompt, newest, first, age, recent32)",
     )
     argv = sys.argv[1:] if argv is None else argv
     ours, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])

@@ -48,9 +48,10 @@ def parse_setting(text: str) -> dict[str, float]:
     return out
 
 
-def install_bias(weights: dict[str, float]):
+def install_bias(weights: dict[str, float], relative: bool = False):
     """Add ``features · β`` to the block logits of every rollout round (the decode loop's `score_blocks`);
-    returns an undo."""
+    returns an undo. ``relative``: β is in units of the row's mean candidate block logit (``β = 1`` is one
+    average block's score; for the tiny recipes' ``relative`` × 2 logits a training-time bias b is β = b / 2)."""
     import ngc_trl.engine.schedule as schedule
 
     original = schedule.score_blocks
@@ -59,7 +60,12 @@ def install_bias(weights: dict[str, float]):
     def biased(policy, view, cfg):
         blocks = original(policy, view, cfg)
         feats = block_features(view, blocks.logits.shape[-1]).to(blocks.logits.device)
-        blocks.logits = blocks.logits + feats @ beta.to(blocks.logits.device)
+        bias = feats @ beta.to(blocks.logits.device)
+        if relative:
+            m = blocks.pool.float()
+            mean = (blocks.logits * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+            bias = bias * mean
+        blocks.logits = blocks.logits + bias
         return blocks
 
     schedule.score_blocks = biased
@@ -75,6 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", required=True)
     p.add_argument("--settings", required=True, help='";"-separated settings, e.g. "0;prompt=2,newest=2"')
     p.add_argument("--policy", default="ngc", help="the score rule the biases are added to")
+    p.add_argument(
+        "--relative",
+        action="store_true",
+        help="biases in units of the row's mean candidate block logit (default: raw logit units)",
+    )
     p.add_argument("--out", default=None)
     argv = sys.argv[1:] if argv is None else argv
     ours, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs = []
     for text, weights in zip(settings, parsed):
-        restore = install_bias(weights)
+        restore = install_bias(weights, a.relative)
         start = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as tmp:
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", "bench/logit_landscape.py", *argv]),
         "model": a.model,
         "features": list(FEATURES),
+        "bias_units": "mean candidate block logit" if a.relative else "logit",
         "runs": runs,
     }
     if a.out:

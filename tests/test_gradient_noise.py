@@ -70,10 +70,15 @@ def test_block_features_of_a_hand_built_view():
     pos = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 4]])
     view = LayerView(None, None, pos, live, block_ids(live, 2), None, None, None, 1.0, torch.tensor([3, 1]))
     f = gn.block_features(view, 3)
-    assert f.shape == (2, 3, 4)
+    assert f.shape == (2, 3, 5)
     assert f[0, :, 0].tolist() == [1.0, 0.5, 0.0] and f[1, :, 0].tolist() == [0.5, 0.0, 0.0]  # prompt share
     assert f[0, :, 1].tolist() == [0.0, 0.0, 1.0] and f[0, :, 2].tolist() == [1.0, 0.0, 0.0]  # newest, first
     assert f[0, :, 3].tolist() == [0.0, 0.5, 1.0]
+    assert f[0, :, 4].tolist() == [1.0, 1.0, 1.0]  # 5 live keys, all among the 32 newest
+    live = torch.ones(1, 44, dtype=torch.bool)
+    live[0, 0:4] = False  # 40 live keys in 5 blocks of 8: the oldest block is outside the 32 newest
+    view = LayerView(None, None, torch.arange(44)[None], live, block_ids(live, 8), None, None, None, 1.0, torch.tensor([0]))
+    assert gn.block_features(view, 5)[0, :, 4].tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
 
 
 def test_feature_bias_gradient_points_to_the_rewarded_feature():
@@ -82,10 +87,10 @@ def test_feature_bias_gradient_points_to_the_rewarded_feature():
     from ngc_trl.engine.sampling import plackett_luce_log_prob, rank_blocks
 
     torch.manual_seed(0)
-    feats = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0.5], [0, 1, 0, 1]])  # block 0 is the prompt
+    feats = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0, 0.5, 0], [0, 1, 0, 1, 1]])  # block 0 is the prompt
     grads = []
     for _ in range(8):
-        bias = torch.zeros(4, requires_grad=True)
+        bias = torch.zeros(5, requires_grad=True)
         logits = (torch.zeros(64, 3) + feats @ bias)
         order = rank_blocks(logits.detach(), torch.ones(64, 3, dtype=torch.bool), sample=True)[:, :1]
         reward = (order[:, 0] == 0).float()
