@@ -98,7 +98,9 @@ def block_features(view, n_blocks: int) -> torch.Tensor:
     col = torch.where(view.bid >= 0, view.bid, torch.full_like(view.bid, n_blocks))
     ones = torch.zeros(live.shape[0], n_blocks + 1).scatter_add_(1, col, live.float())
     in_prompt = (live & (view.pos < view.prompt_len[:, None])).float()
-    prompt = torch.zeros_like(ones).scatter_add_(1, col, in_prompt)[:, :n_blocks] / ones[:, :n_blocks].clamp(min=1)
+    prompt = torch.zeros_like(ones).scatter_add_(1, col, in_prompt)[:, :n_blocks] / ones[:, :n_blocks].clamp(
+        min=1
+    )
     n = (ones[:, :n_blocks] > 0).sum(-1, keepdim=True)  # blocks that exist (contiguous from 0)
     idx = torch.arange(n_blocks)[None].expand_as(prompt)
     newest = (idx == n - 1).float()
@@ -106,7 +108,9 @@ def block_features(view, n_blocks: int) -> torch.Tensor:
     age = idx.float() / (n - 1).clamp(min=1)
     from_end = live.long().sum(-1, keepdim=True) - torch.cumsum(live.long(), -1)  # 0 for the newest key
     in_recent = (live & (from_end < 32)).float()
-    recent = torch.zeros_like(ones).scatter_add_(1, col, in_recent)[:, :n_blocks] / ones[:, :n_blocks].clamp(min=1)
+    recent = torch.zeros_like(ones).scatter_add_(1, col, in_recent)[:, :n_blocks] / ones[:, :n_blocks].clamp(
+        min=1
+    )
     return torch.stack([prompt, newest, first, age, recent], -1)
 
 

@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                summary = eval_main(
-                    ["--model", a.model, "--policies", a.policy, "--output_dir", tmp, *rest]
-                )
+                summary = eval_main(["--model", a.model, "--policies", a.policy, "--output_dir", tmp, *rest])
         finally:
             restore()
         r = summary["results"][0]
@@ -111,7 +109,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "setting": text,
                 "bias": weights,
                 "seconds": time.perf_counter() - start,
-                **{k: r.get(k) for k in ("pass@1", "pass@1_se", "peak_compression", "mean_prompt_kept", "mean_rounds", "truncated")},
+                **{
+                    k: r.get(k)
+                    for k in (
+                        "pass@1",
+                        "pass@1_se",
+                        "peak_compression",
+                        "mean_prompt_kept",
+                        "mean_rounds",
+                        "truncated",
+                    )
+                },
             }
         )
         print(json.dumps(runs[-1]), flush=True)

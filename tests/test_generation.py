@@ -250,7 +250,9 @@ def test_sampled_round_samples_one_round_and_takes_the_top_k_elsewhere(model):
     ]
     for out in outs:
         rec = out.records
-        assert torch.equal(out.sequences[0], topk.sequences[0]) and torch.equal(rec.kept[0], topk.records.kept[0])
+        assert torch.equal(out.sequences[0], topk.sequences[0]) and torch.equal(
+            rec.kept[0], topk.records.kept[0]
+        )
         for row in (1, 2, 3):
             r = int(rounds[row])
             assert torch.equal(rec.kept[row, :r], topk.records.kept[0, :r])  # top-k before its round

@@ -77,7 +77,9 @@ def test_block_features_of_a_hand_built_view():
     assert f[0, :, 4].tolist() == [1.0, 1.0, 1.0]  # 5 live keys, all among the 32 newest
     live = torch.ones(1, 44, dtype=torch.bool)
     live[0, 0:4] = False  # 40 live keys in 5 blocks of 8: the oldest block is outside the 32 newest
-    view = LayerView(None, None, torch.arange(44)[None], live, block_ids(live, 8), None, None, None, 1.0, torch.tensor([0]))
+    view = LayerView(
+        None, None, torch.arange(44)[None], live, block_ids(live, 8), None, None, None, 1.0, torch.tensor([0])
+    )
     assert gn.block_features(view, 5)[0, :, 4].tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
 
 
@@ -91,7 +93,7 @@ def test_feature_bias_gradient_points_to_the_rewarded_feature():
     grads = []
     for _ in range(8):
         bias = torch.zeros(5, requires_grad=True)
-        logits = (torch.zeros(64, 3) + feats @ bias)
+        logits = torch.zeros(64, 3) + feats @ bias
         order = rank_blocks(logits.detach(), torch.ones(64, 3, dtype=torch.bool), sample=True)[:, :1]
         reward = (order[:, 0] == 0).float()
         adv = reward - reward.mean()

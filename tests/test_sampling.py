@@ -88,7 +88,8 @@ def test_rank_blocks_samples_only_the_rows_asked():
     logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]] * 2)
     pool = torch.ones(2, 4, dtype=torch.bool)
     orders = [
-        rank_blocks(logits, pool, torch.tensor([False, True]), torch.Generator().manual_seed(s)) for s in range(20)
+        rank_blocks(logits, pool, torch.tensor([False, True]), torch.Generator().manual_seed(s))
+        for s in range(20)
     ]
     assert all(o[0].tolist() == [0, 2, 1, 3] for o in orders)
     assert len({tuple(o[1].tolist()) for o in orders}) > 1

@@ -166,7 +166,11 @@ def test_greedy_rollout_tokens_sample_only_the_evictions(tmp_path):
         tr = make_trainer(tmp_path, peft=False, greedy_rollout_tokens=True, token_loss_coef=0.0, **kw)
         torch.manual_seed(3)
         batch = tr._generate_and_score_completions(prompts)
-        return tr, batch, [tuple(r[m.bool()].tolist()) for r, m in zip(batch["completion_ids"], batch["completion_mask"])]
+        return (
+            tr,
+            batch,
+            [tuple(r[m.bool()].tolist()) for r, m in zip(batch["completion_ids"], batch["completion_mask"])],
+        )
 
     _, _, no_evict = completions(eviction_interval=10_000)
     assert len(set(no_evict)) == 1  # greedy: no token randomness
@@ -197,7 +201,9 @@ def test_one_sampled_round_trains_on_that_round_only(tmp_path):
         max_completion_length=64,
     )
     torch.manual_seed(5)
-    batch = tr._generate_and_score_completions([{"prompt": "nums 3 5 7 target 9\n"}] * 3 + [{"prompt": "abc 7\n"}] * 3)
+    batch = tr._generate_and_score_completions(
+        [{"prompt": "nums 3 5 7 target 9\n"}] * 3 + [{"prompt": "abc 7\n"}] * 3
+    )
     sr = batch["ngc_sampled_round"]
     assert sr.shape == (6,) and len(set(sr[:3].tolist())) == 1 and len(set(sr[3:].tolist())) == 1
     assert set(sr.tolist()) <= {0, 1}

@@ -155,7 +155,9 @@ def generate_with_eviction(
             compression_ratio=compression_ratio,
             sampled_round=sampled_round,
         )
-    elif any(x is not None for x in (eviction_rate, compression_ratio, policy, forced_token_id, sampled_round)):
+    elif any(
+        x is not None for x in (eviction_rate, compression_ratio, policy, forced_token_id, sampled_round)
+    ):
         raise ValueError(
             "schedule: a prebuilt schedule takes no eviction_rate/compression_ratio/policy/forced_token_id"
         )

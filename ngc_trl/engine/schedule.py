@@ -150,7 +150,9 @@ class EvictionRounds(DecodeSchedule):
     ) -> None:
         super().__init__(eviction_rate)
         if sampled_round is not None and not sample:
-            raise ValueError("sampled_round: only sampled rollouts (sample_evictions=True) pick a round to sample")
+            raise ValueError(
+                "sampled_round: only sampled rollouts (sample_evictions=True) pick a round to sample"
+            )
         self.cfg, self.policy = cfg, policy
         self.sample, self.generator, self.forced_token_id = sample, generator, forced_token_id
         self.sampled_round = None if sampled_round is None else sampled_round.long().cpu()
@@ -303,7 +305,12 @@ def make_schedule(
     from ngc_trl.engine.policy import get_policy
 
     if isinstance(config, BeaconConfig):
-        if policy is not None or eviction_rate is not None or forced_token_id is not None or sampled_round is not None:
+        if (
+            policy is not None
+            or eviction_rate is not None
+            or forced_token_id is not None
+            or sampled_round is not None
+        ):
             raise ValueError("a BeaconConfig decodes without a score rule, eviction rate or meta-token")
         return BeaconWindows(config, compression_ratio)
     if compression_ratio is not None:

@@ -197,10 +197,14 @@ class NGCConfig(GRPOConfig):
                 "are not sampled, so their log-probs carry no policy gradient; set token_loss_coef=0 "
                 "(the eviction policy alone is trained)"
             )
-        if isinstance(self.one_sampled_round, bool) or not isinstance(self.one_sampled_round, int) or (
-            self.one_sampled_round < 0
+        if (
+            isinstance(self.one_sampled_round, bool)
+            or not isinstance(self.one_sampled_round, int)
+            or (self.one_sampled_round < 0)
         ):
-            raise ValueError(f"NGCConfig.one_sampled_round={self.one_sampled_round!r}: must be an integer >= 0")
+            raise ValueError(
+                f"NGCConfig.one_sampled_round={self.one_sampled_round!r}: must be an integer >= 0"
+            )
         if self.one_sampled_round and self.eviction_loss_coef == 0:
             raise ValueError(
                 "NGCConfig.one_sampled_round: it only changes which eviction actions L_mem trains on; "

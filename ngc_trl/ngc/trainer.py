@@ -462,9 +462,13 @@ class NGCTrainer(GRPOTrainer):
         if records is None or scope.evict_logp is None:
             return loss
         new, acted = scope.evict_logp, records.acted
-        if "ngc_sampled_round" in inputs:  # one_sampled_round: the other rounds took the top-k, no action drawn
+        if (
+            "ngc_sampled_round" in inputs
+        ):  # one_sampled_round: the other rounds took the top-k, no action drawn
             rounds = torch.arange(acted.shape[1], device=acted.device)
-            acted = acted & (rounds[None, :] == inputs["ngc_sampled_round"][:, None].to(acted.device))[..., None]
+            acted = (
+                acted & (rounds[None, :] == inputs["ngc_sampled_round"][:, None].to(acted.device))[..., None]
+            )
         m = acted.to(new.dtype)
         evict_loss = eviction_policy_loss(
             new,
