@@ -87,15 +87,19 @@ def oracle_rollouts(model, tok, problems, cfg, max_new_tokens):
     return out.sequences, am, out.records, enc["attention_mask"].sum(1)
 
 
-def cloning_loss(model, sequences, attention_mask, records, prompt_len, cfg) -> tuple[torch.Tensor, int]:
+def cloning_loss(
+    model, sequences, attention_mask, records, prompt_len, cfg, token_weight: float = 0.0
+) -> tuple[torch.Tensor, int]:
     """``− mean log π_ngc(σ)`` over the acted (rollout, round, layer) actions of ``records``, by the replay
-    forward (with grad); returns the loss and the number of actions."""
+    forward (with grad), plus ``token_weight`` × the mean NLL of the completion tokens in that forward (the
+    model's own greedy tokens under the oracle's evictions: an anchor for the language model). Returns the
+    loss and the number of actions."""
     from ngc_trl.engine.attention import no_mask, use_ngc_attention
     from ngc_trl.engine.replay import ReplayContext
 
     ctx = ReplayContext(attention_mask, records, cfg, prompt_len=prompt_len, eviction_logps=True)
     with use_ngc_attention(model):
-        model(
+        out = model(
             input_ids=sequences,
             attention_mask=no_mask(model),
             position_ids=ctx.position_ids,
@@ -104,14 +108,21 @@ def cloning_loss(model, sequences, attention_mask, records, prompt_len, cfg) -> 
         )
     logp = ctx.eviction_logp(model.config.num_hidden_layers)
     acted = records.acted.to(logp.dtype)
-    return -(logp * acted).sum() / acted.sum().clamp(min=1), int(acted.sum())
+    loss = -(logp * acted).sum() / acted.sum().clamp(min=1)
+    if token_weight:
+        width = int((attention_mask.argmax(1) + prompt_len).max())  # left-padded prompts end at this column
+        tok_lp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, sequences[:, 1:, None])[..., 0]
+        mask = attention_mask[:, 1:].float()
+        mask[:, : width - 1] = 0  # predictions of completion tokens only
+        loss = loss + token_weight * (-(tok_lp * mask).sum() / mask.sum().clamp(min=1))
+    return loss, int(acted.sum())
 
 
-def clone_step(model, tok, problems, cfg, max_new_tokens, optimizer) -> dict:
+def clone_step(model, tok, problems, cfg, max_new_tokens, optimizer, token_weight: float = 0.0) -> dict:
     """One step: oracle rollouts of ``problems``, then one optimizer step on their cloning loss."""
     seq, am, records, plen = oracle_rollouts(model, tok, problems, cfg, max_new_tokens)
     model.train()
-    loss, n = cloning_loss(model, seq, am, records, plen, cfg)
+    loss, n = cloning_loss(model, seq, am, records, plen, cfg, token_weight)
     optimizer.zero_grad()
     loss.backward()
     gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -143,6 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval_every", type=int, default=20)
+    p.add_argument(
+        "--token_weight",
+        type=float,
+        default=0.0,
+        help="weight of the completion-token NLL anchor (0: the cloning loss alone)",
+    )
     p.add_argument("--rate", type=float, default=0.5)
     p.add_argument("--eviction_interval", type=int, default=64)
     p.add_argument("--block_size", type=int, default=8)
@@ -157,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("steps", "batch_size", "eval_every", "eviction_interval", "block_size", "score_window"):
         if getattr(a, name) <= 0:
             p.error(f"--{name} must be > 0")
+    if a.token_weight < 0:
+        p.error("--token_weight must be >= 0")
     if not 0 < a.rate < 1:
         p.error("--rate must be in (0, 1)")
 
@@ -227,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint(0)
     for step in range(1, a.steps + 1):
         batch = problems[(step - 1) * a.batch_size : step * a.batch_size]
-        log = clone_step(model, tok, batch, cfg, a.max_new_tokens, opt)
+        log = clone_step(model, tok, batch, cfg, a.max_new_tokens, opt, a.token_weight)
         log |= {"step": step, "seconds": time.perf_counter() - start}
         record["steps"].append(log)
         print(json.dumps(log), flush=True)

@@ -45,3 +45,7 @@ def test_cloning_steps_raise_the_ngc_log_prob_of_the_oracle_actions():
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.1
+    with torch.no_grad():
+        plain, _ = oc.cloning_loss(model, seq, am, records, plen, cfg)
+        anchored, _ = oc.cloning_loss(model, seq, am, records, plen, cfg, token_weight=1.0)
+    assert anchored > plain  # plus the completion tokens' NLL (> 0)
