@@ -94,24 +94,17 @@ def cloning_loss(
     forward (with grad), plus ``token_weight`` × the mean NLL of the completion tokens in that forward (the
     model's own greedy tokens under the oracle's evictions: an anchor for the language model). Returns the
     loss and the number of actions."""
-    from ngc_trl.engine.attention import no_mask, use_ngc_attention
-    from ngc_trl.engine.replay import ReplayContext
+    from ngc_trl.engine.replay import ReplayContext, replay_forward
 
     ctx = ReplayContext(attention_mask, records, cfg, prompt_len=prompt_len, eviction_logps=True)
-    with use_ngc_attention(model):
-        out = model(
-            input_ids=sequences,
-            attention_mask=no_mask(model),
-            position_ids=ctx.position_ids,
-            ngc_replay=ctx,
-            use_cache=False,
-        )
+    tok_lp = replay_forward(
+        model, sequences, attention_mask, ctx
+    )  # (B, T - 1); fills ctx's eviction log-probs
     logp = ctx.eviction_logp(model.config.num_hidden_layers)
     acted = records.acted.to(logp.dtype)
     loss = -(logp * acted).sum() / acted.sum().clamp(min=1)
     if token_weight:
         width = int((attention_mask.argmax(1) + prompt_len).max())  # left-padded prompts end at this column
-        tok_lp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, sequences[:, 1:, None])[..., 0]
         mask = attention_mask[:, 1:].float()
         mask[:, : width - 1] = 0  # predictions of completion tokens only
         loss = loss + token_weight * (-(tok_lp * mask).sum() / mask.sum().clamp(min=1))

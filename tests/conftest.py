@@ -6,6 +6,22 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 
+def bench_module(name: str):
+    """Import ``bench/<name>.py`` (the benchmarks are scripts, not a package; ``bench/`` goes on the path so
+    they can import each other)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_qwen2(num_layers=3, vocab=96, hidden=64, heads=4, kv_heads=2, seed=0, dtype=torch.float32):
     """A random Qwen2 with GQA. ``initializer_range=0.2`` gives diverse, well-separated greedy tokens
     (the default 0.02 makes a random model repeat one token, which would hide eviction effects)."""

@@ -1,18 +1,10 @@
 """bench/logit_landscape.py: its settings parser and the logit bias it adds to the decode loop."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import left_padded
+from conftest import bench_module, left_padded
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-spec = importlib.util.spec_from_file_location("logit_landscape", BENCH / "logit_landscape.py")
-ll = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ll)
+ll = bench_module("logit_landscape")
 
 
 def test_settings_parse_and_fail_naming_the_setting():

@@ -1,21 +1,14 @@
 """bench/oracle_cloning.py: the cloning loss is the ngc scorer's log-prob of the oracle's recorded actions,
 and a few optimizer steps on fixed oracle rollouts raise it (the gradient reaches the scorer)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
+from conftest import bench_module
 from transformers import Qwen2ForCausalLM
 
 from ngc_trl import EvictionConfig
 from ngc_trl.models import char_tokenizer, tiny_qwen2_config
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-spec = importlib.util.spec_from_file_location("oracle_cloning", BENCH / "oracle_cloning.py")
-oc = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(oc)
+oc = bench_module("oracle_cloning")
 
 
 def test_cloning_steps_raise_the_ngc_log_prob_of_the_oracle_actions():
