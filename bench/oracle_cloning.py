@@ -121,7 +121,7 @@ def clone_step(model, tok, problems, cfg, max_new_tokens, optimizer, token_weigh
     gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
     optimizer.step()
     return {
-        "loss": float(loss),
+        "loss": loss.item(),
         "grad_norm": gnorm,
         "actions": n,
         "oracle_rollout_tokens": float((am.sum(1) - plen).float().mean()),

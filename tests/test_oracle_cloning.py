@@ -36,7 +36,7 @@ def test_cloning_steps_raise_the_ngc_log_prob_of_the_oracle_actions():
         loss.backward()
         assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().max() > 0
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
     with torch.no_grad():
         plain, _ = oc.cloning_loss(model, seq, am, records, plen, cfg)
