@@ -93,43 +93,45 @@ FEATURES = ("prompt", "newest", "first", "age", "recent32")
 
 
 def block_features(view, n_blocks: int) -> torch.Tensor:
-    """``(R, N, 5)`` features of every block of a `LayerView` (see `FEATURES` and the module docstring)."""
-    live = view.live
-    col = torch.where(view.bid >= 0, view.bid, torch.full_like(view.bid, n_blocks))
-    ones = torch.zeros(live.shape[0], n_blocks + 1).scatter_add_(1, col, live.float())
-    in_prompt = (live & (view.pos < view.prompt_len[:, None])).float()
-    prompt = torch.zeros_like(ones).scatter_add_(1, col, in_prompt)[:, :n_blocks] / ones[:, :n_blocks].clamp(
-        min=1
-    )
-    n = (ones[:, :n_blocks] > 0).sum(-1, keepdim=True)  # blocks that exist (contiguous from 0)
-    idx = torch.arange(n_blocks)[None].expand_as(prompt)
-    newest = (idx == n - 1).float()
-    first = (idx == 0).float()
+    """``(R, N, 5)`` features of every block of a `LayerView` (see `FEATURES` and the module docstring).
+    The per-key prompt and recent-32 masks are the config protections' (`protection_mask`), their block
+    shares the engine's block mean (`reduce_blocks`)."""
+    from ngc_trl.engine.config import EvictionConfig
+    from ngc_trl.engine.scoring import protection_mask, reduce_blocks
+
+    def share(cfg):
+        keys = protection_mask(view.pos, view.live, view.prompt_len, cfg).float()
+        return reduce_blocks(keys, view.bid, n_blocks, "mean")
+
+    prompt, _, exists = share(EvictionConfig(protect_prompt=True))
+    recent, _, _ = share(EvictionConfig(num_recent=32))
+    n = exists.sum(-1, keepdim=True)  # blocks that exist (contiguous from 0)
+    idx = torch.arange(n_blocks, device=prompt.device)[None].expand_as(prompt)
+    newest, first = (idx == n - 1).float(), (idx == 0).float()
     age = idx.float() / (n - 1).clamp(min=1)
-    from_end = live.long().sum(-1, keepdim=True) - torch.cumsum(live.long(), -1)  # 0 for the newest key
-    in_recent = (live & (from_end < 32)).float()
-    recent = torch.zeros_like(ones).scatter_add_(1, col, in_recent)[:, :n_blocks] / ones[:, :n_blocks].clamp(
-        min=1
-    )
     return torch.stack([prompt, newest, first, age, recent], -1)
 
 
-def install_feature_bias(bias: torch.Tensor):
-    """Make the replay's block logits ``logits + features · bias`` (rollouts untouched); returns an undo."""
-    import ngc_trl.engine.replay as replay
-
-    original = replay.score_blocks
+def install_feature_bias(module, bias: torch.Tensor, relative: bool = False):
+    """Make the block logits that ``module`` (`ngc_trl.engine.replay` or `ngc_trl.engine.schedule`) computes
+    ``logits + features · bias``; returns an undo. ``relative``: the bias is in units of the row's mean
+    candidate block logit."""
+    original = module.score_blocks
 
     def biased(policy, view, cfg):
         blocks = original(policy, view, cfg)
-        feats = block_features(view, blocks.logits.shape[-1])
-        blocks.logits = blocks.logits + feats @ bias
+        feats = block_features(view, blocks.logits.shape[-1]).to(blocks.logits.device)
+        add = feats @ bias.to(blocks.logits.device)
+        if relative:
+            m = blocks.pool.to(blocks.logits.dtype)
+            add = add * (blocks.logits * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        blocks.logits = blocks.logits + add
         return blocks
 
-    replay.score_blocks = biased
+    module.score_blocks = biased
 
     def restore():
-        replay.score_blocks = original
+        module.score_blocks = original
 
     return restore
 
@@ -170,7 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     rollouts: list[int] = []
     original = NGCTrainer._compute_loss
     bias = torch.zeros(len(FEATURES), requires_grad=True)
-    restore = install_feature_bias(bias) if a.logit_features else (lambda: None)
+    if a.logit_features:
+        import ngc_trl.engine.replay as replay
+
+        restore = install_feature_bias(replay, bias)  # the replay only: rollouts are unchanged at bias 0
+    else:
+        restore = lambda: None  # noqa: E731
 
     def measured(self, model, inputs):
         params = [q for q in model.parameters() if q.requires_grad]

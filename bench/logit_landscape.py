@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gradient_noise import FEATURES, block_features  # noqa: E402
+from gradient_noise import FEATURES, install_feature_bias  # noqa: E402
 
 
 def parse_setting(text: str) -> dict[str, float]:
@@ -54,26 +54,8 @@ def install_bias(weights: dict[str, float], relative: bool = False):
     average block's score; for the tiny recipes' ``relative`` × 2 logits a training-time bias b is β = b / 2)."""
     import ngc_trl.engine.schedule as schedule
 
-    original = schedule.score_blocks
     beta = torch.tensor([weights.get(f, 0.0) for f in FEATURES])
-
-    def biased(policy, view, cfg):
-        blocks = original(policy, view, cfg)
-        feats = block_features(view, blocks.logits.shape[-1]).to(blocks.logits.device)
-        bias = feats @ beta.to(blocks.logits.device)
-        if relative:
-            m = blocks.pool.float()
-            mean = (blocks.logits * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
-            bias = bias * mean
-        blocks.logits = blocks.logits + bias
-        return blocks
-
-    schedule.score_blocks = biased
-
-    def restore():
-        schedule.score_blocks = original
-
-    return restore
+    return install_feature_bias(schedule, beta, relative)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ours, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     a = p.parse_args(ours)
-    settings = [s for s in a.settings.split(";")]
+    settings = a.settings.split(";")
     parsed = [parse_setting(s) for s in settings]  # all validated before the first evaluation
     from ngc_trl.evaluation.run import main as eval_main
 

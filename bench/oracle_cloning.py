@@ -97,9 +97,8 @@ def cloning_loss(
     from ngc_trl.engine.replay import ReplayContext, replay_forward
 
     ctx = ReplayContext(attention_mask, records, cfg, prompt_len=prompt_len, eviction_logps=True)
-    tok_lp = replay_forward(
-        model, sequences, attention_mask, ctx
-    )  # (B, T - 1); fills ctx's eviction log-probs
+    # token log-probs (B, T - 1); the same forward fills ctx's eviction log-probs
+    tok_lp = replay_forward(model, sequences, attention_mask, ctx)
     logp = ctx.eviction_logp(model.config.num_hidden_layers)
     acted = records.acted.to(logp.dtype)
     loss = -(logp * acted).sum() / acted.sum().clamp(min=1)

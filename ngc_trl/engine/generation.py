@@ -159,7 +159,8 @@ def generate_with_eviction(
         x is not None for x in (eviction_rate, compression_ratio, policy, forced_token_id, sampled_round)
     ):
         raise ValueError(
-            "schedule: a prebuilt schedule takes no eviction_rate/compression_ratio/policy/forced_token_id"
+            "schedule: a prebuilt schedule takes no "
+            "eviction_rate/compression_ratio/policy/forced_token_id/sampled_round"
         )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -311,7 +311,9 @@ def make_schedule(
             or forced_token_id is not None
             or sampled_round is not None
         ):
-            raise ValueError("a BeaconConfig decodes without a score rule, eviction rate or meta-token")
+            raise ValueError(
+                "a BeaconConfig decodes without a score rule, eviction rate, meta-token or sampled round"
+            )
         return BeaconWindows(config, compression_ratio)
     if compression_ratio is not None:
         raise ValueError("compression_ratio: only a BeaconConfig (Breadcrumbs) decodes with beacons")

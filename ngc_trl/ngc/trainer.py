@@ -5,9 +5,9 @@ signatures change):
 
 * `_generate`: budget-aware interoception — one eviction rate per prompt group, written into the prompt.
 * `_generate_single_turn`: rollouts through `generate_with_eviction` with Gumbel-top-k evictions at the
-  rate in force (curriculum, Eq. 6); the records are kept for the replay. With ``one_sampled_round``
-  (beyond the paper) a group draws its evictions at one round only and takes the top-k at the others. Tokens are sampled (paper) or,
-  with ``greedy_rollout_tokens`` (beyond the paper, eviction-only), decoded greedily.
+  rate in force (curriculum, Eq. 6); the records are kept for the replay. Beyond the paper, with
+  ``one_sampled_round`` a group draws its evictions at one round only and takes the top-k at the others,
+  and with ``greedy_rollout_tokens`` (eviction-only) the tokens are decoded greedily.
 * `_generate_and_score_completions`: adds the records to the batch as padded per-sample tensors (first
   dim ``B``, so TRL's shuffle/split keep them aligned), and the "old" eviction log-probs when TRL computes
   old token log-probs (``num_iterations > 1``).
@@ -462,13 +462,9 @@ class NGCTrainer(GRPOTrainer):
         if records is None or scope.evict_logp is None:
             return loss
         new, acted = scope.evict_logp, records.acted
-        if (
-            "ngc_sampled_round" in inputs
-        ):  # one_sampled_round: the other rounds took the top-k, no action drawn
-            rounds = torch.arange(acted.shape[1], device=acted.device)
-            acted = (
-                acted & (rounds[None, :] == inputs["ngc_sampled_round"][:, None].to(acted.device))[..., None]
-            )
+        if "ngc_sampled_round" in inputs:  # one_sampled_round: the other rounds drew no action (top-k)
+            sampled = inputs["ngc_sampled_round"].to(acted.device)[:, None]
+            acted = acted & (torch.arange(acted.shape[1], device=acted.device)[None] == sampled)[..., None]
         m = acted.to(new.dtype)
         evict_loss = eviction_policy_loss(
             new,
