@@ -18,6 +18,7 @@ def bench_module(name: str):
         sys.path.insert(0, str(bench))
     spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses (and pickling) look the module up by name
     spec.loader.exec_module(module)
     return module
 
