@@ -127,16 +127,54 @@ def clone_step(model, tok, problems, cfg, max_new_tokens, optimizer, token_weigh
     }
 
 
-def evaluate(path: str, eval_args: list[str]) -> list[dict]:
-    """full and ngc (top-k) on the validation problems for the model saved at ``path``."""
+RESULT_KEYS = ("policy", "pass@1", "pass@1_se", "peak_compression", "mean_prompt_kept", "truncated")
+
+
+def evaluate(path: str, eval_args: list[str], policies: str = "full,ngc") -> list[dict]:
+    """``ngc-eval`` of ``policies`` (default full and ngc, top-k) for the model saved at ``path``."""
     import tempfile
 
     from ngc_trl.evaluation.run import main as eval_main
 
     with tempfile.TemporaryDirectory() as tmp:
-        s = eval_main(["--model", path, "--policies", "full,ngc", "--output_dir", tmp, *eval_args])
-    keep = ("policy", "pass@1", "pass@1_se", "peak_compression", "mean_prompt_kept", "truncated")
-    return [{k: r.get(k) for k in keep} for r in s["results"]]
+        s = eval_main(["--model", path, "--policies", policies, "--output_dir", tmp, *eval_args])
+    return [{k: r.get(k) for k in RESULT_KEYS} for r in s["results"]]
+
+
+def add_testbed_args(p: argparse.ArgumentParser) -> None:
+    """The schedule and validation-split options shared with `bench/oracle_probe.py` (tiny recipe defaults)."""
+    p.add_argument("--rate", type=float, default=0.5)
+    p.add_argument("--eviction_interval", type=int, default=64)
+    p.add_argument("--block_size", type=int, default=8)
+    p.add_argument("--score_window", type=int, default=5)
+    p.add_argument("--max_new_tokens", type=int, default=576)
+    p.add_argument("--validation_file", default="data/testbed/countdown/validation.jsonl")
+    p.add_argument("--eval_num_problems", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check_testbed_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Fail early, naming the option, on an invalid value of `add_testbed_args`."""
+    for name in ("eviction_interval", "block_size", "score_window", "max_new_tokens", "eval_num_problems"):
+        if getattr(a, name) <= 0:
+            p.error(f"--{name} must be > 0")
+    if not 0 < a.rate < 1:
+        p.error("--rate must be in (0, 1)")
+
+
+def validation_eval_args(a: argparse.Namespace, batch_size: int = 64) -> list[str]:
+    """`ngc-eval` arguments for the validation problems at the options of `add_testbed_args`."""
+    return [
+        "--problems_file", a.validation_file, "--num_problems", str(a.eval_num_problems),
+        "--rates", str(a.rate), "--max_new_tokens", str(a.max_new_tokens), "--batch_size", str(batch_size),
+        "--prompt_format", "plain", "--eviction_interval", str(a.eviction_interval),
+        "--block_size", str(a.block_size), "--score_window", str(a.score_window),
+    ]  # fmt: skip
+
+
+def machine() -> dict:
+    """What the record was measured on."""
+    return {"torch": torch.__version__, "platform": platform.platform(), "cpus": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,24 +190,16 @@ def main(argv: list[str] | None = None) -> dict:
         default=0.0,
         help="weight of the completion-token NLL anchor (0: the cloning loss alone)",
     )
-    p.add_argument("--rate", type=float, default=0.5)
-    p.add_argument("--eviction_interval", type=int, default=64)
-    p.add_argument("--block_size", type=int, default=8)
-    p.add_argument("--score_window", type=int, default=5)
-    p.add_argument("--max_new_tokens", type=int, default=576)
-    p.add_argument("--validation_file", default="data/testbed/countdown/validation.jsonl")
-    p.add_argument("--eval_num_problems", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    add_testbed_args(p)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    for name in ("steps", "batch_size", "eval_every", "eviction_interval", "block_size", "score_window"):
+    for name in ("steps", "batch_size", "eval_every"):
         if getattr(a, name) <= 0:
             p.error(f"--{name} must be > 0")
     if a.token_weight < 0:
         p.error("--token_weight must be >= 0")
-    if not 0 < a.rate < 1:
-        p.error("--rate must be in (0, 1)")
+    check_testbed_args(p, a)
 
     from transformers import AutoModelForCausalLM
 
@@ -191,34 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     problems = load_training_problems(a.steps * a.batch_size, 1000 + a.seed, a.validation_file)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr, betas=(0.9, 0.95), eps=1e-15)
-    eval_args = [
-        "--problems_file",
-        a.validation_file,
-        "--num_problems",
-        str(a.eval_num_problems),
-        "--rates",
-        str(a.rate),
-        "--max_new_tokens",
-        str(a.max_new_tokens),
-        "--batch_size",
-        "64",
-        "--prompt_format",
-        "plain",
-        "--eviction_interval",
-        str(a.eviction_interval),
-        "--block_size",
-        str(a.block_size),
-        "--score_window",
-        str(a.score_window),
-    ]
+    eval_args = validation_eval_args(a)
     record = {
         "benchmark": "oracle_cloning",
         "command": " ".join(["python", "bench/oracle_cloning.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "cpus": torch.get_num_threads(),
-        },
+        "machine": machine(),
         "settings": vars(a),
         "steps": [],
         "curve": [],

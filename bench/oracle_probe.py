@@ -34,9 +34,7 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
-import tempfile
 import time
 from typing import ClassVar
 
@@ -281,52 +279,43 @@ class ProbePolicy(EvictionPolicy):
 
 def evaluate(model_path: str, head: Head | None, policies: str, eval_args: list[str]) -> list[dict]:
     """``ngc-eval`` of ``policies`` (``probe`` decodes with ``head``) on the validation problems."""
-    from ngc_trl.evaluation.run import main as eval_main
+    from oracle_cloning import evaluate as eval_policies
+
     from ngc_trl.policies import POLICIES
 
     ProbePolicy.head = head
     POLICIES["probe"] = ProbePolicy
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            s = eval_main(["--model", model_path, "--policies", policies, "--output_dir", tmp, *eval_args])
+        return eval_policies(model_path, eval_args, policies)
     finally:
         POLICIES.pop("probe", None)
         ProbePolicy.head = None
-    keep = ("policy", "pass@1", "pass@1_se", "peak_compression", "mean_prompt_kept", "truncated")
-    return [{k: r.get(k) for k in keep} for r in s["results"]]
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from oracle_cloning import (
+        add_testbed_args,
+        check_testbed_args,
+        load_training_problems,
+        machine,
+        validation_eval_args,
+    )
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--train_problems", type=int, default=256)
     p.add_argument("--hidden", default="0,64", help="comma list of head widths (0: linear)")
     p.add_argument("--fit_steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-2)
-    p.add_argument("--rate", type=float, default=0.5)
-    p.add_argument("--eviction_interval", type=int, default=64)
-    p.add_argument("--block_size", type=int, default=8)
-    p.add_argument("--score_window", type=int, default=5)
-    p.add_argument("--max_new_tokens", type=int, default=576)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--validation_file", default="data/testbed/countdown/validation.jsonl")
-    p.add_argument("--eval_num_problems", type=int, default=64)
+    add_testbed_args(p)
     p.add_argument("--baselines", default="full,ngc,oracle", help="policies evaluated once beside the probes")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    for name in (
-        "train_problems",
-        "fit_steps",
-        "eviction_interval",
-        "block_size",
-        "score_window",
-        "batch_size",
-    ):
+    for name in ("train_problems", "fit_steps", "batch_size"):
         if getattr(a, name) <= 0:
             p.error(f"--{name} must be > 0")
-    if not 0 < a.rate < 1:
-        p.error("--rate must be in (0, 1)")
+    check_testbed_args(p, a)
     try:
         widths = [int(x) for x in a.hidden.split(",")]
     except ValueError:
@@ -334,7 +323,6 @@ def main(argv: list[str] | None = None) -> dict:
     if any(x < 0 for x in widths):
         p.error("--hidden widths must be >= 0")
 
-    from oracle_cloning import load_training_problems
     from transformers import AutoModelForCausalLM
 
     from ngc_trl import EvictionConfig
@@ -364,20 +352,11 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = collect(model, tok, val_problems, cfg, a.score_window, a.max_new_tokens, a.batch_size)
     n_layers = model.config.num_hidden_layers
     uniform = sum(x.k / x.oracle.shape[0] for x in held_out) / max(len(held_out), 1)
-    eval_args = [
-        "--problems_file", a.validation_file, "--num_problems", str(a.eval_num_problems),
-        "--rates", str(a.rate), "--max_new_tokens", str(a.max_new_tokens), "--batch_size", str(a.batch_size),
-        "--prompt_format", "plain", "--eviction_interval", str(a.eviction_interval),
-        "--block_size", str(a.block_size), "--score_window", str(a.score_window),
-    ]  # fmt: skip
+    eval_args = validation_eval_args(a, a.batch_size)
     record = {
         "benchmark": "oracle_probe",
         "command": " ".join(["python", "bench/oracle_probe.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "cpus": torch.get_num_threads(),
-        },
+        "machine": machine(),
         "settings": vars(a),
         "decisions": {"train": len(train), "held_out": len(held_out)},
         "agreement_held_out": {"uniform": uniform, "ngc": agreement(held_out, None)},

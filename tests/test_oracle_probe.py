@@ -143,3 +143,12 @@ def test_fit_recovers_a_feature_rule_and_the_probe_decodes_as_that_rule():
         op.ProbePolicy.head = None
     assert probe.records.acted.any()
     assert torch.equal(probe.sequences, newest.sequences)
+
+
+def test_invalid_options_fail_before_any_work(capsys):
+    import pytest
+
+    for bad in (["--rate", "1.5"], ["--hidden", "0,x"], ["--hidden", "-1"], ["--fit_steps", "0"]):
+        with pytest.raises(SystemExit):
+            op.main(["--model", "no-such-model", *bad])
+        assert bad[0] in capsys.readouterr().err
