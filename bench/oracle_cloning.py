@@ -162,14 +162,19 @@ def check_testbed_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Non
         p.error("--rate must be in (0, 1)")
 
 
-def validation_eval_args(a: argparse.Namespace, batch_size: int = 64) -> list[str]:
-    """`ngc-eval` arguments for the validation problems at the options of `add_testbed_args`."""
+def schedule_eval_args(a: argparse.Namespace, batch_size: int = 64) -> list[str]:
+    """`ngc-eval` arguments for the schedule and decoding options of `add_testbed_args` (no problems)."""
     return [
-        "--problems_file", a.validation_file, "--num_problems", str(a.eval_num_problems),
         "--rates", str(a.rate), "--max_new_tokens", str(a.max_new_tokens), "--batch_size", str(batch_size),
         "--prompt_format", "plain", "--eviction_interval", str(a.eviction_interval),
         "--block_size", str(a.block_size), "--score_window", str(a.score_window),
     ]  # fmt: skip
+
+
+def validation_eval_args(a: argparse.Namespace, batch_size: int = 64) -> list[str]:
+    """`ngc-eval` arguments for the validation problems at the options of `add_testbed_args`."""
+    problems = ["--problems_file", a.validation_file, "--num_problems", str(a.eval_num_problems)]
+    return problems + schedule_eval_args(a, batch_size)
 
 
 def machine() -> dict:

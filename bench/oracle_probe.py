@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_testbed_args,
         load_training_problems,
         machine,
+        schedule_eval_args,
         validation_eval_args,
     )
 
@@ -310,8 +311,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=64)
     add_testbed_args(p)
     p.add_argument("--baselines", default="full,ngc,oracle", help="policies evaluated once beside the probes")
+    p.add_argument(
+        "--test_num_problems",
+        type=int,
+        default=0,
+        help="also evaluate each probe (and --test_policies) once on this many test problems of the testbed "
+        "table (--data_source generated:testbed); 0: validation only",
+    )
+    p.add_argument(
+        "--test_policies", default="ngc", help="policies evaluated on the test split beside the probes"
+    )
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.test_num_problems < 0:
+        p.error("--test_num_problems must be >= 0")
     for name in ("train_problems", "fit_steps", "batch_size"):
         if getattr(a, name) <= 0:
             p.error(f"--{name} must be > 0")
@@ -353,6 +366,9 @@ def main(argv: list[str] | None = None) -> dict:
     n_layers = model.config.num_hidden_layers
     uniform = sum(x.k / x.oracle.shape[0] for x in held_out) / max(len(held_out), 1)
     eval_args = validation_eval_args(a, a.batch_size)
+    # the testbed table's split and protocol (`recipes/testbed/countdown.yaml`), at this schedule
+    test_args = ["--data_source", "generated:testbed", "--num_problems", str(a.test_num_problems)]
+    test_args += schedule_eval_args(a, a.batch_size)
     record = {
         "benchmark": "oracle_probe",
         "command": " ".join(["python", "bench/oracle_probe.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -364,7 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
         "baselines": evaluate(a.model, None, a.baselines, eval_args) if a.baselines else [],
         "probes": [],
     }
-    print(json.dumps({k: record[k] for k in ("decisions", "agreement_held_out", "baselines")}), flush=True)
+    if a.test_num_problems and a.test_policies:
+        record["test_baselines"] = evaluate(a.model, None, a.test_policies, test_args)
+    print(json.dumps({k: v for k, v in record.items() if k not in ("probes", "settings")}), flush=True)
     for width in widths:
         head = fit(train, n_layers, width, a.fit_steps, a.lr, a.seed)
         row = {
@@ -373,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
             "agreement_held_out": agreement(held_out, head),
             "results": evaluate(a.model, head, "probe", eval_args),
         }
+        if a.test_num_problems:
+            row["test_results"] = evaluate(a.model, head, "probe", test_args)
         record["probes"].append(row)
         print(json.dumps(row), flush=True)
         if a.out:
