@@ -86,6 +86,18 @@ def key_features(view: LayerView, window: int) -> torch.Tensor:
     return f.masked_fill(~live[..., None], 0.0)
 
 
+def feature_names(heads: int, window: int, kv_heads: int) -> list[str]:
+    """Names of the ``F`` columns of `key_features`, in order."""
+    return (
+        [f"attn_h{h}_q{q}" for h in range(heads) for q in range(window)]
+        + ["log_attn_mean"]
+        + [f"log_attn_h{h}" for h in range(heads)]
+        + [f"key_norm_kv{g}" for g in range(kv_heads)]
+        + [f"value_norm_kv{g}" for g in range(kv_heads)]
+        + ["in_prompt", "age_frac", "log1p_age", "newest32", "oldest8"]
+    )
+
+
 @dataclasses.dataclass
 class Decision:
     """One evicting (rollout, round, layer): ``feats (S, F)`` of its live keys in temporal order, ``bid (S,)``
@@ -261,7 +273,7 @@ def agreement(decisions: list[Decision], head: Head | None) -> float:
 
 
 class ProbePolicy(EvictionPolicy):
-    """``s_t = head_ℓ(key_features(t))``: the fitted probe as a score rule (set `head` before decoding)."""
+    """``s_t = head_ℓ(key_features(t))``: a fitted probe as a score rule (`probe_policy` makes one per head)."""
 
     name = "probe"
     head: ClassVar[Head | None] = None
@@ -272,24 +284,35 @@ class ProbePolicy(EvictionPolicy):
 
     def token_scores(self, view: LayerView) -> torch.Tensor:
         if self.head is None or view.layer_idx is None:
-            raise ValueError("probe: set ProbePolicy.head and decode with generate_with_eviction")
+            raise ValueError(
+                f"{self.name}: needs a fitted head (probe_policy) and generate_with_eviction's views"
+            )
         scores = self.head(view.layer_idx, key_features(view, self.cfg.score_window))
         return scores.masked_fill(~view.live, 0.0)
 
 
-def evaluate(model_path: str, head: Head | None, policies: str, eval_args: list[str]) -> list[dict]:
-    """``ngc-eval`` of ``policies`` (``probe`` decodes with ``head``) on the validation problems."""
+def probe_policy(name: str, head: Head) -> type[ProbePolicy]:
+    """A `ProbePolicy` subclass registered (by `evaluate`) under ``name``, decoding with ``head``."""
+    return type(f"Probe_{name}", (ProbePolicy,), {"name": name, "head": head})
+
+
+def evaluate(
+    model_path: str, policies: str, probes: list[type[ProbePolicy]], eval_args: list[str]
+) -> list[dict]:
+    """``ngc-eval`` of ``policies`` and the ``probes`` in one run (so peak compression is against its ``full``
+    run), each probe registered under its name only while it runs."""
     from oracle_cloning import evaluate as eval_policies
 
     from ngc_trl.policies import POLICIES
 
-    ProbePolicy.head = head
-    POLICIES["probe"] = ProbePolicy
+    names = [x for x in policies.split(",") if x] + [cls.name for cls in probes]
+    for cls in probes:
+        POLICIES[cls.name] = cls
     try:
-        return eval_policies(model_path, eval_args, policies)
+        return eval_policies(model_path, eval_args, ",".join(names))
     finally:
-        POLICIES.pop("probe", None)
-        ProbePolicy.head = None
+        for cls in probes:
+            POLICIES.pop(cls.name, None)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -319,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         "table (--data_source generated:testbed); 0: validation only",
     )
     p.add_argument(
-        "--test_policies", default="ngc", help="policies evaluated on the test split beside the probes"
+        "--test_policies", default="full,ngc", help="policies evaluated on the test split beside the probes"
     )
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -377,24 +400,32 @@ def main(argv: list[str] | None = None) -> dict:
         "decisions": {"train": len(train), "held_out": len(held_out)},
         "agreement_held_out": {"uniform": uniform, "ngc": agreement(held_out, None)},
         "collect_seconds": time.perf_counter() - start,
-        "baselines": evaluate(a.model, None, a.baselines, eval_args) if a.baselines else [],
         "probes": [],
     }
-    if a.test_num_problems and a.test_policies:
-        record["test_baselines"] = evaluate(a.model, None, a.test_policies, test_args)
-    print(json.dumps({k: v for k, v in record.items() if k not in ("probes", "settings")}), flush=True)
+    probes = []
     for width in widths:
         head = fit(train, n_layers, width, a.fit_steps, a.lr, a.seed)
-        row = {
-            "hidden": width,
-            "agreement_train": agreement(train, head),
-            "agreement_held_out": agreement(held_out, head),
-            "results": evaluate(a.model, head, "probe", eval_args),
-        }
-        if a.test_num_problems:
-            row["test_results"] = evaluate(a.model, head, "probe", test_args)
-        record["probes"].append(row)
-        print(json.dumps(row), flush=True)
+        probes.append(probe_policy(f"probe_h{width}", head))
+        record["probes"].append(
+            {
+                "policy": probes[-1].name,
+                "hidden": width,
+                "agreement_train": agreement(train, head),
+                "agreement_held_out": agreement(held_out, head),
+            }
+        )
+        if not width:  # standardized weights: which features the linear probe reads, per layer
+            names = feature_names(
+                model.config.num_attention_heads, a.score_window, model.config.num_key_value_heads
+            )
+            record["probes"][-1]["weights"] = [dict(zip(names, w.tolist())) for w in head.w.detach()]
+        print(json.dumps({k: v for k, v in record["probes"][-1].items() if k != "weights"}), flush=True)
+    splits = [("validation", a.baselines, eval_args)]
+    if a.test_num_problems:
+        splits.append(("test", a.test_policies, test_args))
+    for split, policies, args in splits:
+        record[split] = evaluate(a.model, policies, probes, args)
+        print(json.dumps({split: record[split]}), flush=True)
         if a.out:
             with open(a.out, "w") as fh:
                 fh.write(json.dumps(record, indent=1) + "\n")

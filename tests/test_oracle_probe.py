@@ -83,8 +83,10 @@ def test_recording_oracle_decodes_as_the_oracle_and_its_features_hold_the_ngc_sc
     assert torch.equal(plain.sequences, recorded.sequences)
     assert sink and {d.layer for d in sink} == {0, 1}
     h, w = model.config.num_attention_heads, cfg.score_window
+    names = op.feature_names(h, w, model.config.num_key_value_heads)
+    assert names[AGE] == "age_frac"
     for d in sink:
-        assert d.feats.shape == (d.bid.shape[0], h * w + 1 + h + 2 * model.config.num_key_value_heads + 5)
+        assert d.feats.shape == (d.bid.shape[0], len(names))
         assert 1 <= d.k < d.oracle.shape[0] == int(d.bid.max()) + 1
         # with every window query valid, the mean of the per-head, per-query attention is the ngc score
         ngc_keys = d.feats[:, : h * w].mean(-1)
@@ -134,13 +136,10 @@ def test_fit_recovers_a_feature_rule_and_the_probe_decodes_as_that_rule():
     head = op.fit(decisions, 2, 0, steps=200, lr=5e-2)
     assert op.agreement(decisions, head) > 0.99
     assert op.agreement(decisions, None) < 0.9  # the ngc scores are not that rule
-    op.ProbePolicy.head = head
-    try:
-        with torch.no_grad(), registered(Newest, op.ProbePolicy):
-            probe = decode(model, tok, ids, am, cfg, op.ProbePolicy(cfg))
-            newest = decode(model, tok, ids, am, cfg, Newest(cfg))
-    finally:
-        op.ProbePolicy.head = None
+    probe_cls = op.probe_policy("probe_for_test", head)
+    with torch.no_grad(), registered(Newest, probe_cls):
+        probe = decode(model, tok, ids, am, cfg, probe_cls(cfg))
+        newest = decode(model, tok, ids, am, cfg, Newest(cfg))
     assert probe.records.acted.any()
     assert torch.equal(probe.sequences, newest.sequences)
 
