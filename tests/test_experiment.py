@@ -56,7 +56,13 @@ def countdown_makefile():
     lines.append(
         f"{ev} --model outputs/tiny-full_cache --policies {HEURISTICS} --output_dir outputs/testbed/full_cache"
     )
-    for r in ["ngc", "kv_dropout", "token_only"]:
+    lines.append(f"{ev} --model outputs/tiny-ngc --policies full,ngc --output_dir outputs/testbed/ngc")
+    controls = [("tiny-base", "ngc", "ngc_untrained"), ("tiny-full_cache", "ngc", "ngc_on_full_cache_grpo")]
+    for model, policy, name in controls + [("tiny-base", "oracle", "oracle")]:
+        lines.append(
+            f"{ev} --model outputs/{model} --policies full,{policy} --output_dir outputs/testbed/{name}"
+        )
+    for r in ["kv_dropout", "token_only"]:
         lines.append(f"{ev} --model outputs/tiny-{r} --policies full,ngc --output_dir outputs/testbed/{r}")
     for c in [4, 8, 16]:
         lines.append(
@@ -70,6 +76,8 @@ def countdown_makefile():
     runs = " ".join(f"outputs/testbed/breadcrumbs_c{c}=breadcrumbs" for c in [4, 8, 16])
     lines.append(
         "python -m ngc_trl.evaluation.metrics --runs outputs/testbed/full_cache outputs/testbed/ngc=ngc "
+        "outputs/testbed/ngc_untrained=ngc_untrained outputs/testbed/ngc_on_full_cache_grpo=ngc_on_full_cache_grpo "
+        "outputs/testbed/oracle=oracle "
         f"outputs/testbed/token_only=token_only outputs/testbed/kv_dropout=kv_dropout {runs} "
         "outputs/testbed/breadcrumbs_warm_start=breadcrumbs_warm_start "
         "--output_dir outputs/testbed/all --title 'tiny Countdown testbed'"
@@ -209,7 +217,7 @@ def test_set_overrides_vars(workdir, capsys):
         "outputs/tiny-breadcrumbs-c8",
     ]
     evals = [s for s in steps if "ngc_trl.eval" in s]
-    assert len(evals) == 7 and all(s[s.index("--num_problems") + 1] == "64" for s in evals)
+    assert len(evals) == 10 and all(s[s.index("--num_problems") + 1] == "64" for s in evals)
     steps = dry_run(capsys, "--spec", "recipes/testbed/stargraph.yaml", "--set", "c=4")  # a scalar for a list
     assert sum("ngc_trl.train" in s for s in steps) == 1
 
