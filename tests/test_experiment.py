@@ -57,10 +57,15 @@ def countdown_makefile():
         f"{ev} --model outputs/tiny-full_cache --policies {HEURISTICS} --output_dir outputs/testbed/full_cache"
     )
     lines.append(f"{ev} --model outputs/tiny-ngc --policies full,ngc --output_dir outputs/testbed/ngc")
-    controls = [("tiny-base", "ngc", "ngc_untrained"), ("tiny-full_cache", "ngc", "ngc_on_full_cache_grpo")]
-    for model, policy, name in controls + [("tiny-base", "oracle", "oracle")]:
+    # the SFT base has no ngc_settings.json: its evaluations name the tiny recipes' schedule
+    tiny = "--eviction_interval 64 --block_size 8 --score_window 5 "
+    for model, policy, name, extra in [
+        ("tiny-base", "ngc", "ngc_untrained", tiny),
+        ("tiny-full_cache", "ngc", "ngc_on_full_cache_grpo", ""),
+        ("tiny-base", "oracle", "oracle", tiny),
+    ]:
         lines.append(
-            f"{ev} --model outputs/{model} --policies full,{policy} --output_dir outputs/testbed/{name}"
+            f"{ev} --model outputs/{model} --policies full,{policy} {extra}--output_dir outputs/testbed/{name}"
         )
     for r in ["kv_dropout", "token_only"]:
         lines.append(f"{ev} --model outputs/tiny-{r} --policies full,ngc --output_dir outputs/testbed/{r}")
