@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -369,6 +370,40 @@ def test_cli_bad_arguments_fail_before_any_work(model_dir, tmp_path, monkeypatch
             ["--model", str(model_dir), "--num_samples", "4", "--temperature", "0.7", "--k", "1,8", *base]
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_warns_when_a_model_without_a_schedule_is_evicted_at_the_defaults(lm, tok, tmp_path, monkeypatch):
+    """A model folder with no ngc_settings.json (an SFT base) falls back to EvictionConfig's δ/b: say so, unless
+    the command line gives them or nothing is evicted."""
+    bare = tmp_path / "base"
+    lm.save_pretrained(bare)
+    tok.save_pretrained(bare)
+    boom = _no_work(monkeypatch)
+    monkeypatch.setattr(es, "load_model", boom)  # the warning comes before any loading
+    argv = [
+        "--task",
+        "countdown",
+        "--model",
+        str(bare),
+        "--num_problems",
+        "2",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    with pytest.warns(UserWarning, match=r"no ngc_settings.json.*eviction_interval=256, block_size=32"):
+        with pytest.raises(AssertionError, match="before validation"):
+            ev.main([*argv, "--policies", "full,ngc"])
+    with pytest.warns(UserWarning, match=r"default block_size=32 \("):  # only the field still unset
+        with pytest.raises(AssertionError):
+            ev.main([*argv, "--policies", "full,ngc", "--eviction_interval", "64"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for extra in (
+            ["--policies", "full"],
+            ["--policies", "ngc", "--eviction_interval", "64", "--block_size", "8"],
+        ):
+            with pytest.raises(AssertionError):
+                ev.main([*argv, *extra])
 
 
 def test_cli_problems_file_evaluates_those_problems_and_refuses_bad_rows(model_dir, tmp_path, monkeypatch):

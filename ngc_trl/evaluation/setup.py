@@ -16,13 +16,14 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ngc_trl.engine.config import BeaconConfig, EvictionConfig, schedule_config_from_dict
-from ngc_trl.evaluation.metrics import BEACONS
+from ngc_trl.evaluation.metrics import BEACONS, FULL
 from ngc_trl.policies import POLICIES
 
 MATH_TASKS = ("amc23", "aime24", "aime25", "amc25", "math")
@@ -476,7 +477,17 @@ def _prepare(args: EvalArguments) -> dict:
     except (ValueError, TypeError) as e:
         raise ValueError(f"eviction settings: {e}") from None
     # fails here, before any loading, on a bad name or rate
-    plan_runs(args.policies, args.rates, base, args.compression_ratios, beacon)
+    runs = plan_runs(args.policies, args.rates, base, args.compression_ratios, beacon)
+    unset = [f for f in ("eviction_interval", "block_size") if f not in overrides]
+    if not model_settings and unset and any(r.policy not in (FULL, BEACONS) for r in runs):
+        # a model that was not NGC-trained here (an SFT base, a Hub model) carries no schedule: say which one
+        # the eviction runs use, so a tiny model is not silently evaluated at the paper-scale δ/b
+        warnings.warn(
+            f"--model has no {SETTINGS_FILE}: eviction runs use the default "
+            + ", ".join(f"{f}={getattr(base, f)}" for f in unset)
+            + " (pass --eviction_interval/--block_size to match the model's training schedule)",
+            stacklevel=2,
+        )
     k = args.k
     if k is not None and any(x > args.num_samples or x < 1 for x in _split(k, int, "k")):
         raise ValueError(f"--k={k}: every k must be in [1, --num_samples={args.num_samples}]")
