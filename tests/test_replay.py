@@ -46,7 +46,26 @@ def pick_eos(model):
             eviction_rate=0.6,
             logit_scale=20.0,
         ),
+        # the tiny recipes' sharper logits (score / mean candidate score, x2) and the log transform
+        EvictionConfig(
+            policy="ngc",
+            eviction_interval=8,
+            block_size=3,
+            score_window=4,
+            eviction_rate=0.6,
+            logit_transform="relative",
+            logit_scale=2.0,
+        ),
+        EvictionConfig(
+            policy="ngc",
+            eviction_interval=8,
+            block_size=3,
+            score_window=4,
+            eviction_rate=0.6,
+            logit_transform="log",
+        ),
     ],
+    ids=["raw", "scale20", "relative2", "log"],
 )
 def test_replay_reproduces_token_and_eviction_logprobs(model, cfg):
     ids, mask, out, full_mask = rollout(model, cfg, eos=pick_eos(model))
