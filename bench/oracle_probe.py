@@ -30,9 +30,7 @@ accuracy is the one that counts). Example::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -42,234 +40,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ngc_trl.engine.decision import num_kept  # noqa: E402
 from ngc_trl.engine.policy import EvictionPolicy, LayerView  # noqa: E402
-from ngc_trl.engine.sampling import plackett_luce_log_prob  # noqa: E402
-from ngc_trl.engine.scoring import head_query_mean, reduce_blocks  # noqa: E402
-from ngc_trl.policies.oracle import OraclePolicy  # noqa: E402
-
-
-def key_features(view: LayerView, window: int) -> torch.Tensor:
-    """``(R, S, F)`` present-state features of every slot of one layer at a round (0 on non-live slots).
-
-    ``F = H·w + 1 + H + 2·H_kv + 5``: the attention of each head and each of the ``w`` window queries on the
-    key (the ngc scorer averages exactly these), the log of their head-and-query mean and of each head's
-    mean, the key and value norm per KV head, and five position features: in the prompt, age / ``p``,
-    log(1 + age), among the 32 newest live keys, among the 8 oldest (``p``: the round's position, the token
-    fed next).
-    """
-    probs, qv = view.window_probs(window)  # (R, H, w, S)
-    r, h, w, s = probs.shape
-    attn = probs.permute(0, 3, 1, 2).reshape(r, s, h * w)
-    mean = head_query_mean(probs, qv)  # (R, S)
-    qw = qv.to(probs.dtype)[:, None, :, None]
-    per_head = (probs * qw).sum(2) / qw.sum(2).clamp(min=1)  # (R, H, S)
-    logs = torch.log(torch.cat([mean[:, None], per_head], 1) + 1e-6).transpose(1, 2)  # (R, S, 1 + H)
-    knorm = view.keys.float().norm(dim=-1).transpose(1, 2)  # (R, S, H_kv)
-    vnorm = view.values.float().norm(dim=-1).transpose(1, 2)
-    live = view.live
-    p = (view.q_pos[:, -1:] + 1).float()  # the round's position (the last window query is at p - 1)
-    age = (p - view.pos.float()).clamp(min=0)
-    rank = torch.cumsum(live.long(), -1) - 1
-    from_end = live.long().sum(-1, keepdim=True) - torch.cumsum(live.long(), -1)
-    position = torch.stack(
-        [
-            (view.pos < view.prompt_len[:, None]).float(),
-            age / p.clamp(min=1),
-            torch.log1p(age),
-            (from_end < 32).float(),
-            (rank < 8).float(),
-        ],
-        -1,
-    )
-    f = torch.cat([attn, logs, knorm, vnorm, position], -1)
-    return f.masked_fill(~live[..., None], 0.0)
-
-
-def feature_names(heads: int, window: int, kv_heads: int) -> list[str]:
-    """Names of the ``F`` columns of `key_features`, in order."""
-    return (
-        [f"attn_h{h}_q{q}" for h in range(heads) for q in range(window)]
-        + ["log_attn_mean"]
-        + [f"log_attn_h{h}" for h in range(heads)]
-        + [f"key_norm_kv{g}" for g in range(kv_heads)]
-        + [f"value_norm_kv{g}" for g in range(kv_heads)]
-        + ["in_prompt", "age_frac", "log1p_age", "newest32", "oldest8"]
-    )
-
-
-@dataclasses.dataclass
-class Decision:
-    """One evicting (rollout, round, layer): ``feats (S, F)`` of its live keys in temporal order, ``bid (S,)``
-    their block ids, ``oracle (N,)`` the oracle's block scores, ``ngc (N,)`` the ngc scorer's, ``k`` blocks kept."""
-
-    layer: int
-    feats: torch.Tensor
-    bid: torch.Tensor
-    oracle: torch.Tensor
-    ngc: torch.Tensor
-    k: int
-
-
-class RecordingOracle(OraclePolicy):
-    """The oracle's scores, unchanged, plus a `Decision` per evicting row appended to ``sink`` (no
-    protections: the paper's protocol, every existing block a candidate)."""
-
-    def __init__(self, cfg, hindsight, window: int, sink: list):
-        super().__init__(cfg, hindsight)
-        self.window, self.sink = window, sink
-
-    @property
-    def query_window(self) -> int:
-        return self.window  # keep the queries the features need; the oracle's decisions do not read them
-
-    def token_scores(self, view: LayerView) -> torch.Tensor:
-        scores = super().token_scores(view)
-        feats = key_features(view, self.window)
-        probs, qv = view.window_probs(self.cfg.score_window)
-        ngc = head_query_mean(probs, qv)
-        n_blocks = (view.live.sum(-1) + self.cfg.block_size - 1) // self.cfg.block_size
-        n_max = max(int(n_blocks.max()), 1)
-        o_blocks, _, _ = reduce_blocks(scores, view.bid, n_max, self.cfg.block_reduction)
-        ngc_blocks = reduce_blocks(ngc, view.bid, n_max, self.cfg.block_reduction)[0]
-        rate = torch.full((len(n_blocks),), self.cfg.eviction_rate, dtype=torch.float64)
-        ks = num_kept(n_blocks, rate)
-        for i in range(len(n_blocks)):
-            n, k = int(n_blocks[i]), int(ks[i])
-            if k >= n:
-                continue
-            live = view.live[i]
-            self.sink.append(
-                Decision(
-                    int(view.layer_idx),
-                    feats[i, live].cpu(),
-                    view.bid[i, live].cpu(),
-                    o_blocks[i, :n].cpu(),
-                    ngc_blocks[i, :n].cpu(),
-                    k,
-                )
-            )
-        return scores
-
-
-@torch.no_grad()
-def collect(model, tok, problems, cfg, window: int, max_new_tokens: int, batch_size: int) -> list[Decision]:
-    """The oracle's evicting decisions (with features) on greedy top-k decodes of ``problems``."""
-    from ngc_trl.engine.generation import generate_with_eviction
-    from ngc_trl.policies.oracle import oracle_for_batch
-
-    oracle_cfg = dataclasses.replace(cfg, policy="oracle")
-    sink: list[Decision] = []
-    model.eval()
-    for i in range(0, len(problems), batch_size):
-        enc = tok(
-            [p["prompt"] for p in problems[i : i + batch_size]],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,
-        )
-        ids, am = enc["input_ids"], enc["attention_mask"]
-        eos, pad = tok.eos_token_id, tok.pad_token_id
-        oracle, _ = oracle_for_batch(model, ids, am, oracle_cfg, [None] * len(ids), max_new_tokens, eos, pad)
-        rec = RecordingOracle(oracle_cfg, oracle.data, window, sink)
-        generate_with_eviction(
-            model,
-            ids,
-            am,
-            eviction=oracle_cfg,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            policy=rec,
-        )
-    return sink
-
-
-class Head(torch.nn.Module):
-    """Per-layer key scorer on standardized features: linear (``hidden = 0``) or one hidden SiLU layer."""
-
-    def __init__(self, n_layers: int, n_features: int, hidden: int, mean, std):
-        super().__init__()
-        self.register_buffer("mean", mean)  # (L, F)
-        self.register_buffer("std", std)
-        self.hidden = hidden
-        if hidden:
-            self.w1 = torch.nn.Parameter(torch.randn(n_layers, n_features, hidden) / math.sqrt(n_features))
-            self.b1 = torch.nn.Parameter(torch.zeros(n_layers, hidden))
-            self.w2 = torch.nn.Parameter(torch.zeros(n_layers, hidden))
-        else:
-            self.w = torch.nn.Parameter(torch.zeros(n_layers, n_features))
-
-    def forward(self, layer: int, feats: torch.Tensor) -> torch.Tensor:
-        """``feats (..., F)`` of layer ``layer`` -> ``(...)`` key scores."""
-        x = (feats - self.mean[layer]) / self.std[layer]
-        if self.hidden:
-            return torch.nn.functional.silu(x @ self.w1[layer] + self.b1[layer]) @ self.w2[layer]
-        return x @ self.w[layer]
-
-
-def _batch(decisions: list[Decision]):
-    """Pad one layer's decisions: feats ``(D, S, F)``, bid ``(D, S)`` (-1 pad), oracle order ``(D, N)``
-    (the top-``K`` block ids by oracle score, descending, -1 pad), pool ``(D, N)``, k ``(D,)``."""
-    d = len(decisions)
-    s = max(x.feats.shape[0] for x in decisions)
-    n = max(x.oracle.shape[0] for x in decisions)
-    f = decisions[0].feats.shape[1]
-    feats = torch.zeros(d, s, f)
-    bid = torch.full((d, s), -1, dtype=torch.long)
-    order = torch.full((d, n), -1, dtype=torch.long)
-    pool = torch.zeros(d, n, dtype=torch.bool)
-    for i, x in enumerate(decisions):
-        feats[i, : x.feats.shape[0]] = x.feats
-        bid[i, : x.bid.shape[0]] = x.bid
-        order[i, : x.k] = torch.argsort(x.oracle, descending=True, stable=True)[: x.k]
-        pool[i, : x.oracle.shape[0]] = True
-    return feats, bid, order, pool, torch.tensor([x.k for x in decisions])
-
-
-def block_scores(head: Head, layer: int, feats, bid, n: int) -> torch.Tensor:
-    """The head's key scores reduced to block means, as every policy's are: ``(D, N)``."""
-    return reduce_blocks(head(layer, feats), bid, n, "mean")[0]
-
-
-def fit(decisions: list[Decision], n_layers: int, hidden: int, steps: int, lr: float, seed: int = 0) -> Head:
-    """Fit a `Head` by the Plackett–Luce log-likelihood of the oracle's top-``K`` (full batch, Adam)."""
-    torch.manual_seed(seed)
-    by_layer = [_batch([x for x in decisions if x.layer == layer]) for layer in range(n_layers)]
-    stats = []
-    for feats, bid, *_ in by_layer:
-        live = feats[bid >= 0]
-        stats.append((live.mean(0), live.std(0).clamp(min=1e-6)))
-    head = Head(n_layers, by_layer[0][0].shape[-1], hidden, *map(torch.stack, zip(*stats)))
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = 0.0
-        for layer, (feats, bid, order, pool, _) in enumerate(by_layer):
-            logits = block_scores(head, layer, feats, bid, pool.shape[1])
-            loss = loss - plackett_luce_log_prob(logits, order, pool).sum()
-        loss = loss / len(decisions)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return head
-
-
-@torch.no_grad()
-def agreement(decisions: list[Decision], head: Head | None) -> float:
-    """Mean ``|top-K(scores) ∩ top-K(oracle)| / K`` over ``decisions``; ``head=None``: the ngc scores."""
-    total = 0.0
-    for x in decisions:
-        n = x.oracle.shape[0]
-        if head is None:
-            scores = x.ngc
-        else:
-            scores = block_scores(head, x.layer, x.feats[None], x.bid[None], n)[0]
-        ours = set(torch.topk(scores, x.k).indices.tolist())
-        theirs = set(torch.topk(x.oracle, x.k).indices.tolist())
-        total += len(ours & theirs) / x.k
-    return total / max(len(decisions), 1)
+from ngc_trl.ngc.score_head_warm_start import (  # noqa: E402, F401  (the probe's pieces, re-exported)
+    Decision,
+    RecordingOracle,
+    agreement,
+    block_scores,
+    collect,
+    fit,
+)
+from ngc_trl.policies.score_head import ScoreHead as Head  # noqa: E402
+from ngc_trl.policies.score_head import feature_names, key_features  # noqa: E402
 
 
 class ProbePolicy(EvictionPolicy):
@@ -404,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     probes = []
     for width in widths:
-        head = fit(train, n_layers, width, a.fit_steps, a.lr, a.seed)
+        head = fit(train, n_layers, width, a.fit_steps, a.lr, a.seed, window=a.score_window)
         probes.append(probe_policy(f"probe_h{width}", head))
         record["probes"].append(
             {

@@ -18,6 +18,7 @@ from ngc_trl.engine.scoring import block_ids, reduce_blocks
 from ngc_trl.policies import POLICIES, LayerView, get_policy
 from ngc_trl.policies.keydiff import keydiff_kv_head_scores
 from ngc_trl.policies.knorm import knorm_kv_head_scores
+from ngc_trl.policies.score_head import ScoreHead, attach_score_head, num_features
 from ngc_trl.policies.snapkv import snapkv_kv_head_scores
 
 INF = float("inf")
@@ -134,9 +135,26 @@ def policy(name, **kw):
 
 
 # ----------------------------------------------------------------------------- registry
+def model_with_head(n_layers: int = 1, window: int = 5, seed: int = 0) -> torch.nn.Module:
+    """A stand-in model carrying a random linear `ScoreHead` (what ``get_policy(cfg, model)`` reads for
+    ``score_head``)."""
+    head = ScoreHead(n_layers, num_features(H, window, H_KV), window)
+    with torch.no_grad():
+        head.w.copy_(torch.randn(head.w.shape, generator=torch.Generator().manual_seed(seed)))
+    model = torch.nn.Linear(1, 1)
+    attach_score_head(model, head)
+    return model
+
+
+def build(name: str, **fields):
+    """``get_policy`` for ``name``; a rule that reads the model gets `model_with_head`."""
+    cfg = EvictionConfig(policy=name, **fields)
+    return get_policy(cfg, model_with_head() if POLICIES[name].needs_model else None)
+
+
 def test_every_name_resolves():
     for name, cls in POLICIES.items():
-        pol = get_policy(EvictionConfig(policy=name))
+        pol = build(name)
         assert type(pol) is cls and pol.name == name
     assert {"streaming_llm", "snapkv", "knorm", "keydiff", "h2o", "tova", "random"} <= set(POLICIES)
 
@@ -268,7 +286,8 @@ def test_scores_are_well_formed(name):
     """(R, S), no NaN; +inf only on live slots and only for methods with native protections; the
     engine's block reduction of them is finite."""
     view = make_view(seed=8)
-    pol = get_policy(EvictionConfig(policy=name, block_size=4))
+    view.layer_idx = 0
+    pol = build(name, block_size=4)
     if pol.query_window:
         assert pol.query_window <= W
     scores = pol.token_scores(view)

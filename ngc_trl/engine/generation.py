@@ -16,7 +16,7 @@ import torch
 from ngc_trl.engine.attention import no_mask, use_ngc_attention
 from ngc_trl.engine.cache import NGCCache
 from ngc_trl.engine.config import BeaconConfig, EvictionConfig
-from ngc_trl.engine.policy import EvictionPolicy
+from ngc_trl.engine.policy import EvictionPolicy, get_policy
 from ngc_trl.engine.records import EvictionRecords
 from ngc_trl.engine.schedule import DecodeSchedule, DecodeState, make_schedule
 
@@ -126,7 +126,7 @@ def generate_with_eviction(
         cache_growth: slots added when a layer's storage is full (amortises re-allocation).
         compression_ratio: optional ``(B,)`` Breadcrumbs ``c`` per sequence (each ``>= 2``), else
             ``eviction.compression_ratio`` (a `BeaconConfig` only).
-        policy: a prebuilt score rule for ``eviction.policy`` (default ``get_policy(eviction)``); the
+        policy: a prebuilt score rule for ``eviction.policy`` (default ``get_policy(eviction, model)``); the
             evaluation-only ``oracle`` is built per batch with its hindsight data (`ngc_trl.policies.oracle`).
         schedule: a prebuilt `DecodeSchedule` instead of the one ``eviction`` describes (then the rate,
             ratio, policy and meta-token arguments must be left unset).
@@ -143,6 +143,8 @@ def generate_with_eviction(
     bsz, plen = input_ids.shape
     sample_evictions = do_sample if sample_evictions is None else sample_evictions
     if schedule is None:
+        if policy is None and isinstance(cfg, EvictionConfig):
+            policy = get_policy(cfg, model)  # a rule with parameters on the model reads them here
         schedule = make_schedule(
             cfg,
             bsz,

@@ -30,10 +30,12 @@ class LayerView:
             `EvictionPolicy.query_window`), oldest first.  q_pos / q_valid: ``(R, W)``.
         scale: ``1/√d_h``.  attention_sum: ``(R, S)`` accumulated attention (H2O) or None.
         prompt_len: ``(R,)`` long.  generator: noise source for stochastic policies.
-        rows: ``(R,)`` long indices of these rows in the decoded batch; layer_idx: the layer;
-            round_pos: ``(R,)`` long absolute position ``p`` of the round (the token fed next). Filled
-            by `ngc_trl.engine.generation`; None elsewhere (the replay forward). Only policies that read
-            per-row data of the batch need them (`oracle`).
+        layer_idx: the layer (filled by the decode loop and the replay forward; per-layer rules such as
+            `score_head` read it).
+        rows: ``(R,)`` long indices of these rows in the decoded batch; round_pos: ``(R,)`` long absolute
+            position ``p`` of the round (the token fed next). Filled by `ngc_trl.engine.generation`; None
+            elsewhere (the replay forward). Only policies that read per-row data of the batch need them
+            (`oracle`).
     """
 
     keys: torch.Tensor
@@ -74,6 +76,8 @@ class EvictionPolicy:
         learned: True for the policy trained by NGC (its scores carry the eviction gradient in replay).
         hindsight: True for an evaluation-only ceiling that reads the future of a full-cache completion
             (`oracle`): it is built per batch with that data and cannot roll out in training.
+        needs_model: True for a rule whose parameters live on the model (`score_head`): `get_policy` builds
+            it with `from_model` (``generate_with_eviction`` and the replay pass their model).
     """
 
     name: ClassVar[str] = ""
@@ -81,6 +85,7 @@ class EvictionPolicy:
     tracks_attention: ClassVar[bool] = False
     learned: ClassVar[bool] = False
     hindsight: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = False
 
     def __init__(self, cfg: EvictionConfig):
         self.cfg = cfg
@@ -89,6 +94,11 @@ class EvictionPolicy:
     def query_window(self) -> int:
         """How many recent queries the cache must keep for this policy (0: none)."""
         return 0
+
+    @classmethod
+    def from_model(cls, cfg: EvictionConfig, model) -> EvictionPolicy:
+        """The rule for ``model`` (only `needs_model` rules read it)."""
+        return cls(cfg)
 
     def check_batch(self, batch_size: int) -> None:
         """Raise ``ValueError`` if this policy cannot decode a batch of ``batch_size`` rows (called by
@@ -119,9 +129,10 @@ def policy_names() -> list[str]:
     return sorted(POLICIES)
 
 
-def get_policy(cfg) -> EvictionPolicy:
-    """The policy instance for ``cfg.policy``; unknown names fail with the list of valid ones."""
+def get_policy(cfg, model=None) -> EvictionPolicy:
+    """The policy instance for ``cfg.policy`` (built from ``model`` if the rule `needs_model`); unknown names
+    fail with the list of valid ones."""
     cls = POLICIES.get(cfg.policy)
     if cls is None:
         raise ValueError(f"unknown eviction policy {cfg.policy!r}; valid: {', '.join(policy_names())}")
-    return cls(cfg)
+    return cls.from_model(cfg, model) if cls.needs_model else cls(cfg)

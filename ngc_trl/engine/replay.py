@@ -72,6 +72,7 @@ class ReplayContext:
             (Breadcrumbs beacons, `ngc_trl.breadcrumbs.beacons`) or ``(B, L, T)``, long, in the same units as
             `death_times` (absolute position of the first query that no longer sees the slot, `NEVER`
             if none). With ``records`` too, it wins for the masks.
+        model: the replayed model, for a score rule whose parameters live on it (`score_head`).
     """
 
     def __init__(
@@ -84,13 +85,14 @@ class ReplayContext:
         eviction_logps=True,
         backend="auto",
         death=None,
+        model=None,
     ):
         self.valid = attention_mask.bool()
         self.pos = (self.valid.long().cumsum(1) - 1).clamp(min=0)
         self.offset = self.valid.long().argmax(1)  # first valid slot = slot of position 0
         self.records = records if records is not None and records.positions.shape[1] > 0 else None
         self.cfg = eviction or EvictionConfig()
-        self.policy = get_policy(self.cfg)
+        self.policy = get_policy(self.cfg, model)
         self.prompt_len = prompt_len if prompt_len is not None else torch.zeros_like(self.offset)
         self.replay_masks = replay_masks
         self.eviction_logps = eviction_logps and self.records is not None
@@ -191,6 +193,7 @@ class ReplayContext:
                 q_valid=qv,
                 scale=scaling,
                 prompt_len=self.prompt_len,
+                layer_idx=layer,
             )
             blocks = score_blocks(self.policy, view, self.cfg)
             kept = rec.kept[:, r, layer]

@@ -25,6 +25,7 @@ import torch
 from ngc_trl.engine.config import BeaconConfig, EvictionConfig, schedule_config_from_dict
 from ngc_trl.evaluation.metrics import BEACONS, FULL
 from ngc_trl.policies import POLICIES
+from ngc_trl.policies.score_head import attach_saved_score_head
 
 MATH_TASKS = ("amc23", "aime24", "aime25", "amc25", "math")
 TASKS = ("countdown", "linsys", "stargraph", *MATH_TASKS)
@@ -309,7 +310,9 @@ def load_model(model: str, device: str | torch.device, dtype: str = "auto", trus
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return net.to(dev).eval(), tokenizer
+    net = net.to(dev).eval()
+    attach_saved_score_head(net, folder)  # a `score_head` policy's head, saved beside the weights
+    return net, tokenizer
 
 
 def load_problems(

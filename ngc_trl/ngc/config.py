@@ -24,7 +24,11 @@ class NGCConfig(GRPOConfig):
             (the final rate when a curriculum is set).
         block_size (`int`, defaults to `32`): b, keys per block.
         score_window (`int`, defaults to `5`): w, recent queries whose attention scores the cache.
-        eviction_policy (`str`, defaults to `"ngc"`): scorer used in rollouts; `"ngc"` is the learned policy.
+        eviction_policy (`str`, defaults to `"ngc"`): scorer used in rollouts; `"ngc"` is the learned policy
+            (`"score_head"`, not in the paper: a separate learned head attached to the model,
+            `ngc_trl.policies.score_head`).
+        score_head_learning_rate (`float` or `None`, defaults to `None`): not in the paper; the scoring
+            head's own learning rate (``None``: ``learning_rate``).
         protect_prompt (`bool`, defaults to `False`), num_sink (`int`, defaults to `0`), num_recent
             (`int`, defaults to `0`): protections, off in the paper.
         block_reduction (`str`, defaults to `"mean"`): per-key to block score (paper: mean).
@@ -93,6 +97,13 @@ class NGCConfig(GRPOConfig):
     )
     eviction_policy: str = field(
         default="ngc", metadata={"help": "Scoring rule of rollouts ('ngc' is learned)."}
+    )
+    score_head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Not in the paper: learning rate of the scoring head of eviction_policy='score_head' "
+            "(its own optimizer group); None: learning_rate."
+        },
     )
     protect_prompt: bool = field(
         default=False, metadata={"help": "Never evict prompt entries (not in the paper)."}
@@ -186,10 +197,10 @@ class NGCConfig(GRPOConfig):
             raise ValueError(f"NGCConfig.eviction_loss_coef={self.eviction_loss_coef}: must be >= 0")
         if self.token_loss_coef < 0:
             raise ValueError(f"NGCConfig.token_loss_coef={self.token_loss_coef}: must be >= 0")
-        if self.token_loss_coef == 0 and (self.eviction_loss_coef == 0 or self.eviction_policy != "ngc"):
+        if self.token_loss_coef == 0 and (self.eviction_loss_coef == 0 or not self._learned_policy()):
             raise ValueError(
-                "NGCConfig.token_loss_coef=0 trains the eviction policy alone: it needs "
-                "eviction_policy='ngc' and eviction_loss_coef > 0, or nothing is trained"
+                "NGCConfig.token_loss_coef=0 trains the eviction policy alone: it needs a learned "
+                "eviction_policy ('ngc' or 'score_head') and eviction_loss_coef > 0, or nothing is trained"
             )
         if self.greedy_rollout_tokens and self.token_loss_coef != 0:
             raise ValueError(
@@ -248,11 +259,24 @@ class NGCConfig(GRPOConfig):
                 f"NGCConfig.eviction_policy={self.eviction_policy!r}: an evaluation-only hindsight "
                 "policy (it reads the full-cache completion); rollouts cannot use it"
             )
-        if self.eviction_loss_coef > 0 and self.eviction_policy != "ngc":
+        if self.eviction_loss_coef > 0 and not self._learned_policy():
             raise ValueError(
-                f"NGCConfig.eviction_policy={self.eviction_policy!r}: the eviction loss trains the 'ngc' scorer; "
-                "set eviction_loss_coef=0 to roll out with a heuristic"
+                f"NGCConfig.eviction_policy={self.eviction_policy!r}: the eviction loss trains a learned scorer "
+                "('ngc' or 'score_head'); set eviction_loss_coef=0 to roll out with a heuristic"
             )
+        if self.score_head_learning_rate is not None and (
+            self.eviction_policy != "score_head" or not self.score_head_learning_rate > 0
+        ):
+            raise ValueError(
+                f"NGCConfig.score_head_learning_rate={self.score_head_learning_rate}: must be > 0, and only "
+                "with eviction_policy='score_head' (the head it sets the learning rate of)"
+            )
+
+    def _learned_policy(self) -> bool:
+        from ngc_trl.policies import POLICIES
+
+        cls = POLICIES.get(self.eviction_policy)
+        return cls is not None and cls.learned
 
     # TRL options the evicting rollouts or L_mem cannot honour (each would crash or be silently ignored)
     LOSS_TYPES = ("dr_grpo", "grpo", "bnpo", "dapo")  # the clipped-ratio surrogates L_mem shares

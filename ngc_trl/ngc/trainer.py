@@ -49,6 +49,14 @@ from ngc_trl.ngc.config import NGCConfig
 from ngc_trl.ngc.curriculum import GatedCurriculum, curriculum_rate
 from ngc_trl.ngc.interoception import add_rate_tag
 from ngc_trl.ngc.loss import eviction_policy_loss
+from ngc_trl.policies.score_head import (
+    attach_saved_score_head,
+    attach_score_head,
+    detach_score_head,
+    find_score_head,
+    load_score_head,
+    save_score_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +148,14 @@ class NGCTrainer(GRPOTrainer):
                 "NGCConfig.router_aux_loss_coef=0"
             )
         self.eviction = self.args.eviction_config()
+        if self.args.eviction_policy == "score_head" and find_score_head(self.model) is None:
+            folder = getattr(self.model, "name_or_path", None)  # the head is saved beside the weights
+            if not attach_saved_score_head(self.model, folder):
+                raise ValueError(
+                    f"NGCConfig.eviction_policy='score_head': the model {folder!r} has no scoring head "
+                    "(score_head.json); fit one first (`python -m ngc_trl.warm_start`) or attach one "
+                    "(ngc_trl.policies.score_head.attach_score_head)"
+                )
         # for good, not in a context: checkpointed layers are recomputed in backward()
         enable_ngc_attention(self.model)
         if self.ref_model is not None:
@@ -227,6 +243,50 @@ class NGCTrainer(GRPOTrainer):
             with open(tmp, "w") as f:
                 json.dump(self.curriculum_gate.state_dict(), f)
             os.replace(tmp, os.path.join(folder, GATE_FILE))
+
+    # ------------------------------------------------------------------ the scoring head (not in the paper)
+    def create_optimizer(self, model=None):
+        """Transformers', with the `score_head` policy's head in its own group at
+        ``score_head_learning_rate`` (no weight decay) when that is set."""
+        lr = self.args.score_head_learning_rate
+        if self.optimizer is not None or lr is None or find_score_head(self.model) is None:
+            return super().create_optimizer(model)
+        head = detach_score_head(self.model)
+        try:
+            super().create_optimizer(model)
+        finally:
+            attach_score_head(self.model, head)
+        self.optimizer.add_param_group({"params": list(head.parameters()), "lr": lr, "weight_decay": 0.0})
+        return self.optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Transformers', plus the scoring head as ``score_head.safetensors`` / ``score_head.json`` beside the
+        weights, which stay the base architecture's (the head is not in them)."""
+        head = detach_score_head(self.model) if state_dict is None else None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            if head is not None:
+                attach_score_head(self.model, head)
+        head = find_score_head(self.model)
+        if head is not None and self.args.should_save:
+            save_score_head(head, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Transformers', plus the scoring head saved in the checkpoint (its weights in place)."""
+        head = detach_score_head(self.model if model is None else model)
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        finally:
+            if head is not None:
+                attach_score_head(self.model if model is None else model, head)
+        if head is not None:
+            saved = load_score_head(resume_from_checkpoint)
+            if saved is None:
+                raise ValueError(
+                    f"{resume_from_checkpoint}: no score_head.json to resume the scoring head from"
+                )
+            head.load_state_dict(saved.state_dict())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """TRL's, plus the gate's state from the checkpoint (called on resume by every backend). A checkpoint
@@ -416,6 +476,7 @@ class NGCTrainer(GRPOTrainer):
                 replay_masks=self.args.replay_masks,
                 eviction_logps=rec is not None,
                 backend=self.args.replay_backend,
+                model=model,
             )
             labels = ids.masked_fill(am == 0, -100)
             labels[:, :-keep] = -100

@@ -8,6 +8,9 @@ Add a policy: one file with one `EvictionPolicy` subclass and its `token_scores`
 ``oracle`` (`OraclePolicy`, flag ``hindsight``) is in `POLICIES` but is an evaluation-only ceiling, not a
 method: it reads the future attention of the full-cache completion, built per batch by
 `ngc_trl.policies.oracle.oracle_for_batch`, and refuses to run without it (tests/test_oracle.py).
+
+``score_head`` (`ScoreHeadPolicy`, flag ``needs_model``; not in the paper) is a learned scoring head attached
+to the model, built from it by ``get_policy(cfg, model)`` (`ngc_trl.policies.score_head`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ngc_trl.policies.knorm import KNormPolicy
 from ngc_trl.policies.ngc import NGCPolicy
 from ngc_trl.policies.oracle import OraclePolicy
 from ngc_trl.policies.random import RandomPolicy
+from ngc_trl.policies.score_head import ScoreHeadPolicy
 from ngc_trl.policies.snapkv import SnapKVPolicy
 from ngc_trl.policies.streaming_llm import StreamingLLMPolicy
 from ngc_trl.policies.tova import TOVAPolicy
@@ -35,6 +39,7 @@ for _cls in (
     TOVAPolicy,
     RandomPolicy,
     OraclePolicy,
+    ScoreHeadPolicy,
 ):
     register_policy(_cls)
 
@@ -50,6 +55,7 @@ __all__ = [
     "NGCPolicy",
     "OraclePolicy",
     "RandomPolicy",
+    "ScoreHeadPolicy",
     "SnapKVPolicy",
     "StreamingLLMPolicy",
     "TOVAPolicy",
