@@ -45,8 +45,15 @@ def countdown_makefile():
             "--eval_after_train false"
         )
     lines.append(
+        "python -m ngc_trl.train --config recipes/tiny/countdown_ngc_score_head.yaml "
+        "--output_dir outputs/tiny-ngc-score_head --eval_after_train false"
+    )
+    lines.append(
         "python -m ngc_trl.testbed --init_from outputs/tiny-base --beacon_ratios 2,4,8,16 --max_minutes 10 "
         "--output_dir outputs/tiny-base-beacons"
+    )
+    lines.append(
+        "python -m ngc_trl.warm_start --model outputs/tiny-base --output_dir outputs/tiny-base-score_head"
     )
     for c in [4, 8, 16]:
         lines.append(
@@ -69,6 +76,13 @@ def countdown_makefile():
         )
     for r in ["kv_dropout", "token_only"]:
         lines.append(f"{ev} --model outputs/tiny-{r} --policies full,ngc --output_dir outputs/testbed/{r}")
+    for model, name in [
+        ("tiny-base-score_head", "score_head_warm_start"),
+        ("tiny-ngc-score_head", "ngc_score_head"),
+    ]:
+        lines.append(
+            f"{ev} --model outputs/{model} --policies full,score_head --output_dir outputs/testbed/{name}"
+        )
     for c in [4, 8, 16]:
         lines.append(
             f"{ev} --model outputs/tiny-breadcrumbs-c{c} --policies full,breadcrumbs --compression_ratios {c} "
@@ -83,7 +97,9 @@ def countdown_makefile():
         "python -m ngc_trl.evaluation.metrics --runs outputs/testbed/full_cache outputs/testbed/ngc=ngc "
         "outputs/testbed/ngc_untrained=ngc_untrained outputs/testbed/ngc_on_full_cache_grpo=ngc_on_full_cache_grpo "
         "outputs/testbed/oracle=oracle "
-        f"outputs/testbed/token_only=token_only outputs/testbed/kv_dropout=kv_dropout {runs} "
+        "outputs/testbed/token_only=token_only outputs/testbed/kv_dropout=kv_dropout "
+        "outputs/testbed/score_head_warm_start=score_head_warm_start outputs/testbed/ngc_score_head=ngc_score_head "
+        f"{runs} "
         "outputs/testbed/breadcrumbs_warm_start=breadcrumbs_warm_start "
         "--output_dir outputs/testbed/all --title 'tiny Countdown testbed'"
     )
@@ -168,12 +184,12 @@ def linsys_makefile():
 
 
 def countdown_runner_order():
-    """The Countdown pipeline in the runner's order: bases first, so the beacon warm start (which only reads
-    outputs/tiny-base) moves ahead of the four RL runs; every other command keeps its place."""
+    """The Countdown pipeline in the runner's order: bases first, so the beacon and the scoring-head warm
+    starts (which only read outputs/tiny-base) move ahead of the RL runs; every other command keeps its place."""
     steps = countdown_makefile()
-    warm = steps.pop(5)
-    assert warm[2:4] == ["ngc_trl.testbed", "--init_from"]
-    return steps[:1] + [warm] + steps[1:]
+    warm = [steps.pop(6), steps.pop(6)]
+    assert warm[0][2:4] == ["ngc_trl.testbed", "--init_from"] and warm[1][2] == "ngc_trl.warm_start"
+    return steps[:1] + warm + steps[1:]
 
 
 def dry_run(capsys, *args):
@@ -222,7 +238,7 @@ def test_set_overrides_vars(workdir, capsys):
         "outputs/tiny-breadcrumbs-c8",
     ]
     evals = [s for s in steps if "ngc_trl.eval" in s]
-    assert len(evals) == 10 and all(s[s.index("--num_problems") + 1] == "64" for s in evals)
+    assert len(evals) == 12 and all(s[s.index("--num_problems") + 1] == "64" for s in evals)
     steps = dry_run(capsys, "--spec", "recipes/testbed/stargraph.yaml", "--set", "c=4")  # a scalar for a list
     assert sum("ngc_trl.train" in s for s in steps) == 1
 
@@ -243,7 +259,7 @@ def test_built_steps_are_skipped(workdir, capsys):
     lines = capsys.readouterr().out.splitlines()
     skipped = [shlex.split(line.split(": ", 1)[1]) for line in lines if line.startswith("# skip")]
     everything = countdown_runner_order()
-    built = {0, 3, 7}  # the base, the NGC run, the c = 8 student
+    built = {0, 4, 9}  # the base, the NGC run, the c = 8 student
     assert skipped == [everything[i] for i in sorted(built)]
     assert [shlex.split(line) for line in lines if not line.startswith("#")] == [
         s for i, s in enumerate(everything) if i not in built
@@ -336,6 +352,7 @@ def unknown_nested(s):
         (lambda s: s["report"].update(runs="ngc"), r"spec.report.runs: expected list"),
         (lambda s: s.update(train={"config": "x"}), r"spec.train: expected list"),
         (lambda s: s["bases"][0]["args"].pop("output_dir"), r"spec.bases\[0\].args.output_dir: required"),
+        (lambda s: s["bases"][1].update(command="sft"), r"spec.bases\[1\].command='sft': must be one of"),
         (
             lambda s: s["eval_args"].update(num_problems="{m}"),
             r"spec.eval_args.num_problems: unknown variable \{m\}",

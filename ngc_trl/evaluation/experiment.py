@@ -1,6 +1,7 @@
 """``python -m ngc_trl.evaluation.experiment --spec recipes/testbed/countdown.yaml [--dry_run] [--set n=64]``
 
-An experiment is data: a YAML spec lists the tiny bases to build (``python -m ngc_trl.testbed``), the training
+An experiment is data: a YAML spec lists the tiny bases to build (``python -m ngc_trl.testbed``, or the
+scoring-head warm start ``python -m ngc_trl.warm_start`` with ``command: warm_start``), the training
 runs (``python -m ngc_trl.train``), the evaluations (``python -m ngc_trl.eval``) and the report
 (``python -m ngc_trl.evaluation.metrics``). The runner turns it into command lines and runs them in that order,
 each as a subprocess of the same interpreter, from the working directory (paths in a spec are relative to it:
@@ -11,7 +12,8 @@ base, ``ngc_settings.json`` for a trained model, ``done`` to change it) is skipp
 Spec keys (``vars``, ``bases``, ``train``, ``train_args`` and ``eval_args`` are optional)::
 
     vars:        {name: scalar or list}        # strings below may say {name}; --set name=VALUE overrides
-    bases:       [{args: {...testbed arguments, output_dir required...}, done: config.json, foreach: NAME}]
+    bases:       [{args: {...testbed arguments, output_dir required...}, done: config.json, foreach: NAME,
+                   command: testbed | warm_start}]
     train:       [{config: RECIPE, args: {...}, done: ngc_settings.json, foreach: NAME}]
     train_args:  {...}                         # appended to every training run
     eval_args:   {...}                         # shared by every evaluation, before its own arguments
@@ -46,11 +48,15 @@ class SpecError(ValueError):
     """A spec that cannot be run; the message names the offending field."""
 
 
+BASE_COMMANDS = {"testbed": "ngc_trl.testbed", "warm_start": "ngc_trl.warm_start"}
+
+
 @dataclass
 class Base:
     args: dict[str, Scalar]
     done: str = "config.json"
     foreach: str | None = None
+    command: str = "testbed"
 
 
 @dataclass
@@ -218,6 +224,10 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> Spec:
     for i, base in enumerate(spec.bases):
         if "output_dir" not in base.args:
             raise SpecError(f"spec.bases[{i}].args.output_dir: required key missing")
+        if base.command not in BASE_COMMANDS:
+            raise SpecError(
+                f"spec.bases[{i}].command={base.command!r}: must be one of {', '.join(BASE_COMMANDS)}"
+            )
     return spec
 
 
@@ -247,7 +257,8 @@ def plan(spec: Spec) -> list[Step]:
     """The spec's command lines in run order: bases, training runs, evaluations, the report."""
     py = [sys.executable, "-m"]
     steps = [
-        Step(py + ["ngc_trl.testbed", *_argv(b.args)], f"{b.args['output_dir']}/{b.done}") for b in spec.bases
+        Step(py + [BASE_COMMANDS[b.command], *_argv(b.args)], f"{b.args['output_dir']}/{b.done}")
+        for b in spec.bases
     ]
     for i, run in enumerate(spec.train):
         out = run.args.get("output_dir") or _recipe_output_dir(run.config, f"spec.train[{i}]")
