@@ -19,8 +19,9 @@ probe asks the prior question with the language model frozen and a richer, separ
 Reported: the top-``K`` agreement with the oracle on held-out decisions (probe, the ngc score, a uniform
 draw) and accuracy under eviction. A probe near the oracle says a separate scoring head could learn what
 the reward points to; a probe level with ngc says the oracle's headroom is hindsight the present state does
-not carry (at this model size). Not a method of this project and not in the paper; the states are the
-oracle's own (a probe decoding on its own drifts from them, so agreement is an optimistic measure and
+not carry (at this model size). Not in the paper; the linear probe became the ``score_head`` policy
+(`ngc_trl.policies.score_head`, fitted by `ngc_trl.ngc.score_head_warm_start`, whose pieces this reuses).
+The states are the oracle's own (a probe decoding on its own drifts from them, so agreement is an optimistic measure and
 accuracy is the one that counts). Example::
 
     python bench/oracle_probe.py --model outputs/tiny-base --train_problems 256 --hidden 0,64 \\
