@@ -44,10 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-2)
     p.add_argument("--batch_size", type=int, default=64)
     a = p.parse_args(argv)
-    for name in ("num_problems", "eviction_interval", "block_size", "score_window", "max_new_tokens"):
-        if getattr(a, name) <= 0:
-            p.error(f"--{name}={getattr(a, name)}: must be > 0")
-    for name in ("fit_steps", "batch_size"):
+    positive = ("num_problems", "eviction_interval", "block_size", "score_window", "max_new_tokens")
+    for name in (*positive, "fit_steps", "batch_size"):
         if getattr(a, name) <= 0:
             p.error(f"--{name}={getattr(a, name)}: must be > 0")
     if not 0.0 < a.eviction_rate < 1.0:

@@ -125,10 +125,8 @@ class ScoreHead(torch.nn.Module):
 
 def _base(model):
     """The `PreTrainedModel` under DDP / accelerate / PEFT wrappers (the module the head is attached to)."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
+    for _ in range(8):  # wrappers nest a few levels at most
+        if isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP
             model = model.module
         elif hasattr(model, "get_base_model"):  # PEFT
             model = model.get_base_model()
